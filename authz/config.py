@@ -1,0 +1,234 @@
+"""Load the gateway's YAML configuration into a typed, frozen :class:`GatewayConfig`.
+
+``load(path, environ)`` is pure apart from reading the file and any ``${file:...}`` references:
+nothing deeper in the code reads ``os.environ``. Unknown keys and bad values raise
+:class:`~authz.errors.ConfigError` naming the field, so a typo stops start-up instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit
+
+import yaml
+
+from authz.configtypes import GatewayConfig, Price, Upstream
+from authz.errors import ConfigError
+
+T = TypeVar("T")
+
+_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def load(path: str | Path, environ: Mapping[str, str]) -> GatewayConfig:
+    """Read ``path`` and build the configuration, resolving ``${VAR}`` and ``${file:/path}``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from exc
+    return loads(text, environ, base_dir=Path(path).resolve().parent)
+
+
+def loads(text: str, environ: Mapping[str, str], base_dir: Path | None = None) -> GatewayConfig:
+    """Build the configuration from YAML text (see :func:`load`)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"not valid YAML: {exc}") from exc
+    if raw is None:
+        raw = {}
+    resolved = _resolve_refs(raw, environ, base_dir or Path.cwd(), "")
+    config = build(GatewayConfig, resolved, "")
+    validate(config)
+    return config
+
+
+def _resolve_refs(value: Any, environ: Mapping[str, str], base_dir: Path, where: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _resolve_refs(v, environ, base_dir, f"{where}.{k}" if where else str(k))
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_resolve_refs(v, environ, base_dir, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        ref = match.group(1)
+        if ref.startswith("file:"):
+            file_path = Path(ref[5:])
+            if not file_path.is_absolute():
+                file_path = base_dir / file_path
+            try:
+                return file_path.read_text(encoding="utf-8").rstrip("\n")
+            except OSError as exc:
+                raise ConfigError(where, f"cannot read {file_path}: {exc.strerror}") from exc
+        name, _, default = ref.partition(":-")
+        if name in environ:
+            return environ[name]
+        if ":-" in ref:
+            return default
+        raise ConfigError(where, f"environment variable {name} is not set")
+
+    return _REF.sub(substitute, value)
+
+
+def build(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else str(unknown[0])
+        raise ConfigError(name, f"unknown key (expected one of: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(path, "is required")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(where, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)  # type: ignore[arg-type]  # is_dataclass narrows to instance or type
+    if origin is tuple:
+        item = args[0]
+        if get_origin(item) is tuple and len(get_args(item)) == 2 and get_args(item)[0] is str:
+            if not isinstance(value, dict):
+                raise ConfigError(where, f"expected a mapping, got {type(value).__name__}")
+            return tuple((str(k), _convert(get_args(item)[1], v, f"{where}.{k}")) for k, v in value.items())
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(where, f"expected a list, got {type(value).__name__}")
+        return tuple(_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(where, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(where, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(where, f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(where, f"expected a string, got {type(value).__name__}")
+        return str(value)
+    raise ConfigError(where, f"unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(config: GatewayConfig) -> None:
+    """Checks that involve more than one field."""
+    if config.workers < 1:
+        raise ConfigError("workers", "must be at least 1")
+    names = {name for name, _ in config.upstreams}
+    for name, upstream in config.upstreams:
+        _validate_upstream(f"upstreams.{name}", upstream)
+    for i, policy in enumerate(config.policies):
+        where = f"policies[{i}]"
+        if not policy.upstreams:
+            raise ConfigError(f"{where}.upstreams", "name at least one upstream")
+        for up in policy.upstreams:
+            if up not in names:
+                raise ConfigError(f"{where}.upstreams", f"no upstream named {up!r}")
+        if not policy.groups and not policy.email_domains:
+            raise ConfigError(where, "set groups or email_domains (or both)")
+    for model, price in config.pricing.models:
+        _validate_price(f"pricing.models.{model}", price)
+    _validate_price("pricing.fallback", config.pricing.fallback)
+    if config.pricing.fallback.input <= 0 or config.pricing.fallback.output <= 0:
+        raise ConfigError("pricing.fallback", "must be non-zero so unknown models are never free")
+    if config.limits.max_request_body_bytes <= 0:
+        raise ConfigError("limits.max_request_body_bytes", "must be positive")
+    sessions = config.sessions
+    kids = [k.kid for k in sessions.verify_keys]
+    if sessions.signing_key is not None:
+        if not sessions.signing_key.private_key:
+            raise ConfigError("sessions.signing_key.private_key", "is required for the signing key")
+        kids.append(sessions.signing_key.kid)
+    if len(set(kids)) != len(kids):
+        raise ConfigError("sessions.verify_keys", "key ids (kid) must be unique")
+    for i, key in enumerate(sessions.verify_keys):
+        if not key.public_key and not key.private_key:
+            raise ConfigError(f"sessions.verify_keys[{i}]", "set public_key (or private_key)")
+
+
+def _validate_price(where: str, price: Price) -> None:
+    for name in ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read"):
+        if getattr(price, name) < 0:
+            raise ConfigError(f"{where}.{name}", "must not be negative")
+
+
+def _validate_upstream(where: str, upstream: Upstream) -> None:
+    creds = upstream.credentials
+    if upstream.kind == "bedrock":
+        if creds.source not in ("default", "static", "assume_role"):
+            raise ConfigError(f"{where}.credentials.source", "bedrock takes default, static or assume_role")
+        if creds.source == "static" and not (creds.access_key_id and creds.secret_access_key):
+            raise ConfigError(f"{where}.credentials", "static needs access_key_id and secret_access_key")
+        if creds.source == "assume_role" and not creds.role_arn:
+            raise ConfigError(f"{where}.credentials.role_arn", "is required for assume_role")
+    else:
+        if not upstream.project:
+            raise ConfigError(f"{where}.project", "is required for vertex")
+        if creds.source == "default":
+            pass  # treated as adc
+        elif creds.source not in ("adc", "service_account_file"):
+            raise ConfigError(f"{where}.credentials.source", "vertex takes adc or service_account_file")
+        if creds.source == "service_account_file" and not creds.path:
+            raise ConfigError(f"{where}.credentials.path", "is required for service_account_file")
+    if upstream.base_url is not None:
+        parts = urlsplit(upstream.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.base_url", "must be an http(s) URL with a host")
+        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ConfigError(f"{where}.base_url", "plain http is allowed only to loopback; use https")
+        if parts.path not in ("", "/") or parts.query:
+            raise ConfigError(f"{where}.base_url", "must not carry a path or query")

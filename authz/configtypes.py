@@ -1,0 +1,178 @@
+"""Typed, frozen configuration schema.
+
+Each dataclass is one section of the YAML file; field names are the YAML keys. Defaults here are
+the documented defaults (docs/configuration.md). Validation that concerns more than one field lives
+in :mod:`authz.config`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A host and port to listen on. Port 0 picks a free port (tests, ``authz run``)."""
+
+    address: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    """Where each process listens."""
+
+    envoy: Address = field(default_factory=lambda: Address(port=8080))
+    envoy_admin: Address = field(default_factory=lambda: Address(port=9901))
+    grpc: Address = field(default_factory=lambda: Address(port=9001))
+    portal: Address = field(default_factory=lambda: Address(port=9002))
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    """One session key. ``private_key`` is set on the signing key only; verify keys may hold just
+    the public half."""
+
+    kid: str
+    algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    private_key: str | None = None
+    public_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """Gateway access tokens (DESIGN.md, Sessions)."""
+
+    issuer: str = "https://claude-gateway.invalid"
+    audience: str = "claude-gateway"
+    access_token_ttl: int = 900
+    clock_skew: int = 30
+    signing_key: SigningKey | None = None
+    verify_keys: tuple[SigningKey, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Store:
+    """PostgreSQL and the local spool used while it is unreachable."""
+
+    url: str = ""
+    spool_dir: str = "./.run/spool"
+    batch_size: int = 200
+    flush_interval: float = 0.2
+    replay_interval: float = 5.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Where an upstream's cloud credential comes from.
+
+    Bedrock: ``default`` (the AWS default chain), ``static`` (access key id and secret, optional
+    session token) or ``assume_role`` (STS AssumeRole with ``role_arn``, optional ``external_id``;
+    the user is recorded as SourceIdentity and a session tag). Vertex: ``adc`` (Application Default
+    Credentials) or ``service_account_file`` (``path`` to a key file).
+    """
+
+    source: Literal["default", "static", "assume_role", "adc", "service_account_file"] = "default"
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    role_arn: str | None = None
+    external_id: str | None = None
+    duration_seconds: int = 3600
+    sts_endpoint_url: str | None = None
+    sts_region: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A named upstream: one Envoy cluster and one credential source."""
+
+    kind: Literal["bedrock", "vertex"]
+    region: str
+    project: str | None = None
+    base_url: str | None = None
+    fips: bool = False
+    credentials: Credentials = field(default_factory=Credentials)
+    model_map: tuple[tuple[str, str], ...] = ()
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Who may use which models through which upstreams.
+
+    A user matches when they are in any of ``groups`` or their email domain is in
+    ``email_domains``. Policies are tried in file order and the first match applies.
+    """
+
+    name: str
+    groups: tuple[str, ...] = ()
+    email_domains: tuple[str, ...] = ()
+    models: tuple[str, ...] = ("claude-*",)
+    upstreams: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cache_write_5m: float
+    cache_write_1h: float
+    cache_read: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """Prices per model family (longest matching prefix of the canonical model id wins)."""
+
+    models: tuple[tuple[str, Price], ...] = ()
+    fallback: Price = field(default_factory=lambda: Price(5.0, 25.0, 6.25, 10.0, 0.5))
+    regional_premium: float = 0.10
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Request size and timing limits enforced by Envoy and the services."""
+
+    max_request_body_bytes: int = 20 * 1024 * 1024
+    max_request_headers_kb: int = 96
+    stream_idle_timeout: float = 600.0
+    request_timeout: float = 0.0
+    upstream_connect_timeout: float = 5.0
+    ext_authz_timeout: float = 2.0
+    ext_proc_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """OpenTelemetry export."""
+
+    service_name: str = "claude-gateway"
+    otlp_endpoint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole gateway configuration."""
+
+    listen: Listen = field(default_factory=Listen)
+    workers: int = 1
+    sessions: Sessions = field(default_factory=Sessions)
+    store: Store = field(default_factory=Store)
+    upstreams: tuple[tuple[str, Upstream], ...] = ()
+    policies: tuple[Policy, ...] = ()
+    pricing: Pricing = field(default_factory=Pricing)
+    limits: Limits = field(default_factory=Limits)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+
+    def upstream(self, name: str) -> Upstream:
+        """The upstream called ``name``; KeyError if none."""
+        for key, value in self.upstreams:
+            if key == name:
+                return value
+        raise KeyError(name)
