@@ -1,0 +1,93 @@
+"""Group policy: may this user call this model, and through which upstream. Pure, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from authz.configtypes import GatewayConfig, Policy
+from authz.models import InferenceRoute, model_family
+
+# Operations that name no billable model choice: listing profiles, and counting tokens (free on
+# every upstream). They still need an upstream of the right kind to be answered.
+_NO_MODEL_CHECK = frozenset({"list_profiles", "count_tokens"})
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is asking, from the verified access token."""
+
+    sub: str
+    email: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyDecision:
+    """The outcome: allowed or not, why not, which policy applied and which upstream to use."""
+
+    allowed: bool
+    reason: str | None
+    policy: str | None
+    upstream: str | None
+
+
+def _email_domain(email: str) -> str | None:
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    return domain.lower()
+
+
+def _matches_user(policy: Policy, identity: Identity, domain: str | None) -> bool:
+    if set(policy.groups).intersection(identity.groups):
+        return True
+    return domain is not None and domain in {d.lower() for d in policy.email_domains}
+
+
+def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
+    # fnmatchcase, not fnmatch: fnmatch folds case by OS convention; we fold both sides ourselves.
+    candidates = {model.lower(), model_family(model).lower()}
+    return any(fnmatchcase(c, p.lower()) for p in patterns for c in candidates)
+
+
+def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> PolicyDecision:
+    """Apply the configured policies to one request.
+
+    Precedence, deterministic and first-match:
+
+    1. Policies are tried in file order. The first one that lists one of the user's groups (exact,
+       case-sensitive IdP group names) or the user's email domain (case-insensitive, exact domain,
+       no subdomains) applies; later policies are never consulted, even if the first denies.
+       No matching policy: denied, "no policy admits this user".
+    2. For invoke and stream, the canonical model id, or its family without the snapshot date,
+       must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
+       denied, "model X is not allowed for your groups". ``list_profiles`` and ``count_tokens``
+       skip this check.
+    3. The upstream is the first of the policy's ``upstreams`` whose kind equals the route's
+       format; none: denied, "no upstream serves the <format> format for your policy".
+    """
+    domain = _email_domain(identity.email)
+    policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
+    if policy is None:
+        return PolicyDecision(False, "no policy admits this user", None, None)
+
+    if route.operation not in _NO_MODEL_CHECK:
+        if not route.model:
+            return PolicyDecision(False, "the request names no model", policy.name, None)
+        if not _model_allowed(policy.models, route.model):
+            return PolicyDecision(
+                False, f"model {route.model} is not allowed for your groups", policy.name, None
+            )
+
+    for name in policy.upstreams:
+        try:
+            upstream = config.upstream(name)
+        except KeyError:
+            # Config validation rejects unknown names; skipping keeps a bad reload fail-closed.
+            continue
+        if upstream.kind == route.format:
+            return PolicyDecision(True, None, policy.name, name)
+    return PolicyDecision(
+        False, f"no upstream serves the {route.format} format for your policy", policy.name, None
+    )

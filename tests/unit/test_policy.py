@@ -1,0 +1,136 @@
+"""Group policy: which policy applies, which models it allows, which upstream it picks."""
+
+from __future__ import annotations
+
+from authz.configtypes import GatewayConfig, Policy, Upstream
+from authz.models import InferenceRoute, parse_route
+from authz.policy import Identity, PolicyDecision, decide
+
+UPSTREAMS = (
+    ("bedrock-us", Upstream(kind="bedrock", region="us-east-1")),
+    ("bedrock-eu", Upstream(kind="bedrock", region="eu-west-1")),
+    ("vertex", Upstream(kind="vertex", region="us-east5", project="p")),
+)
+
+
+def _config(*policies: Policy) -> GatewayConfig:
+    return GatewayConfig(upstreams=UPSTREAMS, policies=policies)
+
+
+def _route(method: str, path: str) -> InferenceRoute:
+    route = parse_route(method, path)
+    assert route is not None
+    return route
+
+
+BEDROCK_OPUS = _route("POST", "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream")
+BEDROCK_HAIKU = _route("POST", "/model/anthropic.claude-haiku-4-5-20251001-v1:0/invoke")
+VERTEX_HAIKU = _route(
+    "POST",
+    "/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-haiku-4-5@20251001:streamRawPredict",
+)
+LIST_PROFILES = _route("GET", "/inference-profiles?type=SYSTEM_DEFINED")
+VERTEX_COUNT = _route(
+    "POST", "/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict"
+)
+
+ADA = Identity(sub="u1", email="ada@Example.COM", groups=("eng",))
+
+
+def test_group_member_is_allowed_through_the_matching_upstream() -> None:
+    """A user in a listed group gets the first upstream of the route's kind."""
+    config = _config(Policy(name="eng", groups=("eng",), upstreams=("vertex", "bedrock-us", "bedrock-eu")))
+    assert decide(ADA, BEDROCK_OPUS, config) == PolicyDecision(True, None, "eng", "bedrock-us")
+    assert decide(ADA, VERTEX_HAIKU, config) == PolicyDecision(True, None, "eng", "vertex")
+
+
+def test_no_matching_policy_is_denied() -> None:
+    """A user matched by no policy is denied with no policy named."""
+    config = _config(Policy(name="ml", groups=("ml",), upstreams=("bedrock-us",)))
+    assert decide(ADA, BEDROCK_OPUS, config) == PolicyDecision(
+        False, "no policy admits this user", None, None
+    )
+    assert not decide(ADA, BEDROCK_OPUS, _config()).allowed
+
+
+def test_group_names_are_exact() -> None:
+    """IdP group names compare exactly: 'Eng' does not match 'eng'."""
+    config = _config(Policy(name="p", groups=("Eng",), upstreams=("bedrock-us",)))
+    assert decide(ADA, BEDROCK_OPUS, config).reason == "no policy admits this user"
+
+
+def test_email_domain_matches_case_insensitively() -> None:
+    """The email domain matches whatever the case on either side."""
+    config = _config(Policy(name="corp", email_domains=("EXAMPLE.com",), upstreams=("bedrock-us",)))
+    bob = Identity(sub="u2", email="bob@example.com", groups=())
+    assert decide(bob, BEDROCK_OPUS, config).allowed
+    assert decide(ADA, BEDROCK_OPUS, config).allowed
+
+
+def test_email_domain_is_exact() -> None:
+    """Subdomains and look-alike domains do not match, and an email without a domain never does."""
+    config = _config(Policy(name="corp", email_domains=("example.com",), upstreams=("bedrock-us",)))
+    for email in ("eve@evil-example.com", "eve@sub.example.com", "example.com", "", "@example.com"):
+        assert not decide(Identity("u", email, ()), BEDROCK_OPUS, config).allowed, email
+
+
+def test_first_matching_policy_wins_even_when_it_denies() -> None:
+    """Policies apply in file order; a later, more generous policy is not consulted."""
+    config = _config(
+        Policy(name="haiku-only", groups=("eng",), models=("claude-haiku-*",), upstreams=("bedrock-eu",)),
+        Policy(name="everything", email_domains=("example.com",), upstreams=("bedrock-us",)),
+    )
+    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(True, None, "haiku-only", "bedrock-eu")
+    denied = decide(ADA, BEDROCK_OPUS, config)
+    assert denied == PolicyDecision(
+        False, "model claude-opus-5-5 is not allowed for your groups", "haiku-only", None
+    )
+    # Someone only the second policy admits gets it.
+    carol = Identity("u3", "carol@example.com", ("sales",))
+    assert decide(carol, BEDROCK_OPUS, config) == PolicyDecision(True, None, "everything", "bedrock-us")
+
+
+def test_model_patterns_match_dated_ids_and_families() -> None:
+    """Patterns match the canonical id or its family without the snapshot date, case-insensitively."""
+    for pattern in ("claude-haiku-4-5", "CLAUDE-HAIKU-*", "claude-haiku-4-5-2025*", "claude-*-4-5"):
+        config = _config(Policy(name="p", groups=("eng",), models=(pattern,), upstreams=("bedrock-us",)))
+        assert decide(ADA, BEDROCK_HAIKU, config).allowed, pattern
+    config = _config(
+        Policy(name="p", groups=("eng",), models=("claude-haiku-4-5-2024*",), upstreams=("vertex",))
+    )
+    assert not decide(ADA, VERTEX_HAIKU, config).allowed
+
+
+def test_opus_5_pattern_does_not_admit_opus_5_5() -> None:
+    """An exact family pattern admits only that family."""
+    config = _config(Policy(name="p", groups=("eng",), models=("claude-opus-5",), upstreams=("bedrock-us",)))
+    assert not decide(ADA, BEDROCK_OPUS, config).allowed
+
+
+def test_no_upstream_of_the_route_format() -> None:
+    """A Vertex request under a Bedrock-only policy is denied naming the format."""
+    config = _config(Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)))
+    assert decide(ADA, VERTEX_HAIKU, config) == PolicyDecision(
+        False, "no upstream serves the vertex format for your policy", "eng", None
+    )
+
+
+def test_unknown_upstream_names_are_skipped() -> None:
+    """An upstream name missing from the config is skipped, never used (fail closed)."""
+    config = _config(Policy(name="eng", groups=("eng",), upstreams=("gone", "bedrock-eu")))
+    assert decide(ADA, BEDROCK_OPUS, config).upstream == "bedrock-eu"
+
+
+def test_listing_and_counting_skip_the_model_check() -> None:
+    """list_profiles and count_tokens need no allowed model but still need an upstream of their kind."""
+    config = _config(Policy(name="none", groups=("eng",), models=(), upstreams=("bedrock-us",)))
+    assert decide(ADA, LIST_PROFILES, config) == PolicyDecision(True, None, "none", "bedrock-us")
+    assert decide(ADA, VERTEX_COUNT, config).reason == "no upstream serves the vertex format for your policy"
+    assert not decide(ADA, BEDROCK_HAIKU, config).allowed
+
+
+def test_route_without_a_model_is_denied_for_inference() -> None:
+    """An invoke route that somehow carries no model is denied rather than let through."""
+    route = InferenceRoute(format="bedrock", operation="invoke", streaming=False)
+    config = _config(Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)))
+    assert not decide(ADA, route, config).allowed
