@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 import types
 import typing
@@ -43,12 +44,40 @@ def loads(text: str, environ: Mapping[str, str], base_dir: Path | None = None) -
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError("", f"not valid YAML: {exc}") from exc
+    _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", set())
     if raw is None:
         raw = {}
-    resolved = _resolve_refs(raw, environ, base_dir or Path.cwd(), "")
-    config = build(GatewayConfig, resolved, "")
+    try:
+        resolved = _resolve_refs(raw, environ, base_dir or Path.cwd(), "")
+        config = build(GatewayConfig, resolved, "")
+    except RecursionError:
+        # `a: &x [*x]` is valid YAML that safe_load turns into a self-containing list.
+        raise ConfigError("", "recursive YAML aliases are not supported") from None
     validate(config)
     return config
+
+
+def _reject_duplicate_keys(node: yaml.Node | None, where: str, seen_nodes: set[int]) -> None:
+    """Refuse a key repeated in one mapping: PyYAML silently keeps the last one, which would drop a
+    whole upstream or policy without a word (YAML 1.2, section 3.2.1.1 requires unique keys)."""
+    if node is None or id(node) in seen_nodes:
+        return  # empty document, or an alias already walked (aliases may even form cycles)
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by explicit keys, by design
+            key = str(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "?"
+            path = f"{where}.{key}" if where else key
+            if isinstance(key_node, yaml.ScalarNode):
+                if key in keys:
+                    raise ConfigError(path, f"duplicate key (line {key_node.start_mark.line + 1})")
+                keys.add(key)
+            _reject_duplicate_keys(value_node, path, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _reject_duplicate_keys(item, f"{where}[{i}]", seen_nodes)
 
 
 def _resolve_refs(value: Any, environ: Mapping[str, str], base_dir: Path, where: str) -> Any:
@@ -134,7 +163,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value.lower() == "true"
         raise ConfigError(where, f"expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool):
+        # int(2.7) would silently truncate, and bool is an int subclass: refuse both.
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(where, f"expected an integer, got {value!r}")
         try:
             return int(value)
@@ -144,9 +174,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(where, f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(where, f"expected a number, got {value!r}") from None
+        # NaN passes every `< 0` and `<= 0` check below and would turn costs into NaN.
+        if not math.isfinite(number):
+            raise ConfigError(where, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(where, f"expected a string, got {type(value).__name__}")
@@ -168,6 +202,15 @@ def validate(config: GatewayConfig) -> None:
     """Checks that involve more than one field."""
     if config.workers < 1:
         raise ConfigError("workers", "must be at least 1")
+    grpc = config.listen.grpc
+    if grpc.port:
+        worker_ports = range(grpc.port, grpc.port + config.workers)
+        for name in ("envoy", "envoy_admin", "portal"):
+            if getattr(config.listen, name).port in worker_ports:
+                raise ConfigError(
+                    f"listen.{name}.port",
+                    f"collides with the gRPC worker ports {grpc.port}-{grpc.port + config.workers - 1}",
+                )
     names = {name for name, _ in config.upstreams}
     for name, upstream in config.upstreams:
         _validate_upstream(f"upstreams.{name}", upstream)
@@ -225,10 +268,17 @@ def _validate_upstream(where: str, upstream: Upstream) -> None:
         if creds.source == "service_account_file" and not creds.path:
             raise ConfigError(f"{where}.credentials.path", "is required for service_account_file")
     if upstream.base_url is not None:
-        parts = urlsplit(upstream.base_url)
+        try:
+            parts = urlsplit(upstream.base_url)
+            parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
+        except ValueError as exc:
+            raise ConfigError(f"{where}.base_url", f"is not a valid URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}.base_url", "must be an http(s) URL with a host")
+        if "@" in parts.netloc:
+            # backends.base.endpoint_from_url refuses it too; fail at load, not at start-up.
+            raise ConfigError(f"{where}.base_url", "must not carry user info (user:password@)")
         if parts.scheme == "http" and not is_loopback_host(parts.hostname):
             raise ConfigError(f"{where}.base_url", "plain http is allowed only to loopback; use https")
-        if parts.path not in ("", "/") or parts.query:
-            raise ConfigError(f"{where}.base_url", "must not carry a path or query")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{where}.base_url", "must not carry a path, query or fragment")

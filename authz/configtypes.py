@@ -26,7 +26,7 @@ class Listen:
     envoy: Address = field(default_factory=lambda: Address(port=8080))
     envoy_admin: Address = field(default_factory=lambda: Address(port=9901))
     grpc: Address = field(default_factory=lambda: Address(port=9001))
-    portal: Address = field(default_factory=lambda: Address(port=9002))
+    portal: Address = field(default_factory=lambda: Address(port=9100))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,13 @@ STATE_KEY = web.AppKey("emulator_state", EmulatorState)
 MAX_BODY = 64 * 1024 * 1024  # Bedrock accepts multi-megabyte image bodies; aiohttp's default is 1 MiB.
 BEDROCK_VERSION = "bedrock-2023-05-31"
 VERTEX_VERSION = "vertex-2023-10-16"
+# Claude Code sends the platform versions above; the anthropic SDK 2.x sends the dated Messages API
+# version ("2026-10-21") to every platform. Both are accepted; anything else is refused.
+_DATED_VERSION = re.compile(r"^20\d\d-\d\d-\d\d$")
+
+
+def _version_ok(value: object, platform_version: str) -> bool:
+    return value == platform_version or (isinstance(value, str) and bool(_DATED_VERSION.match(value)))
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 # Real error texts name the account and principal; gateways must not pass them on, and the tests
 # prove it by looking for these strings.
@@ -222,7 +229,7 @@ def _bedrock_body_error(body: dict[str, Any] | None) -> web.Response | None:
     for key in ("anthropic_version", "max_tokens", "messages"):
         if key not in body:
             return _malformed(f"#: required key [{key}] not found")
-    if body["anthropic_version"] != BEDROCK_VERSION:
+    if not _version_ok(body["anthropic_version"], BEDROCK_VERSION):
         return _malformed(f"#/anthropic_version: {BEDROCK_VERSION} is the only supported value")
     return None
 
@@ -552,7 +559,7 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
         )
     if model == "count-tokens":
         return _finish(record, web.json_response({"input_tokens": state.usage.total_input_tokens}))
-    if document.get("anthropic_version") != VERTEX_VERSION:
+    if not _version_ok(document.get("anthropic_version"), VERTEX_VERSION):
         message = f"anthropic_version: Input should be '{VERTEX_VERSION}'"
         return _finish(record, _anthropic_error(400, "invalid_request_error", message))
     streaming = document.get("stream") is True

@@ -1,0 +1,443 @@
+"""The whole gateway on loopback: what ``make run`` (``authz run --dev``) and the end-to-end tests use.
+
+Processes: the upstream emulator (standing in for Bedrock and Vertex), the gateway services
+(``authz serve``), and Envoy with the rendered configuration. PostgreSQL comes from
+``DATABASE_URL`` or an embedded throwaway server. Generated keys and the development config live
+in the state directory (``.run/`` by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from authz.config import load
+from authz.configtypes import GatewayConfig
+from authz.envoy_render import render_yaml
+from authz.errors import GatewayError
+from authz.runtime import consecutive_free_ports, envoy_binary, free_port
+from authz.tokens import KeySet, generate_signing_key, mint
+from backends.emulator.google import generate_service_account_key
+from backends.emulator.state import (
+    DEFAULT_PROJECT,
+    TEST_ACCESS_KEY_ID,
+    TEST_SECRET_ACCESS_KEY,
+)
+
+DEV_USER = "dev@example.com"
+DEV_GROUPS = ("developers",)
+BEDROCK_REGION = "us-east-1"
+VERTEX_REGION = "us-east5"
+
+
+class Proc:
+    """A child process with its output in a log file."""
+
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(  # noqa: S603 - argv is built by this module
+            argv,
+            stdout=self._log,
+            stderr=self._log,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Signal the process and wait; kill it if it does not stop in time."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+
+    def tail(self, lines: int = 40) -> str:
+        """The end of the log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_port(host: str, port: int, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise GatewayError(f"{proc.name} exited early:\n{proc.tail()}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise GatewayError(f"{proc.name} did not listen on {host}:{port} within {timeout}s:\n{proc.tail()}")
+
+
+def _wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise GatewayError(f"{proc.name} exited early:\n{proc.tail()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+            if resp.status == 200:
+                return
+        time.sleep(0.05)
+    raise GatewayError(f"{proc.name} not ready at {url} within {timeout}s:\n{proc.tail()}")
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+@dataclass
+class Ports:
+    """Every loopback port the stack uses."""
+
+    envoy: int
+    admin: int
+    grpc: int
+    portal: int
+    emulator: int
+
+    @classmethod
+    def pick(cls, workers: int, preferred: bool = False) -> Ports:
+        """Free ports; with ``preferred``, the documented defaults when they are free."""
+
+        def want(port: int) -> int:
+            if preferred:
+                with socket.socket() as sock:
+                    try:
+                        sock.bind(("127.0.0.1", port))
+                        return port
+                    except OSError:
+                        pass
+            return free_port()
+
+        grpc = 9001 if preferred and workers == 1 and want(9001) == 9001 else consecutive_free_ports(workers)
+        return cls(envoy=want(8080), admin=want(9901), grpc=grpc, portal=want(9100), emulator=want(18081))
+
+
+@dataclass
+class Stack:
+    """Emulator, gateway services and Envoy, started and stopped together."""
+
+    root: Path
+    database_url: str
+    workers: int = 1
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+    preferred_ports: bool = False
+    ports: Ports | None = None
+    procs: dict[str, Proc] = field(default_factory=dict)
+    config_path: Path | None = None
+    config: GatewayConfig | None = None
+
+    @property
+    def envoy_url(self) -> str:
+        """Where clients connect."""
+        assert self.ports is not None
+        return f"http://127.0.0.1:{self.ports.envoy}"
+
+    @property
+    def emulator_url(self) -> str:
+        """The upstream emulator's base URL."""
+        assert self.ports is not None
+        return f"http://127.0.0.1:{self.ports.emulator}"
+
+    def start(self) -> None:
+        """Start every process and wait until each is ready."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.ports = self.ports or Ports.pick(self.workers, self.preferred_ports)
+        self.start_emulator()
+        self.config_path = self.write_config()
+        self.config = load(self.config_path, os.environ)
+        self.start_gateway()
+        self.start_envoy()
+
+    def start_emulator(self) -> None:
+        """Start the upstream emulator and register the development service account with it."""
+        assert self.ports is not None
+        sa_path = self.root / "keys" / "vertex-service-account.json"
+        if not sa_path.exists():
+            sa_path.parent.mkdir(parents=True, exist_ok=True)
+            generate_service_account_key(
+                sa_path, token_uri=f"{self.emulator_url}/token", project_id=DEFAULT_PROJECT
+            )
+        argv = [
+            sys.executable,
+            "-m",
+            "backends.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports.emulator),
+        ]
+        proc = Proc("emulator", argv, self.root / "logs" / "emulator.log")
+        self.procs["emulator"] = proc
+        _wait_port("127.0.0.1", self.ports.emulator, proc)
+        self.emulator("POST", "/_emulator/state", {"service_account_keys": [str(sa_path)]})
+
+    def write_config(self) -> Path:
+        """Write the development gateway config (and its signing key) into the state directory."""
+        assert self.ports is not None
+        keys = self.root / "keys"
+        keys.mkdir(parents=True, exist_ok=True)
+        key_path = keys / "signing-dev-1.pem"
+        if not key_path.exists():
+            key = generate_signing_key("dev-1")
+            key_path.write_text(key.private_key or "", encoding="utf-8")
+            key_path.chmod(0o600)
+        sa_path = keys / "vertex-service-account.json"
+        raw: dict[str, Any] = {
+            "listen": {
+                "envoy": {"address": "127.0.0.1", "port": self.ports.envoy},
+                "envoy_admin": {"address": "127.0.0.1", "port": self.ports.admin},
+                "grpc": {"address": "127.0.0.1", "port": self.ports.grpc},
+                "portal": {"address": "127.0.0.1", "port": self.ports.portal},
+            },
+            "workers": self.workers,
+            "sessions": {
+                "issuer": self.envoy_url,
+                "audience": "claude-gateway",
+                "signing_key": {"kid": "dev-1", "algorithm": "ES256", "private_key": f"${{file:{key_path}}}"},
+            },
+            "store": {"url": self.database_url, "spool_dir": str(self.root / "spool")},
+            "upstreams": {
+                "bedrock-dev": {
+                    "kind": "bedrock",
+                    "region": BEDROCK_REGION,
+                    "base_url": self.emulator_url,
+                    "credentials": {
+                        "source": "static",
+                        "access_key_id": TEST_ACCESS_KEY_ID,
+                        "secret_access_key": TEST_SECRET_ACCESS_KEY,
+                    },
+                },
+                "vertex-dev": {
+                    "kind": "vertex",
+                    "region": VERTEX_REGION,
+                    "project": DEFAULT_PROJECT,
+                    "base_url": self.emulator_url,
+                    "credentials": {"source": "service_account_file", "path": str(sa_path)},
+                },
+            },
+            "policies": [
+                {
+                    "name": "developers",
+                    "groups": list(DEV_GROUPS),
+                    "models": ["claude-*"],
+                    "upstreams": ["bedrock-dev", "vertex-dev"],
+                }
+            ],
+        }
+        raw = _merge(raw, self.extra_config)
+        path = self.root / "gateway.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+        return path
+
+    def start_gateway(self) -> None:
+        """Start ``authz serve`` and wait for the gRPC ports and the portal."""
+        assert self.ports is not None and self.config_path is not None
+        argv = [sys.executable, "-m", "authz.cli", "serve", "--config", str(self.config_path)]
+        proc = Proc("gateway", argv, self.root / "logs" / "gateway.log")
+        self.procs["gateway"] = proc
+        for i in range(self.workers):
+            _wait_port("127.0.0.1", self.ports.grpc + i, proc)
+        _wait_http_ok(f"http://127.0.0.1:{self.ports.portal}/healthz", proc)
+
+    def stop_gateway(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the gateway services (for fail-closed and drain tests)."""
+        proc = self.procs.pop("gateway", None)
+        if proc is not None:
+            proc.stop(sig)
+
+    def start_envoy(self) -> None:
+        """Render Envoy's bootstrap and start Envoy; wait until it reports ready."""
+        assert self.ports is not None and self.config is not None
+        path = self.root / "envoy.yaml"
+        path.write_text(render_yaml(self.config), encoding="utf-8")
+        argv = [
+            envoy_binary(),
+            "-c",
+            str(path),
+            "--log-level",
+            os.environ.get("GATEWAY_ENVOY_LOG_LEVEL", "warning"),
+            "--base-id",
+            str(self.ports.admin),
+            "--concurrency",
+            "2",
+        ]
+        proc = Proc("envoy", argv, self.root / "logs" / "envoy.log")
+        self.procs["envoy"] = proc
+        _wait_http_ok(f"http://127.0.0.1:{self.ports.admin}/ready", proc)
+
+    def stop(self) -> None:
+        """Stop everything, Envoy first so no new requests arrive."""
+        for name in ("envoy", "gateway", "emulator"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                proc.stop()
+
+    def mint(
+        self, email: str = DEV_USER, groups: tuple[str, ...] = DEV_GROUPS, ttl: int = 3600, **kw: Any
+    ) -> str:
+        """A gateway access token signed with the stack's key."""
+        assert self.config is not None
+        keyset = KeySet.from_config(self.config.sessions)
+        return mint(
+            keyset,
+            issuer=self.config.sessions.issuer,
+            audience=self.config.sessions.audience,
+            sub=kw.get("sub", email),
+            email=email,
+            groups=groups,
+            sid=kw.get("sid", f"dev-{os.urandom(6).hex()}"),
+            ttl=ttl,
+            now=kw.get("now", time.time()),
+        )
+
+    def emulator(self, method: str, path: str, body: Any = None) -> Any:
+        """Call one of the emulator's control endpoints and return the decoded JSON."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(  # noqa: S310 - loopback URL we built
+            f"{self.emulator_url}{path}",
+            data=data,
+            method=method,
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            text = resp.read()
+        return json.loads(text) if text else None
+
+
+def settings_text(stack: Stack, token: str) -> str:
+    """How to point Claude Code (and the SDKs) at the running stack."""
+    assert stack.config_path is not None
+    authz = Path(sys.executable).parent / "authz"
+    groups = ",".join(DEV_GROUPS)
+    helper = f"{authz} token mint --config {stack.config_path} --user {DEV_USER} --groups {groups} --ttl 900"
+    settings = json.dumps({"apiKeyHelper": helper}, indent=2)
+    return f"""
+Claude gateway is running on {stack.envoy_url}
+
+Claude Code, Bedrock format (no AWS credentials needed; unset AWS_BEARER_TOKEN_BEDROCK):
+  export CLAUDE_CODE_USE_BEDROCK=1
+  export ANTHROPIC_BEDROCK_BASE_URL={stack.envoy_url}
+  export CLAUDE_CODE_SKIP_BEDROCK_AUTH=1
+  export AWS_REGION={BEDROCK_REGION}
+
+Claude Code, Vertex format:
+  export CLAUDE_CODE_USE_VERTEX=1
+  export ANTHROPIC_VERTEX_BASE_URL={stack.envoy_url}/v1
+  export CLAUDE_CODE_SKIP_VERTEX_AUTH=1
+  export ANTHROPIC_VERTEX_PROJECT_ID={DEFAULT_PROJECT}
+  export CLOUD_ML_REGION={VERTEX_REGION}
+
+~/.claude/settings.json (the helper prints a fresh 15-minute token for {DEV_USER}):
+{settings}
+
+A token for {DEV_USER} (groups: {", ".join(DEV_GROUPS)}), valid for one hour:
+  {token}
+
+Recent usage:  {authz} usage --config {stack.config_path}
+Logs:          {stack.root / "logs"}
+Stop with Ctrl-C.
+"""
+
+
+@contextlib.contextmanager
+def database(root: Path, environ: Mapping[str, str]) -> Iterator[str]:
+    """``DATABASE_URL`` when set, else an embedded throwaway PostgreSQL in ``root``."""
+    url = environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from authz.store.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres()
+    dsn = pg.start(root / "postgres")
+    try:
+        yield dsn
+    finally:
+        pg.stop()
+
+
+def run_forever(*, config_path: Path | None, dev: bool, root: Path, environ: Mapping[str, str]) -> int:
+    """``authz run``: start the stack, print how to use it, and wait for Ctrl-C or SIGTERM."""
+    if not dev and config_path is None:
+        raise GatewayError("authz run needs --config, or --dev for the development stack")
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    root = root.resolve()
+    if dev:
+        with database(root, environ) as dsn:
+            stack = Stack(root=root, database_url=dsn, preferred_ports=True)
+            try:
+                stack.start()
+                print(settings_text(stack, stack.mint()), flush=True)
+                while not stopping and all(p.alive() for p in stack.procs.values()):
+                    time.sleep(0.5)
+            finally:
+                stack.stop()
+        return 0
+    assert config_path is not None
+    config = load(config_path, environ)
+    gateway = Proc(
+        "gateway",
+        [sys.executable, "-m", "authz.cli", "serve", "--config", str(config_path)],
+        root / "logs" / "gateway.log",
+    )
+    envoy_path = root / "envoy.yaml"
+    envoy_path.write_text(render_yaml(config), encoding="utf-8")
+    envoy = Proc(
+        "envoy",
+        [envoy_binary(), "-c", str(envoy_path), "--log-level", "warning"],
+        root / "logs" / "envoy.log",
+    )
+    print(
+        "gateway services and Envoy started; Envoy listens on "
+        f"{config.listen.envoy.address}:{config.listen.envoy.port}"
+    )
+    try:
+        while not stopping and gateway.alive() and envoy.alive():
+            time.sleep(0.5)
+    finally:
+        envoy.stop()
+        gateway.stop()
+    return 0

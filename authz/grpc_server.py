@@ -1,0 +1,204 @@
+"""The gRPC edge: Envoy's ext_authz ``Check`` and ext_proc ``Process`` services.
+
+Thin servicers (STYLE.md, habit 1): protobuf is turned into plain data at the top, the decision is
+made by :mod:`authz.authorize` or :mod:`authz.process`, and the answer is turned back into protobuf
+at the bottom. A deny is a response; a fault is an error, and Envoy fails closed on errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from authz.authorize import Allow, Authorizer, CheckInput
+from authz.context import METADATA_NAMESPACE, RequestContext
+from authz.envelope import ErrorReply
+from authz.process import Action, Continue, Deps, MeterHandler, Reply, SignHandler
+from authz.usagerow import UsageRow
+
+log = logging.getLogger("authz.grpc")
+
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # ext_proc reads header values from raw_value (bytes) since Envoy 1.32.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def _authz_header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # ext_authz reads only the string ``value`` of a HeaderValue.
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+
+
+class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """ext_authz: one unary ``Check`` per request."""
+
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        record: Callable[[UsageRow], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._authorizer = authorizer
+        self._record = record
+        self._clock = clock
+
+    async def Check(
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+    ) -> external_auth_pb2.CheckResponse:
+        """Decide one request."""
+        http = request.attributes.request.http
+        headers = dict(http.headers)
+        decision = self._authorizer.check(
+            CheckInput(
+                method=http.method,
+                path=http.path,
+                headers=headers,
+                request_id=headers.get("x-request-id") or http.id,
+                now=self._clock(),
+            )
+        )
+        if isinstance(decision, Allow):
+            return _allow_response(decision)
+        self._record(decision.row)
+        return _deny_response(decision.reply)
+
+
+def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
+    metadata = struct_pb2.Struct()
+    metadata.update(decision.context.to_metadata())
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[_authz_header_option(k, v) for k, v in decision.set_headers],
+            headers_to_remove=list(decision.remove_headers),
+        ),
+        dynamic_metadata=metadata,
+    )
+
+
+def _deny_response(reply: ErrorReply) -> external_auth_pb2.CheckResponse:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            headers=[_authz_header_option(k, v) for k, v in reply.headers],
+            body=reply.body.decode(),
+        ),
+    )
+
+
+def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
+    # Envoy sends header values in raw_value (bytes) since 1.32; older versions used value.
+    return {
+        h.key: (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        for h in msg.headers.headers
+    }
+
+
+def _context(request: ep.ProcessingRequest) -> RequestContext | None:
+    ns = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
+    if ns is None:
+        return None
+    return RequestContext.from_metadata({k: v.string_value for k, v in ns.fields.items()})
+
+
+def _common(action: Continue) -> ep.CommonResponse:
+    if not action.set_headers and not action.remove_headers:
+        return ep.CommonResponse()
+    return ep.CommonResponse(
+        header_mutation=ep.HeaderMutation(
+            set_headers=[_header_option(k, v) for k, v in action.set_headers],
+            remove_headers=list(action.remove_headers),
+        )
+    )
+
+
+def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
+    return ep.ProcessingResponse(
+        immediate_response=ep.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            headers=ep.HeaderMutation(set_headers=[_header_option(k, v) for k, v in reply.headers]),
+            body=reply.body,
+        )
+    )
+
+
+_BUFFERED = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+
+
+def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
+    if isinstance(action, Reply):
+        return _immediate(action.reply)
+    common = _common(action)
+    if kind == "request_headers":
+        return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+    if kind == "request_body":
+        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
+    if kind == "response_headers":
+        if action.buffer_response_body:
+            return ep.ProcessingResponse(
+                response_headers=ep.HeadersResponse(response=common), mode_override=_BUFFERED
+            )
+        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+    return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+
+
+class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    """ext_proc: one bidirectional stream per request and filter."""
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        """Serve one request's messages for either filter."""
+        sign: SignHandler | None = None
+        meter: MeterHandler | None = None
+        try:
+            async for request in request_iterator:
+                kind = request.WhichOneof("request")
+                if request.observability_mode or meter is not None:
+                    meter = meter or MeterHandler(self._deps)
+                    if kind == "response_headers":
+                        meter.on_response_headers(_headers(request.response_headers), _context(request))
+                    elif kind == "response_body":
+                        body = request.response_body
+                        meter.on_response_body(body.body, body.end_of_stream)
+                    continue
+                sign = sign or SignHandler(self._deps)
+                if kind == "request_headers":
+                    action: Action = await sign.on_request_headers(
+                        _headers(request.request_headers),
+                        request.request_headers.end_of_stream,
+                        _context(request),
+                    )
+                elif kind == "request_body":
+                    action = await sign.on_request_body(request.request_body.body)
+                elif kind == "response_headers":
+                    action = sign.on_response_headers(_headers(request.response_headers))
+                elif kind == "response_body":
+                    action = sign.on_response_body(request.response_body.body)
+                else:
+                    action = Continue()
+                yield _to_response(kind or "", action)
+        finally:
+            if sign is not None:
+                sign.on_close()
+            if meter is not None:
+                meter.on_close()

@@ -1,0 +1,185 @@
+"""Process wiring for ``authz serve``: the gRPC services, the portal and the usage ledger.
+
+Each worker process serves ext_authz and ext_proc on ``listen.grpc.port + index`` (Envoy's gRPC
+cluster lists every worker port and balances between them); worker 0 also serves the portal. On
+SIGTERM a worker fails its health check, waits for Envoy to stop sending new requests, lets
+in-flight streams finish within the grace period, and flushes the ledger so their usage is
+recorded (STYLE.md, habit 12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+from authz.authorize import Authorizer
+from authz.backend_settings import backend_settings
+from authz.config import load
+from authz.configtypes import GatewayConfig
+from authz.grpc_server import AuthorizationServicer, ExternalProcessorServicer
+from authz.pricing import PriceBook
+from authz.process import Deps
+from authz.store.ledger import Ledger
+from authz.tokens import KeySet, TokenVerifier
+from backends.base import Upstream
+from backends.factory import build_upstream
+
+log = logging.getLogger("authz.service")
+
+DRAIN_SECONDS = 2.0
+GRACE_SECONDS = 30.0
+
+
+@dataclass
+class Worker:
+    """One running worker: its servers and the objects they share."""
+
+    config: GatewayConfig
+    index: int
+    ledger: Ledger
+    upstreams: dict[str, Upstream]
+    grpc_server: grpc.aio.Server
+    grpc_port: int
+    portal: web.AppRunner | None = None
+    portal_port: int | None = None
+    healthy: bool = True
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def stop(self, drain: float = DRAIN_SECONDS, grace: float = GRACE_SECONDS) -> None:
+        """Fail health checks, drain, stop the servers, then flush the ledger."""
+        self.healthy = False
+        if drain:
+            await asyncio.sleep(drain)
+        await self.grpc_server.stop(grace)
+        if self.portal is not None:
+            await self.portal.cleanup()
+        await self.ledger.aclose()
+        for upstream in self.upstreams.values():
+            await upstream.aclose()
+        self.stopped.set()
+
+
+def _portal_app(worker: Worker) -> web.Application:
+    async def healthz(_request: web.Request) -> web.Response:
+        if worker.healthy:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "draining"}, status=503)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
+    """Start one worker's servers and return once they accept connections."""
+    ledger = Ledger(config.store)
+    await ledger.start()
+    keyset = KeySet.from_config(config.sessions)
+    verifier = TokenVerifier(
+        keyset,
+        issuer=config.sessions.issuer,
+        audience=config.sessions.audience,
+        clock_skew=config.sessions.clock_skew,
+    )
+    upstreams = {name: build_upstream(backend_settings(name, up)) for name, up in config.upstreams}
+    deps = Deps(
+        upstreams=upstreams,
+        model_maps={name: dict(up.model_map) for name, up in config.upstreams},
+        prices=PriceBook(config.pricing),
+        record=ledger.record,
+    )
+    # The buffered request body arrives in one gRPC message: allow the configured body cap.
+    max_message = config.limits.max_request_body_bytes + 1024 * 1024
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationServicer(Authorizer(config, verifier), ledger.record), server
+    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessorServicer(deps), server
+    )
+    address = config.listen.grpc.address
+    port = server.add_insecure_port(
+        f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
+    )
+    await server.start()
+    worker = Worker(config, index, ledger, upstreams, server, port)
+    if index == 0:
+        runner = web.AppRunner(_portal_app(worker), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.listen.portal.address, config.listen.portal.port)
+        await site.start()
+        worker.portal = runner
+        server_sock = site._server.sockets[0] if site._server else None
+        worker.portal_port = server_sock.getsockname()[1] if server_sock else config.listen.portal.port
+    log.info("worker %d serving gRPC on %s:%d", index, address, port)
+    return worker
+
+
+async def run_worker(config: GatewayConfig, index: int) -> None:
+    """Run one worker until SIGTERM or SIGINT."""
+    worker = await start_worker(config, index)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %d stopping", index)
+    await worker.stop()
+
+
+def _worker_main(config_path: str, environ: Mapping[str, str], index: int) -> None:
+    configure_logging()
+    config = load(config_path, environ)
+    asyncio.run(run_worker(config, index))
+
+
+def configure_logging() -> None:
+    """Plain, one-line log records on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def serve(config_path: Path, environ: Mapping[str, str]) -> None:
+    """Run ``workers`` worker processes (or one in this process) until SIGTERM."""
+    configure_logging()
+    config = load(config_path, environ)
+    if config.workers == 1:
+        asyncio.run(run_worker(config, 0))
+        return
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_worker_main, args=(str(config_path), dict(environ), i), daemon=False)
+        for i in range(config.workers)
+    ]
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                try:
+                    import os
+
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for proc in procs:
+        proc.join()

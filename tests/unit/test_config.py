@@ -1,0 +1,558 @@
+"""Loading the gateway YAML: typed frozen objects, field-naming errors, references and validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from authz.config import load, loads
+from authz.configtypes import (
+    Address,
+    Credentials,
+    GatewayConfig,
+    Limits,
+    Listen,
+    Policy,
+    Price,
+    Pricing,
+    Sessions,
+    SigningKey,
+    Store,
+    Telemetry,
+    Upstream,
+)
+from authz.errors import ConfigError
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "config"
+
+# The smallest config the validation tests build on: one upstream of each kind and one policy.
+BASE = """
+upstreams:
+  main:
+    kind: bedrock
+    region: us-east-1
+    credentials:
+      source: static
+      access_key_id: AKIDEXAMPLE
+      secret_access_key: secret
+  gcp:
+    kind: vertex
+    region: us-east5
+    project: acme
+policies:
+  - name: eng
+    groups: [eng]
+    upstreams: [main, gcp]
+"""
+
+
+def _error(text: str, environ: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        loads(textwrap.dedent(text), environ or {})
+    return info.value
+
+
+def _upstream_error(upstream_yaml: str) -> ConfigError:
+    """Load a config whose only upstream is ``upstream_yaml`` (indented under ``upstreams.u``)."""
+    body = textwrap.indent(textwrap.dedent(upstream_yaml).strip(), "    ")
+    return _error(f"upstreams:\n  u:\n{body}\n")
+
+
+def _upstream(upstream_yaml: str) -> Upstream:
+    body = textwrap.indent(textwrap.dedent(upstream_yaml).strip(), "    ")
+    return loads(f"upstreams:\n  u:\n{body}\n", {}).upstream("u")
+
+
+# --- unknown keys -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("worker: 2\n", "worker"),
+        ("listen:\n  envoy: {address: 0.0.0.0, prot: 80}\n", "listen.envoy.prot"),
+        ("sessions:\n  signing_key: {kid: a, private_kee: x}\n", "sessions.signing_key.private_kee"),
+        (
+            "upstreams:\n  main:\n    kind: bedrock\n    region: us-east-1\n"
+            "    credentials: {source: static, acces_key_id: AKID, secret_access_key: s}\n",
+            "upstreams.main.credentials.acces_key_id",
+        ),
+        ("policies:\n  - {name: eng, group: [eng], upstreams: [main]}\n", "policies[0].group"),
+        (
+            "pricing:\n  models:\n    claude-x: {inpt: 1, output: 1, cache_write_5m: 1, "
+            "cache_write_1h: 1, cache_read: 1}\n",
+            "pricing.models.claude-x.inpt",
+        ),
+    ],
+)
+def test_unknown_key_names_its_dotted_field(text: str, field: str) -> None:
+    """A misspelt key at any depth stops loading with an error naming its full dotted path."""
+    err = _error(text)
+    assert err.field == field
+    assert str(err).startswith(f"{field}: unknown key")
+
+
+def test_unknown_key_error_lists_the_valid_keys() -> None:
+    """The unknown-key message lists what the section does accept, so the fix is obvious."""
+    err = _error("listen:\n  envoy: {adress: 0.0.0.0}\n")
+    assert "expected one of: address, port" in err.problem
+
+
+# --- wrong types ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "problem"),
+    [
+        ("workers: many\n", "workers", "expected an integer"),
+        ("workers: true\n", "workers", "expected an integer"),
+        ("workers: 2.5\n", "workers", "expected an integer"),
+        ('listen:\n  grpc: {port: "ninety"}\n', "listen.grpc.port", "expected an integer"),
+        ("upstreams: [main, gcp]\n", "upstreams", "expected a mapping, got list"),
+        ("listen: [8080]\n", "listen", "expected a mapping, got list"),
+        ("policies: {eng: {}}\n", "policies", "expected a list, got dict"),
+        ("upstreams:\n  main: {kind: azure, region: r}\n", "upstreams.main.kind", "must be one of"),
+        (
+            "sessions:\n  signing_key: {kid: a, algorithm: RS256}\n",
+            "sessions.signing_key.algorithm",
+            "must be one of",
+        ),
+        (
+            "upstreams:\n  main: {kind: bedrock, region: r, fips: maybe}\n",
+            "upstreams.main.fips",
+            "true or false",
+        ),
+        (
+            "upstreams:\n  main: {kind: bedrock, region: [a, b]}\n",
+            "upstreams.main.region",
+            "expected a string",
+        ),
+        ("limits:\n  stream_idle_timeout: soon\n", "limits.stream_idle_timeout", "expected a number"),
+        (
+            "pricing:\n  fallback: {input: .nan, output: 1, cache_write_5m: 1,"
+            " cache_write_1h: 1, cache_read: 1}\n",
+            "pricing.fallback.input",
+            "finite",
+        ),
+        (
+            "upstreams:\n  main: {kind: bedrock, region: r, model_map: [a, b]}\n",
+            "upstreams.main.model_map",
+            "expected a mapping",
+        ),
+        (
+            "upstreams:\n  main: {kind: bedrock, region: r, model_map: {claude-x: {id: 1}}}\n",
+            "upstreams.main.model_map.claude-x",
+            "expected a string",
+        ),
+    ],
+)
+def test_wrong_type_names_the_field(text: str, field: str, problem: str) -> None:
+    """A value of the wrong type (or outside a literal's choices) is refused, naming the field."""
+    err = _error(text)
+    assert err.field == field
+    assert problem in err.problem
+
+
+def test_missing_required_key_names_the_field() -> None:
+    """A required key left out (an upstream's region) is reported as required, by its path."""
+    err = _error("upstreams:\n  main: {kind: bedrock}\n")
+    assert (err.field, err.problem) == ("upstreams.main.region", "is required")
+
+
+def test_duplicate_key_is_refused_by_name() -> None:
+    """A key repeated in one mapping fails instead of silently replacing the first upstream."""
+    err = _error(BASE.replace("  gcp:", "  main:"))
+    assert err.field == "upstreams.main"
+    assert "duplicate key" in err.problem
+
+
+def test_merge_keys_may_be_overridden() -> None:
+    """A YAML merge (`<<: *anchor`) followed by an explicit key is not mistaken for a duplicate."""
+    config = loads("listen:\n  envoy: &b {address: 10.0.0.1, port: 1}\n  grpc: {<<: *b, port: 2}\n", {})
+    assert config.listen.grpc == Address(address="10.0.0.1", port=2)
+
+
+def test_recursive_alias_is_a_config_error() -> None:
+    """A self-referencing YAML alias is reported as a ConfigError, not a RecursionError."""
+    assert "recursive" in _error("policies: &p [*p]\n").problem
+
+
+def test_invalid_yaml_is_a_config_error() -> None:
+    """Text that is not YAML is reported as such."""
+    assert "not valid YAML" in str(_error("listen: {envoy: [\n"))
+
+
+def test_empty_document_gives_the_documented_defaults() -> None:
+    """An empty file is a valid config equal to every documented default."""
+    assert loads("", {}) == GatewayConfig()
+
+
+# --- references -------------------------------------------------------------------------------
+
+
+def test_environment_reference_is_substituted_and_converted() -> None:
+    """`${VAR}` is replaced inside a string and the result is converted to the field's type."""
+    config = loads(
+        "workers: ${WORKERS}\nstore: {url: 'postgresql://${DB_HOST}:5432/gw'}\n",
+        {"WORKERS": "3", "DB_HOST": "db.internal"},
+    )
+    assert config.workers == 3
+    assert config.store.url == "postgresql://db.internal:5432/gw"
+
+
+def test_default_is_used_only_when_the_variable_is_unset() -> None:
+    """`${VAR:-default}` takes the default when VAR is unset, VAR's value (even empty) when set."""
+    text = "store: {url: '${DATABASE_URL:-postgresql://localhost/gw}', spool_dir: '${SPOOL:-}'}\n"
+    unset = loads(text, {})
+    assert (unset.store.url, unset.store.spool_dir) == ("postgresql://localhost/gw", "")
+    assert loads(text, {"DATABASE_URL": "postgresql://db/x"}).store.url == "postgresql://db/x"
+    assert loads(text, {"DATABASE_URL": ""}).store.url == ""
+
+
+def test_missing_environment_variable_names_the_field_and_variable() -> None:
+    """An unset `${VAR}` without a default fails, naming both the field and the variable."""
+    err = _error("store: {url: '${DATABASE_URL}'}\n")
+    assert err.field == "store.url"
+    assert "DATABASE_URL" in err.problem
+    err = _error("policies:\n  - {name: p, groups: [a, '${SECOND}'], upstreams: [x]}\n")
+    assert err.field == "policies[0].groups[1]"
+
+
+def test_substituted_values_are_not_expanded_again() -> None:
+    """A variable whose value contains `${...}` is taken literally, never re-expanded."""
+    config = loads("store: {url: '${A}'}\n", {"A": "${SECRET}", "SECRET": "leaked"})
+    assert config.store.url == "${SECRET}"
+
+
+def test_comma_separated_variable_fills_a_list() -> None:
+    """A list field given one string (from an env var) is split on commas, blanks dropped."""
+    text = BASE.replace("groups: [eng]", "groups: ${GROUPS}")
+    assert loads(text, {"GROUPS": "eng, platform,,"}).policies[0].groups == ("eng", "platform")
+
+
+def test_file_reference_is_relative_to_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`${file:relative/path}` reads a file next to the config (not the cwd), minus its final newline."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "db-url").write_text("postgresql://from-file/gw\n")
+    config_file = tmp_path / "gateway.yaml"
+    config_file.write_text("store: {url: '${file:secrets/db-url}'}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load(config_file, {}).store.url == "postgresql://from-file/gw"
+
+
+def test_absolute_file_reference_and_missing_file(tmp_path: Path) -> None:
+    """An absolute `${file:...}` is read as is; an unreadable one names the field."""
+    secret = tmp_path / "token"
+    secret.write_text("abc")
+    assert loads(f"store: {{url: '${{file:{secret}}}'}}\n", {}).store.url == "abc"
+    err = _error(f"store: {{url: '${{file:{tmp_path / 'absent'}}}'}}\n")
+    assert err.field == "store.url"
+    assert "cannot read" in err.problem
+
+
+def test_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    """load() of a path that does not exist raises ConfigError naming the path."""
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "missing.yaml", {})
+
+
+# --- validation rules -------------------------------------------------------------------------
+
+
+def test_policy_naming_an_unknown_upstream_is_refused() -> None:
+    """A policy that routes to an upstream nobody configured fails on that policy's upstreams."""
+    err = _error(BASE.replace("upstreams: [main, gcp]", "upstreams: [main, typo]"))
+    assert err.field == "policies[0].upstreams"
+    assert "'typo'" in err.problem
+
+
+def test_policy_needs_upstreams_and_someone_to_match() -> None:
+    """A policy with no upstreams, or with neither groups nor email domains, is refused."""
+    assert _error(BASE.replace("upstreams: [main, gcp]", "upstreams: []")).field == "policies[0].upstreams"
+    assert _error(BASE.replace("groups: [eng]", "groups: []")).field == "policies[0]"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://bedrock.example.com", "http://10.0.0.5:8080", "http://localhost.example.com"],
+)
+def test_plain_http_to_a_remote_host_is_refused(url: str) -> None:
+    """Credentials never cross a network in clear text: http is refused for non-loopback hosts."""
+    err = _upstream_error(f"kind: bedrock\nregion: us-east-1\nbase_url: {url}")
+    assert err.field == "upstreams.u.base_url"
+    assert "loopback" in err.problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://bedrock.example.com",
+        "https://10.0.0.5:8443/",
+        "http://127.0.0.1:18081",
+        "http://localhost:18081",
+        "http://[::1]:18081",
+    ],
+)
+def test_https_anywhere_and_http_to_loopback_are_accepted(url: str) -> None:
+    """https to any host and plain http to a loopback host both load."""
+    assert _upstream(f"kind: bedrock\nregion: us-east-1\nbase_url: '{url}'").base_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("ftp://example.com", "http(s) URL with a host"),
+        ("https://", "http(s) URL with a host"),
+        ("https://example.com/v1", "path, query or fragment"),
+        ("https://example.com?x=1", "path, query or fragment"),
+        ("https://user:pw@example.com", "user info"),
+        ("http://[::1", "not a valid URL"),
+        ("https://example.com:99999", "not a valid URL"),
+    ],
+)
+def test_malformed_base_url_is_refused(url: str, problem: str) -> None:
+    """A base_url that is not scheme://host[:port] fails as a ConfigError naming base_url."""
+    err = _upstream_error(f"kind: vertex\nregion: global\nproject: p\nbase_url: '{url}'")
+    assert err.field == "upstreams.u.base_url"
+    assert problem in err.problem
+
+
+def test_vertex_needs_a_project() -> None:
+    """A vertex upstream without project is refused on upstreams.<name>.project."""
+    assert _upstream_error("kind: vertex\nregion: us-east5").field == "upstreams.u.project"
+
+
+def test_static_credentials_need_the_secret() -> None:
+    """Static AWS keys without the secret access key are refused on the credentials section."""
+    err = _upstream_error("kind: bedrock\nregion: r\ncredentials: {source: static, access_key_id: AKID}")
+    assert err.field == "upstreams.u.credentials"
+    assert "secret_access_key" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("upstream", "field"),
+    [
+        ("kind: bedrock\nregion: r\ncredentials: {source: assume_role}", "upstreams.u.credentials.role_arn"),
+        ("kind: bedrock\nregion: r\ncredentials: {source: adc}", "upstreams.u.credentials.source"),
+        (
+            "kind: vertex\nregion: r\nproject: p\ncredentials: {source: static}",
+            "upstreams.u.credentials.source",
+        ),
+        (
+            "kind: vertex\nregion: r\nproject: p\ncredentials: {source: service_account_file}",
+            "upstreams.u.credentials.path",
+        ),
+    ],
+)
+def test_credential_source_must_fit_the_upstream_kind(upstream: str, field: str) -> None:
+    """Each kind takes its own credential sources, with the fields each source needs."""
+    assert _upstream_error(upstream).field == field
+
+
+def test_vertex_default_source_means_adc() -> None:
+    """A vertex upstream with the default credential source loads (it is read as ADC)."""
+    assert _upstream("kind: vertex\nregion: global\nproject: p").credentials.source == "default"
+
+
+@pytest.mark.parametrize("price", ["input: 0, output: 25", "input: 5, output: 0"])
+def test_zero_fallback_price_is_refused(price: str) -> None:
+    """A fallback that would make unknown models free (zero input or output) is refused."""
+    err = _error(f"pricing:\n  fallback: {{{price}, cache_write_5m: 0, cache_write_1h: 0, cache_read: 0}}\n")
+    assert err.field == "pricing.fallback"
+    assert "non-zero" in err.problem
+
+
+def test_negative_price_is_refused() -> None:
+    """A negative per-model price is refused on its exact field."""
+    err = _error(
+        "pricing:\n  models:\n    claude-x: {input: 1, output: 1, cache_write_5m: 1, cache_write_1h: 1, "
+        "cache_read: -0.1}\n"
+    )
+    assert err.field == "pricing.models.claude-x.cache_read"
+
+
+@pytest.mark.parametrize(
+    "sessions",
+    [
+        "verify_keys: [{kid: k1, public_key: a}, {kid: k1, public_key: b}]",
+        "signing_key: {kid: k1, private_key: a}\n  verify_keys: [{kid: k1, public_key: b}]",
+    ],
+)
+def test_duplicate_key_ids_are_refused(sessions: str) -> None:
+    """Two session keys with the same kid (verify/verify or signing/verify) are refused."""
+    err = _error(f"sessions:\n  {sessions}\n")
+    assert err.field == "sessions.verify_keys"
+    assert "unique" in err.problem
+
+
+def test_session_keys_need_their_key_material() -> None:
+    """The signing key needs private_key; a verify key needs public_key or private_key."""
+    assert _error("sessions:\n  signing_key: {kid: k1}\n").field == "sessions.signing_key.private_key"
+    assert _error("sessions:\n  verify_keys: [{kid: k1}]\n").field == "sessions.verify_keys[0]"
+
+
+def test_workers_and_body_limit_must_be_positive() -> None:
+    """workers below 1 and a non-positive body limit are refused by name."""
+    assert _error("workers: 0\n").field == "workers"
+    assert _error("limits: {max_request_body_bytes: 0}\n").field == "limits.max_request_body_bytes"
+
+
+# --- a whole realistic file -------------------------------------------------------------------
+
+REALISTIC = """
+listen:
+  envoy: {address: 0.0.0.0, port: 8443}
+  envoy_admin: {port: 9901}
+  grpc: {port: 9101}
+  portal: {port: 9200}
+workers: ${WORKERS:-4}
+sessions:
+  issuer: https://gw.example.com
+  audience: claude-gateway
+  access_token_ttl: 600
+  signing_key:
+    kid: "2025-11"
+    algorithm: EdDSA
+    private_key: ${file:keys/signing.pem}
+  verify_keys:
+    - {kid: "2025-08", public_key: "${file:keys/old.pub}"}
+store:
+  url: ${DATABASE_URL}
+  batch_size: 50
+upstreams:
+  bedrock-us:
+    kind: bedrock
+    region: us-east-1
+    fips: true
+    credentials:
+      source: assume_role
+      role_arn: arn:aws:iam::123456789012:role/gw
+      external_id: gw
+    model_map:
+      claude-opus-5-5: us.anthropic.claude-opus-5-5
+      claude-haiku-4-5: us.anthropic.claude-haiku-4-5-20251001-v1:0
+  vertex-global:
+    kind: vertex
+    region: global
+    project: acme-prod
+    credentials: {source: service_account_file, path: /run/secrets/sa.json}
+    connect_timeout: 2.5
+policies:
+  - name: engineering
+    groups: [engineering, platform]
+    upstreams: [bedrock-us, vertex-global]
+  - name: contractors
+    email_domains: [contractors.example.com]
+    models: ["claude-sonnet-*", "claude-haiku-*"]
+    upstreams: [bedrock-us]
+pricing:
+  models:
+    claude-opus-5-5: {input: 3, output: 15, cache_write_5m: 3.75, cache_write_1h: 6, cache_read: 0.3}
+  regional_premium: 0.2
+limits:
+  max_request_body_bytes: 10485760
+  stream_idle_timeout: 300
+telemetry:
+  otlp_endpoint: http://otel:4317
+"""
+
+
+def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path) -> None:
+    """A production-shaped file becomes exactly the expected frozen tree; mappings become pairs."""
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "signing.pem").write_text("SIGNING-PEM\n")
+    (tmp_path / "keys" / "old.pub").write_text("OLD-PUB\n")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(REALISTIC)
+
+    config = load(path, {"DATABASE_URL": "postgresql://db/gw"})
+
+    assert config == GatewayConfig(
+        listen=Listen(
+            envoy=Address("0.0.0.0", 8443),
+            envoy_admin=Address("127.0.0.1", 9901),
+            grpc=Address("127.0.0.1", 9101),
+            portal=Address("127.0.0.1", 9200),
+        ),
+        workers=4,
+        sessions=Sessions(
+            issuer="https://gw.example.com",
+            audience="claude-gateway",
+            access_token_ttl=600,
+            clock_skew=30,
+            signing_key=SigningKey(kid="2025-11", algorithm="EdDSA", private_key="SIGNING-PEM"),
+            verify_keys=(SigningKey(kid="2025-08", algorithm="ES256", public_key="OLD-PUB"),),
+        ),
+        store=Store(url="postgresql://db/gw", batch_size=50),
+        upstreams=(
+            (
+                "bedrock-us",
+                Upstream(
+                    kind="bedrock",
+                    region="us-east-1",
+                    fips=True,
+                    credentials=Credentials(
+                        source="assume_role", role_arn="arn:aws:iam::123456789012:role/gw", external_id="gw"
+                    ),
+                    model_map=(
+                        ("claude-opus-5-5", "us.anthropic.claude-opus-5-5"),
+                        ("claude-haiku-4-5", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+                    ),
+                ),
+            ),
+            (
+                "vertex-global",
+                Upstream(
+                    kind="vertex",
+                    region="global",
+                    project="acme-prod",
+                    credentials=Credentials(source="service_account_file", path="/run/secrets/sa.json"),
+                    connect_timeout=2.5,
+                ),
+            ),
+        ),
+        policies=(
+            Policy(
+                name="engineering",
+                groups=("engineering", "platform"),
+                models=("claude-*",),
+                upstreams=("bedrock-us", "vertex-global"),
+            ),
+            Policy(
+                name="contractors",
+                email_domains=("contractors.example.com",),
+                models=("claude-sonnet-*", "claude-haiku-*"),
+                upstreams=("bedrock-us",),
+            ),
+        ),
+        pricing=Pricing(
+            models=(("claude-opus-5-5", Price(3.0, 15.0, 3.75, 6.0, 0.3)),),
+            regional_premium=0.2,
+        ),
+        limits=Limits(max_request_body_bytes=10485760, stream_idle_timeout=300.0),
+        telemetry=Telemetry(otlp_endpoint="http://otel:4317"),
+    )
+    # Exact types, not just equal values: ints stay ints, floats are floats, mappings are tuples.
+    assert type(config.workers) is int
+    assert type(config.limits.stream_idle_timeout) is float
+    assert isinstance(config.upstreams, tuple)
+    assert config.upstream("vertex-global").project == "acme-prod"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.workers = 8  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.upstream("bedrock-us").region = "eu-west-1"  # type: ignore[misc]
+
+
+def test_development_fixture_loads_with_an_empty_environment() -> None:
+    """The committed dev config loads without any environment and points both upstreams at loopback."""
+    config = load(FIXTURES / "dev.yaml", {})
+    assert [name for name, _ in config.upstreams] == ["bedrock", "vertex"]
+    assert {up.base_url for _, up in config.upstreams} == {"http://127.0.0.1:18081"}
+    assert config.store.url == ""
