@@ -63,7 +63,42 @@ class RequestContext:
             return None
         try:
             data = json.loads(raw)
-            data["groups"] = tuple(data["groups"])
-            return cls(**data)
-        except (ValueError, TypeError, KeyError):
+        except ValueError:
             return None
+        if not isinstance(data, dict) or set(data) != _FIELDS:
+            return None
+        for name, kinds in _TYPES.items():
+            value = data[name]
+            if isinstance(value, bool) and bool not in kinds:
+                return None
+            if not isinstance(value, kinds):
+                return None
+        groups = data["groups"]
+        if not all(isinstance(g, str) for g in groups):
+            return None
+        data["groups"] = tuple(groups)
+        return cls(**data)
+
+
+# The JSON type each field must have; anything else means the metadata is not ours.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "request_id": (str,),
+    "started_at": (int, float),
+    "sub": (str,),
+    "email": (str,),
+    "groups": (list,),
+    "session_id": (str, type(None)),
+    "cc_session_id": (str, type(None)),
+    "agent_id": (str, type(None)),
+    "parent_agent_id": (str, type(None)),
+    "user_agent": (str, type(None)),
+    "ingress_format": (str,),
+    "operation": (str,),
+    "streaming": (bool,),
+    "upstream": (str,),
+    "model_raw": (str, type(None)),
+    "model": (str, type(None)),
+    "model_segment": (str, type(None)),
+    "regional": (bool,),
+}
+_FIELDS = frozenset(_TYPES)

@@ -124,7 +124,12 @@ class SignHandler:
     async def _sign(self, body: bytes) -> Action:
         ctx = self.ctx
         assert ctx is not None
-        upstream = self.deps.upstreams[ctx.upstream]
+        upstream = self.deps.upstreams.get(ctx.upstream)
+        if upstream is None:
+            # ext_authz and this process disagree about the configuration (e.g. mid-rollout).
+            reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
+            self._write(reply.status, "error", f"unknown upstream {ctx.upstream!r}", None)
+            return Reply(reply)
         headers = {"content-type": self.content_type} if self.content_type else {}
         try:
             path = upstream.upstream_path(self.path, ctx.model or "")
@@ -181,10 +186,10 @@ class SignHandler:
                     status,
                     body[:2000].decode("utf-8", "replace"),
                 )
-            meter = JsonMeter()
-            meter.feed(body)
+            errors = JsonMeter()
+            errors.feed(body)
             client_status = mapped.reply.status if mapped.reply else status
-            self._write(client_status, "upstream_error", mapped.summary, meter.result())
+            self._write(client_status, "upstream_error", mapped.summary, errors.result())
             return Reply(mapped.reply) if mapped.reply else CONTINUE
         meter = meter_for(ctx)
         meter.feed(body)

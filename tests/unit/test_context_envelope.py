@@ -132,11 +132,6 @@ def test_garbage_metadata_gives_none(fields: dict[str, Any]) -> None:
     assert RequestContext.from_metadata(fields) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="from_metadata does not check field types: groups='eng' becomes ('e','n','g') and "
-    "streaming='yes' is kept as a string (authz/context.py, from_metadata)",
-)
 @pytest.mark.parametrize(
     "fields",
     [_with(groups="eng"), _with(streaming="yes"), _with(started_at="now")],

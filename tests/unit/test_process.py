@@ -282,12 +282,6 @@ async def test_unsupported_path_is_a_404_and_an_error_row() -> None:
     assert (row.status, row.outcome) == (404, "error")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SignHandler._sign looks the context's upstream up with deps.upstreams[...] and lets the "
-    "KeyError escape (e.g. ext_authz and ext_proc running different config versions), so the request "
-    "is recorded as a 499 client_aborted instead of a gateway error",
-)
 async def test_unknown_upstream_is_a_reply_and_an_error_row(world: World) -> None:
     """A context naming an upstream this process does not have fails closed with a reply and an error row."""
     handler = SignHandler(world.deps)
