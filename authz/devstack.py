@@ -161,6 +161,8 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     config_path: Path | None = None
     config: GatewayConfig | None = None
+    # Extra command-line arguments for the emulator, e.g. ("--no-verify",) for the benchmark.
+    emulator_args: tuple[str, ...] = ()
 
     @property
     def envoy_url(self) -> str:
@@ -201,6 +203,7 @@ class Stack:
             "127.0.0.1",
             "--port",
             str(self.ports.emulator),
+            *self.emulator_args,
         ]
         proc = Proc("emulator", argv, self.root / "logs" / "emulator.log")
         self.procs["emulator"] = proc

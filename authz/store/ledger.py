@@ -400,15 +400,18 @@ class Ledger:
             return pool
 
     def _mark_down(self, exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {self._batch_timeout:g}s"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
         if self._db_ok:
             log.warning(
-                "PostgreSQL unreachable (%s: %s); spooling usage rows to %s until it is back",
-                type(exc).__name__,
-                exc,
+                "PostgreSQL unreachable (%s); spooling usage rows to %s until it is back",
+                reason,
                 self._spool.directory,
             )
         else:
-            log.debug("PostgreSQL still unreachable: %s", exc)
+            log.debug("PostgreSQL still unreachable (%s)", reason)
         self._db_ok = False
 
     def _record_after_close(self, row: UsageRow) -> None:

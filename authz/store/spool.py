@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from authz.errors import StoreError
 from authz.usagerow import UsageRow
 
 log = logging.getLogger("authz.store.spool")
@@ -45,6 +46,9 @@ class Spool:
     """A directory of JSON-lines segments holding rows waiting for PostgreSQL."""
 
     def __init__(self, directory: str | Path, *, max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES) -> None:
+        if not str(directory):
+            # Path("") is the working directory: rows would land wherever the process started.
+            raise StoreError("the spool directory is empty; set store.spool_dir")
         self.directory = Path(directory)
         # Rows carry emails and groups: keep them private to the service user.
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -282,6 +282,34 @@ async def test_refused_rows_are_set_aside_and_the_rest_of_the_batch_is_written(
 # --- outages ----------------------------------------------------------------------------------------
 
 
+async def test_a_hung_insert_times_out_and_the_batch_is_spooled(clean_db: str, tmp_path: Path) -> None:
+    """A batch stuck behind a lock hits the batch timeout and is spooled; nothing wedges or doubles."""
+    ledger = Ledger(settings(clean_db, tmp_path), batch_timeout=0.5)
+    await ledger.start()
+    locker = await connect(clean_db, timeout=10)
+    try:
+        ledger.record(make_row(0))
+        await ledger.flush()
+        lock = locker.transaction()
+        await lock.start()
+        await locker.execute("LOCK TABLE usage_events IN ACCESS EXCLUSIVE MODE")
+        for i in range(1, 21):
+            ledger.record(make_row(i))
+        async with asyncio.timeout(5):
+            await ledger.flush()
+        assert ledger.rows_spooled >= 20
+        assert ledger.pending == 0
+        await lock.rollback()
+        await eventually(lambda: _equals(count(clean_db), 21))
+        await eventually(lambda: _no_segments(Spool(tmp_path)))
+    finally:
+        await locker.close()
+        await ledger.aclose()
+    # A timed-out insert may still have committed server-side: the replay must not double it.
+    assert await count(clean_db, "SELECT count(DISTINCT request_id) FROM usage_events") == 21
+    assert await count(clean_db) == 21
+
+
 async def _equals(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 

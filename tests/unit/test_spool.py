@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import authz.store.spool as spool_module
+from authz.errors import StoreError
 from authz.store.spool import Spool
 from authz.usagerow import UsageRow
 
@@ -275,6 +276,12 @@ def test_rejected_rows_are_kept_but_never_listed_for_replay(tmp_path: Path) -> N
     assert path.name.startswith("rejected-")
     assert spool.segments() == []
     assert spool.read(path) == [make_row(9)]
+
+
+def test_an_empty_spool_directory_setting_is_refused() -> None:
+    """An empty spool_dir is an error, not the process's working directory."""
+    with pytest.raises(StoreError, match="spool_dir"):
+        Spool("")
 
 
 def test_empty_append_and_seal_without_data_create_no_files(tmp_path: Path) -> None:
