@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -41,7 +42,9 @@ def _header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
 
 def _authz_header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
     # ext_authz reads only the string ``value`` of a HeaderValue.
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE)
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append_action=_OVERWRITE
+    )
 
 
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -58,7 +61,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._clock = clock
 
     async def Check(
-        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
+        self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         """Decide one request."""
         http = request.attributes.request.http
@@ -95,7 +98,7 @@ def _deny_response(reply: ErrorReply) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=reply.status),
             headers=[_authz_header_option(k, v) for k, v in reply.headers],
             body=reply.body.decode(),
         ),
@@ -131,7 +134,7 @@ def _common(action: Continue) -> ep.CommonResponse:
 def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(
         immediate_response=ep.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=reply.status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=reply.status),
             headers=ep.HeaderMutation(set_headers=[_header_option(k, v) for k, v in reply.headers]),
             body=reply.body,
         )
@@ -165,7 +168,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self._deps = deps
 
     async def Process(
-        self, request_iterator: AsyncIterator[ep.ProcessingRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[ep.ProcessingRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
         """Serve one request's messages for either filter."""
         sign: SignHandler | None = None

@@ -125,8 +125,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         site = web.TCPSite(runner, config.listen.portal.address, config.listen.portal.port)
         await site.start()
         worker.portal = runner
-        server_sock = site._server.sockets[0] if site._server else None
-        worker.portal_port = server_sock.getsockname()[1] if server_sock else config.listen.portal.port
+        worker.portal_port = config.listen.portal.port
     log.info("worker %d serving gRPC on %s:%d", index, address, port)
     return worker
 

@@ -49,6 +49,8 @@ _DATED_VERSION = re.compile(r"^20\d\d-\d\d-\d\d$")
 
 def _version_ok(value: object, platform_version: str) -> bool:
     return value == platform_version or (isinstance(value, str) and bool(_DATED_VERSION.match(value)))
+
+
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 # Real error texts name the account and principal; gateways must not pass them on, and the tests
 # prove it by looking for these strings.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import urllib.parse
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -30,20 +31,35 @@ USAGE = {
 }
 
 
+_OPEN: list[AnthropicBedrock | AnthropicVertex] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close every SDK client a test made, so no connection outlives its test."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def bedrock(stack: Stack, token: str) -> AnthropicBedrock:
     """The SDK client exactly as Claude Code uses it in Bedrock skip-auth mode."""
-    return AnthropicBedrock(api_key=token, base_url=stack.envoy_url, aws_region="us-east-1", max_retries=0)
+    client = AnthropicBedrock(api_key=token, base_url=stack.envoy_url, aws_region="us-east-1", max_retries=0)
+    _OPEN.append(client)
+    return client
 
 
 def vertex(stack: Stack, token: str) -> AnthropicVertex:
     """The SDK client exactly as Claude Code uses it in Vertex skip-auth mode."""
-    return AnthropicVertex(
+    client = AnthropicVertex(
         access_token=token,
         base_url=f"{stack.envoy_url}/v1",
         project_id="the-clients-own-project",
         region="europe-west1",
         max_retries=0,
     )
+    _OPEN.append(client)
+    return client
 
 
 def single_row(stack: Stack, email: str) -> dict[str, Any]:
@@ -126,7 +142,9 @@ def test_vertex_stream_uses_configured_project(usage: Stack, unique_user: str) -
 def test_vertex_raw_predict_non_streaming(usage: Stack, unique_user: str) -> None:
     """A non-streaming Vertex call returns the JSON message and records its usage."""
     client = vertex(usage, usage.mint(unique_user))
-    message = client.messages.create(model=HAIKU_VERTEX, max_tokens=50, messages=[{"role": "user", "content": "x"}])
+    message = client.messages.create(
+        model=HAIKU_VERTEX, max_tokens=50, messages=[{"role": "user", "content": "x"}]
+    )
     assert message.usage.input_tokens == USAGE["input_tokens"]
     assert_usage(single_row(usage, unique_user))
 
@@ -141,12 +159,23 @@ def test_count_tokens_both_formats(usage: Stack, unique_user: str) -> None:
     resp = httpx.post(
         f"{usage.envoy_url}/model/{SONNET_PROFILE}/count-tokens",
         headers={"authorization": f"Bearer {token}", "content-type": "application/json"},
-        json={"input": {"invokeModel": {"body": base64.b64encode(json.dumps({"messages": [], "max_tokens": 1}).encode()).decode()}}},
+        json={
+            "input": {
+                "invokeModel": {
+                    "body": base64.b64encode(json.dumps({"messages": [], "max_tokens": 1}).encode()).decode()
+                }
+            }
+        },
     )
     assert resp.status_code == 200, resp.text
     assert resp.json()["inputTokens"] > 0
-    rows = wait_for(lambda: [r for r in rows_for_user(usage.database_url, unique_user)] if len(
-        rows_for_user(usage.database_url, unique_user)) == 2 else None)
+    rows = wait_for(
+        lambda: (
+            [r for r in rows_for_user(usage.database_url, unique_user)]
+            if len(rows_for_user(usage.database_url, unique_user)) == 2
+            else None
+        )
+    )
     assert {r["operation"] for r in rows} == {"count_tokens"}
     assert all(r["cost_usd"] == 0 for r in rows)
 
@@ -179,7 +208,9 @@ def test_disallowed_model_is_400_with_row(usage: Stack, unique_user: str) -> Non
     client = bedrock(usage, usage.mint(unique_user))
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(
-            model="us.anthropic.claude-opus-4-6-v1:0", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            model="us.anthropic.claude-opus-4-6-v1:0",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "x"}],
         )
     body = info.value.body
     assert isinstance(body, dict) and body["error"]["type"] == "invalid_request_error"
@@ -206,14 +237,24 @@ def test_client_credentials_never_reach_upstream(usage: Stack, unique_user: str)
             "content-type": "application/json",
             "anthropic-beta": "some-beta-2025-01-01",
         },
-        json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]},
+        json={
+            "anthropic_version": "bedrock-2023-05-31",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "x"}],
+        },
     )
     assert resp.status_code == 200, resp.text
     received = usage.emulator("GET", "/_emulator/requests")[-1]
     headers = received["headers"]
     assert token not in json.dumps(headers)
-    for name in ("x-api-key", "x-goog-user-project", "x-goog-api-key", "x-gateway-upstream", "cookie",
-                 "x-envoy-original-path"):
+    for name in (
+        "x-api-key",
+        "x-goog-user-project",
+        "x-goog-api-key",
+        "x-gateway-upstream",
+        "cookie",
+        "x-envoy-original-path",
+    ):
         assert name not in headers, name
     assert headers.get("x-amz-security-token") != "client-session-token"
     assert headers["x-amz-date"] != "20200101T000000Z"
@@ -227,7 +268,9 @@ def test_upstream_signature_rejection_is_clean_502(emulator_reset: Stack, unique
     """When the upstream refuses the gateway's signature the client gets a generic 502, no account ids."""
     client = bedrock(emulator_reset, emulator_reset.mint(unique_user, groups=("badkey",)))
     with pytest.raises(anthropic.APIStatusError) as info:
-        client.messages.create(model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(
+            model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     assert info.value.status_code == 502
     text = json.dumps(info.value.body)
     assert "123456789012" not in text and "arn:aws" not in text
@@ -241,15 +284,20 @@ def test_prompt_too_long_passes_through_verbatim(emulator_reset: Stack, unique_u
     emulator_reset.emulator("POST", "/_emulator/state", {"scenario": "too_long"})
     client = bedrock(emulator_reset, emulator_reset.mint(unique_user))
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(
+            model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     assert "Input is too long." in str(info.value)
 
 
 def test_body_over_cap_is_413(emulator_reset: Stack, unique_user: str) -> None:
     """A body above the configured cap is refused with 413 request_too_large, with or without a length."""
     token = emulator_reset.mint(unique_user)
-    big = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5,
-           "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}]}
+    big = {
+        "anthropic_version": "bedrock-2023-05-31",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "x" * (1024 * 1024 + 10)}],
+    }
     url = f"{emulator_reset.envoy_url}/model/{SONNET_PROFILE}/invoke"
     resp = httpx.post(url, headers={"authorization": f"Bearer {token}"}, json=big)
     assert resp.status_code == 413
@@ -290,9 +338,12 @@ def test_midstream_exception_is_recorded(emulator_reset: Stack, unique_user: str
     """A Bedrock exception frame mid-stream reaches the client and is recorded as an upstream error."""
     emulator_reset.emulator("POST", "/_emulator/state", {"scenario": "exception_midstream"})
     client = bedrock(emulator_reset, emulator_reset.mint(unique_user))
-    with pytest.raises(anthropic.APIError), client.messages.stream(
-        model=SONNET_PROFILE, max_tokens=200, messages=[{"role": "user", "content": "hi"}]
-    ) as stream:
+    with (
+        pytest.raises(anthropic.APIError),
+        client.messages.stream(
+            model=SONNET_PROFILE, max_tokens=200, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
         stream.get_final_text()
     row = single_row(emulator_reset, unique_user)
     assert row["outcome"] == "upstream_error"
@@ -329,7 +380,9 @@ def test_request_row_request_id_matches(usage: Stack, unique_user: str) -> None:
     """Every row has a request id, unique per request."""
     client = bedrock(usage, usage.mint(unique_user))
     for _ in range(3):
-        client.messages.create(model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(
+            model=SONNET_PROFILE, max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
     rows = wait_for(lambda: (r := rows_for_user(usage.database_url, unique_user)) and len(r) == 3 and r)
     assert len({r["request_id"] for r in rows}) == 3
     assert row_for(usage.database_url, rows[0]["request_id"])["user_email"] == unique_user

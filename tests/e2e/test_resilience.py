@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,11 @@ pytestmark = pytest.mark.e2e
 
 PATH = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke"
 STREAM_PATH = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke-with-response-stream"
-BODY = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+BODY = {
+    "anthropic_version": "bedrock-2023-05-31",
+    "max_tokens": 5,
+    "messages": [{"role": "user", "content": "x"}],
+}
 
 
 def call(url: str, token: str, path: str = PATH) -> httpx.Response:
@@ -42,7 +47,7 @@ def own_stack(pg_dsn: str, tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_gateway_services_down_fails_closed(own_stack: Stack, unique_user: str) -> None:
-    """With ext_authz and ext_proc unreachable, Envoy refuses with a 5xx envelope and sends nothing upstream."""
+    """With the services unreachable, Envoy refuses with a 5xx envelope and sends nothing upstream."""
     token = own_stack.mint(unique_user)
     assert call(own_stack.envoy_url, token).status_code == 200
     own_stack.emulator("DELETE", "/_emulator/requests")
@@ -64,7 +69,9 @@ def test_ext_proc_down_fails_closed(own_stack: Stack, unique_user: str, tmp_path
     listener = bootstrap["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = envoy_port
     # Point only the ext_proc filters at a cluster with nobody listening.
-    dead = copy.deepcopy(next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gateway_grpc"))
+    dead = copy.deepcopy(
+        next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "gateway_grpc")
+    )
     dead["name"] = "dead_grpc"
     endpoint = dead["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"]["port_value"] = free_port()
@@ -97,7 +104,8 @@ def test_ext_proc_down_fails_closed(own_stack: Stack, unique_user: str, tmp_path
 def test_postgres_down_rows_spooled_then_replayed(tmp_path: Path, unique_user: str) -> None:
     """Requests keep flowing while PostgreSQL is down; their rows are spooled and replayed: none lost."""
     pg = EmbeddedPostgres()
-    dsn = pg.start(tmp_path / "pg")
+    # Not under tmp_path: the server runs as an unprivileged user that must keep access to it.
+    dsn = pg.start(Path(tempfile.mkdtemp(prefix="authz-pg-")) / "data")
     stack = Stack(
         root=tmp_path / "stack",
         database_url=dsn,

@@ -21,7 +21,11 @@ from tests.e2e.conftest import rows_for_user, wait_for
 pytestmark = pytest.mark.e2e
 
 PATH = "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke"
-BODY = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+BODY = {
+    "anthropic_version": "bedrock-2023-05-31",
+    "max_tokens": 5,
+    "messages": [{"role": "user", "content": "x"}],
+}
 
 
 def b64(data: bytes) -> str:
