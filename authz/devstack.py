@@ -190,11 +190,9 @@ class Stack:
         """Start the upstream emulator and register the development service account with it."""
         assert self.ports is not None
         sa_path = self.root / "keys" / "vertex-service-account.json"
-        if not sa_path.exists():
-            sa_path.parent.mkdir(parents=True, exist_ok=True)
-            generate_service_account_key(
-                sa_path, token_uri=f"{self.emulator_url}/token", project_id=DEFAULT_PROJECT
-            )
+        sa_path.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh key each start: its token_uri must name this run's emulator port.
+        generate_service_account_key(sa_path, token_uri=f"{self.emulator_url}/token", project_id=DEFAULT_PROJECT)
         argv = [
             sys.executable,
             "-m",

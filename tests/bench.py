@@ -401,6 +401,45 @@ def postgres_pid(data_dir: Path) -> int | None:
     return None
 
 
+def thread_cpu(pids: Sequence[int]) -> dict[int, float]:
+    """CPU seconds of every thread of ``pids``, by thread id."""
+    out: dict[int, float] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                    fields = fh.read().rpartition(")")[2].split()
+                    out[int(tid)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def thread_names(spy: str, pids: Sequence[int]) -> dict[int, str]:
+    """Python thread names by thread id, from ``py-spy dump`` (threads it does not list stay unnamed)."""
+    names: dict[int, str] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            text = subprocess.run(
+                [spy, "dump", "-p", str(pid)], capture_output=True, text=True, timeout=20, check=False
+            ).stdout
+            for line in text.splitlines():
+                # Thread 0x7F... (active+gil): "MainThread"   or   Thread 28808 (idle): "Thread-1 ..."
+                if line.startswith("Thread ") and '"' in line:
+                    ident = line.split()[1]
+                    with contextlib.suppress(ValueError):
+                        names[int(ident, 16) if ident.startswith("0x") else int(ident)] = line.split('"')[1]
+    return names
+
+
+def thread_label(tid: int, names: dict[int, str]) -> str:
+    """A thread's Python name, else its kernel name (gRPC core names its own threads)."""
+    if tid in names:
+        return names[tid]
+    with contextlib.suppress(OSError):
+        # /proc/<tid> resolves for any thread, though only processes are listed.
+        return f"[{Path(f'/proc/{tid}/comm').read_text().strip()}] (native thread)"
+    return "?"
+
+
 class CpuMeter:
     """CPU seconds per component, read before and after each job."""
 
@@ -660,7 +699,11 @@ class Bench:
         self.stack.emulator("POST", "/_emulator/state", {"delay": 0})
 
     def profile(self) -> None:
-        """py-spy on the gateway worker(s) while non-streaming Bedrock load runs through the gateway."""
+        """py-spy on the gateway worker(s) while non-streaming Bedrock load runs through the gateway.
+
+        Only samples holding the GIL are kept (``--gil``): they say where the Python CPU goes. The
+        CPU of every gateway thread (GIL or not) is read from /proc over the same window.
+        """
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if not Path(spy).exists():
             self.results["profile"] = {"error": "py-spy not installed (pip install py-spy)"}
@@ -668,34 +711,61 @@ class Bench:
         out = self.stack.root / "profile.txt"
         gateway_pid = self.stack.procs["gateway"].popen.pid
         scenario = SCENARIOS[0]
+        names = thread_names(spy, descendants(gateway_pid))
         argv = [spy, "record", "-p", str(gateway_pid), "-d", str(self.args.profile), "-r", "100"]
-        argv += ["-f", "raw", "-o", str(out), "--nolineno"]
+        argv += ["-f", "raw", "-o", str(out), "--nolineno", "--gil"]
         if self.args.workers > 1:
             argv.append("--subprocesses")
-        with open(self.stack.root / "logs" / "py-spy.log", "wb") as log:
-            spy_proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        box: dict[str, Any] = {}
+
+        def load() -> None:
             try:
-                time.sleep(0.5)  # py-spy attaches
-                result = self.loadgen.run(
+                box["result"] = self.loadgen.run(
                     self.arm_port("gateway"),
                     [self.requests[(scenario.key, "gateway")]],
                     concurrency=self.args.concurrency,
-                    warmup=0,
-                    seconds=self.args.profile + 1.0,
+                    warmup=1.0,
+                    seconds=self.args.profile + 1.5,
                 )
-                self.gateway_sent += result["sent"]
-                spy_proc.wait(30)
+            except Exception as exc:
+                box["error"] = exc
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        time.sleep(1.0)  # the load is running before sampling starts
+        before, wall0 = thread_cpu(descendants(gateway_pid)), time.monotonic()
+        with open(self.stack.root / "logs" / "py-spy.log", "wb") as log:
+            spy_proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+            try:
+                spy_proc.wait(self.args.profile + 30)
             finally:
                 if spy_proc.poll() is None:
                     spy_proc.terminate()
                     spy_proc.wait(5)
+        after, wall1 = thread_cpu(descendants(gateway_pid)), time.monotonic()
+        loader.join()
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
+        self.gateway_sent += result["sent"]
         if spy_proc.returncode:
             log_text = (self.stack.root / "logs" / "py-spy.log").read_text(errors="replace")
             self.results["profile"] = {"error": f"py-spy failed: {log_text.strip()[-400:]}"}
             return
+        threads = sorted(
+            (
+                (
+                    100 * (after[tid] - before.get(tid, 0.0)) / (wall1 - wall0),
+                    f"{tid} {thread_label(tid, names)}",
+                )
+                for tid in after
+            ),
+            reverse=True,
+        )
         self.results["profile"] = summarise_profile(out) | {
             "scenario": scenario.label,
             "rps_while_profiled": result["measured"] / result["window_s"],
+            "threads_pct_of_core": [(name, pct) for pct, name in threads if pct >= 0.5],
         }
 
     def count_rows(self) -> dict[str, Any]:
@@ -749,7 +819,11 @@ def summarise_profile(path: Path, top: int = 18) -> dict[str, Any]:
     def ranked(table: dict[str, int]) -> list[tuple[str, float]]:
         return [(name, 100 * n / total) for name, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"samples": total, "own": ranked(own), "inclusive": ranked(inclusive)}
+    # Frames every sample passes through (entry point, event loop, thread start) say nothing.
+    plumbing: tuple[str, ...] = ("(<frozen runpy>)", "(asyncio/base_events.py)", "(asyncio/runners.py)")
+    plumbing += ("(asyncio/events.py)", "(authz/cli.py)", "(authz/service.py)", "(threading.py)")
+    useful = {name: n for name, n in inclusive.items() if not name.endswith(plumbing)}
+    return {"samples": total, "own": ranked(own), "inclusive": ranked(useful)}
 
 
 def progress(text: str) -> None:
@@ -905,12 +979,22 @@ def report(bench: Bench, started: float) -> str:
         else:
             add(
                 f"Profile: py-spy, {args.profile:g} s on the gateway worker(s) during {prof['scenario']} "
-                f"({prof['rps_while_profiled']:.0f} req/s), {prof['samples']} non-idle samples"
+                f"({prof['rps_while_profiled']:.0f} req/s), {prof['samples']} samples holding the GIL"
             )
-            for title in ("own", "inclusive"):
-                add(f"  top by {title} time:")
-                for name, pct in prof[title]:
-                    add(f"    {pct:5.1f}%  {name}")
+            add("  CPU per gateway thread over the window (% of one core; py-spy's pauses included):")
+            for name, pct in prof["threads_pct_of_core"]:
+                add(f"    {pct:5.1f}%  {name}")
+            add("  Python samples holding the GIL, top by own time:")
+            for name, pct in prof["own"]:
+                note = (
+                    "   <- C/Cython run by the event loop (grpc.aio cygrpc, protobuf)"
+                    if (name.startswith("Handle._run "))
+                    else ""
+                )
+                add(f"    {pct:5.1f}%  {name}{note}")
+            add("  ... and by inclusive time:")
+            for name, pct in prof["inclusive"]:
+                add(f"    {pct:5.1f}%  {name}")
     add("")
     add(f"total run time {time.monotonic() - started:.0f} s")
     bench.results["summaries"] = {f"{k[0]}/{k[1]}": v for k, v in summaries.items()}
