@@ -238,9 +238,37 @@ def validate(config: GatewayConfig) -> None:
         kids.append(sessions.signing_key.kid)
     if len(set(kids)) != len(kids):
         raise ConfigError("sessions.verify_keys", "key ids (kid) must be unique")
+    if config.oidc is not None:
+        _validate_oidc(config)
+    portal = urlsplit(config.portal.public_url)
+    if portal.scheme not in ("http", "https") or not portal.hostname or portal.query or portal.fragment:
+        raise ConfigError("portal.public_url", "must be an http(s) URL with a host and no query")
     for i, key in enumerate(sessions.verify_keys):
         if not key.public_key and not key.private_key:
             raise ConfigError(f"sessions.verify_keys[{i}]", "set public_key (or private_key)")
+
+
+def _validate_oidc(config: GatewayConfig) -> None:
+    oidc = config.oidc
+    assert oidc is not None
+    issuer = urlsplit(oidc.issuer)
+    if issuer.scheme not in ("http", "https") or not issuer.hostname:
+        raise ConfigError("oidc.issuer", "must be the IdP's issuer URL")
+    if issuer.scheme == "http" and not is_loopback_host(issuer.hostname):
+        raise ConfigError("oidc.issuer", "plain http is allowed only to loopback; use https")
+    if not oidc.client_id:
+        raise ConfigError("oidc.client_id", "is required")
+    if oidc.client_auth_method in ("client_secret_basic", "client_secret_post") and not oidc.client_secret:
+        raise ConfigError("oidc.client_secret", f"is required for {oidc.client_auth_method}")
+    if oidc.client_auth_method == "private_key_jwt" and not oidc.private_key:
+        raise ConfigError("oidc.private_key", "is required for private_key_jwt")
+    if "openid" not in oidc.scopes:
+        raise ConfigError("oidc.scopes", "must include openid")
+    bad = [a for a in oidc.id_token_algorithms if a.lower() == "none" or a.upper().startswith("HS")]
+    if bad or not oidc.id_token_algorithms:
+        raise ConfigError("oidc.id_token_algorithms", "list asymmetric algorithms only (never none or HS*)")
+    if not config.sessions.encryption_key:
+        raise ConfigError("sessions.encryption_key", "is required with oidc (it encrypts IdP refresh tokens)")
 
 
 def _validate_price(where: str, price: Price) -> None:

@@ -42,7 +42,7 @@ class SigningKey:
 
 @dataclass(frozen=True, slots=True)
 class Sessions:
-    """Gateway access tokens (DESIGN.md, Sessions)."""
+    """Gateway sessions and access tokens (DESIGN.md, Sessions)."""
 
     issuer: str = "https://claude-gateway.invalid"
     audience: str = "claude-gateway"
@@ -50,6 +50,44 @@ class Sessions:
     clock_skew: int = 30
     signing_key: SigningKey | None = None
     verify_keys: tuple[SigningKey, ...] = ()
+    session_lifetime: int = 7 * 24 * 3600
+    encryption_key: str | None = None
+    revocation_resync_interval: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Oidc:
+    """The company IdP the gateway signs users in with (an OpenID Connect relying party)."""
+
+    issuer: str = ""
+    client_id: str = ""
+    client_secret: str | None = None
+    client_auth_method: Literal["client_secret_basic", "client_secret_post", "private_key_jwt"] = (
+        "client_secret_basic"
+    )
+    private_key: str | None = None
+    private_key_kid: str | None = None
+    private_key_algorithm: Literal["RS256", "ES256", "PS256"] = "RS256"
+    scopes: tuple[str, ...] = ("openid", "email", "profile", "offline_access")
+    id_token_algorithms: tuple[str, ...] = ("RS256", "ES256")
+    groups_claim: str = "groups"
+    email_claim: str = "email"
+    use_userinfo: bool = False
+    allowed_email_domains: tuple[str, ...] = ()
+    allowed_groups: tuple[str, ...] = ()
+    clock_skew: int = 60
+    refresh_grace: int = 0
+    http_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Portal:
+    """The sign-in pages and OAuth endpoints served on Envoy's listener."""
+
+    public_url: str = "http://127.0.0.1:8080"
+    device_code_ttl: int = 600
+    device_poll_interval: int = 5
+    user_code_attempts_per_minute: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +201,8 @@ class GatewayConfig:
     listen: Listen = field(default_factory=Listen)
     workers: int = 1
     sessions: Sessions = field(default_factory=Sessions)
+    oidc: Oidc | None = None
+    portal: Portal = field(default_factory=Portal)
     store: Store = field(default_factory=Store)
     upstreams: tuple[tuple[str, Upstream], ...] = ()
     policies: tuple[Policy, ...] = ()
