@@ -5,12 +5,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Outside Python: Debian's chromium (Playwright drives it; never `playwright install`) and the test
+# IdP's npm packages (tests/idp, the real oidc-provider).
+CHROMIUM := /usr/bin/chromium
+IDP_MODULES := tests/idp/node_modules/.package-lock.json
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .DEFAULT_GOAL := help
 
 .PHONY: help
 help: ## List the targets
-	@grep -hE '^[a-z][a-z-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +26,31 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP) ## Create .venv and install the gateway with its development tools
 
+.PHONY: deps-system
+deps-system: $(CHROMIUM) $(IDP_MODULES) ## Install Debian's chromium and the test IdP's npm packages if missing
+	@:
+
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "apt-get not found: skipping chromium; install it at $(CHROMIUM) for the browser tests"; \
+	fi
+
+$(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20 or later for the test IdP"; exit 1; }
+	@echo "Installing the test IdP's npm packages (tests/idp)"
+	@cd tests/idp && npm ci --no-audit --no-fund --loglevel=error >/dev/null
+	@touch $@
+
 .PHONY: run
-run: $(STAMP) ## Start the whole gateway on loopback (embedded Postgres, emulator, services, Envoy)
+run: $(STAMP) deps-system ## Start the whole gateway on loopback (embedded Postgres, emulator, services, Envoy)
 	$(BIN)/authz run --dev
 
 .PHONY: test
-test: $(STAMP) ## Run the whole suite: unit, integration and end-to-end
+test: $(STAMP) deps-system ## Run the whole suite: unit, integration and end-to-end
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 .PHONY: test-unit
@@ -34,11 +58,11 @@ test-unit: $(STAMP) ## Unit tests only (no sockets)
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
 .PHONY: test-integration
-test-integration: $(STAMP) ## Integration tests (real Postgres and in-process servers, no Envoy)
+test-integration: $(STAMP) deps-system ## Integration tests (real Postgres and in-process servers, no Envoy)
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
 .PHONY: test-e2e
-test-e2e: $(STAMP) ## End-to-end tests through the real Envoy binary
+test-e2e: $(STAMP) deps-system ## End-to-end tests through the real Envoy binary
 	$(BIN)/pytest -q tests/e2e $(PYTEST_ARGS)
 
 .PHONY: lint

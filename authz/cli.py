@@ -3,22 +3,37 @@
 ``authz serve`` runs the gateway services, ``authz envoy`` runs (or prints) Envoy's configuration,
 ``authz run`` runs everything, ``authz token mint`` issues a token for local use and service
 identities, and ``authz usage`` shows recent usage rows.
+
+For developers: ``authz login`` signs in to a gateway (device flow), ``authz token`` prints a fresh
+access token (Claude Code's ``apiKeyHelper``), ``authz logout`` ends the session, and ``authz setup
+claude-code`` prints or writes the Claude Code settings. For admins: ``authz sessions list|revoke``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+import webbrowser
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import GatewayError
 from backends.base import BackendError
+
+if TYPE_CHECKING:
+    import httpx
+
+    from authz.client.flow import GatewayClient
+    from authz.client.tokenfile import StoredToken
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
@@ -96,6 +111,284 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return asyncio.run(print_recent(config, limit=args.limit, as_json=args.json))
 
 
+# --- developer sign-in: login, token, logout, setup --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientDeps:
+    """What the sign-in commands touch outside the process: tests pass fakes for each."""
+
+    environ: Mapping[str, str]
+    transport: httpx.BaseTransport | None = None
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    # Opens a URL in a browser; None means webbrowser.open when there is a display.
+    open_browser: Callable[[str], bool] | None = None
+    # How to run this CLI again (the apiKeyHelper); None means this executable's absolute path.
+    authz_argv: tuple[str, ...] | None = None
+
+    def has_display(self) -> bool:
+        """Whether a browser could open here (macOS and Windows always; elsewhere X11 or Wayland)."""
+        if sys.platform in ("darwin", "win32"):
+            return True
+        return bool(self.environ.get("DISPLAY") or self.environ.get("WAYLAND_DISPLAY"))
+
+    def browse(self, url: str) -> bool:
+        """Try to open ``url`` in a browser; ``False`` when that did not work."""
+        if self.open_browser is not None:
+            return self.open_browser(url)
+        try:
+            return webbrowser.open(url)
+        except webbrowser.Error:
+            return False
+
+    def self_argv(self) -> tuple[str, ...]:
+        """The command line that runs this CLI, as absolute as can be found."""
+        if self.authz_argv is not None:
+            return self.authz_argv
+        argv0 = sys.argv[0] if sys.argv else ""
+        if Path(argv0).name == "authz" and os.path.isfile(argv0):
+            return (os.path.abspath(argv0),)
+        found = shutil.which("authz", path=self.environ.get("PATH"))
+        if found:
+            return (os.path.abspath(found),)
+        return (sys.executable, "-m", "authz.cli")
+
+
+def _deps(args: argparse.Namespace) -> ClientDeps:
+    deps = getattr(args, "deps", None)
+    return deps if isinstance(deps, ClientDeps) else ClientDeps(environ=os.environ)
+
+
+def _client(gateway: str, deps: ClientDeps) -> GatewayClient:
+    from authz.client.flow import GatewayClient
+
+    return GatewayClient(gateway, transport=deps.transport, clock=deps.clock, sleep=deps.sleep)
+
+
+def _fail(message: str) -> int:
+    print(f"authz: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    """Sign in to a gateway with the device flow and save the session in the token file."""
+    from authz.client.flow import DeviceFlowError
+    from authz.client.tokenfile import StoredToken, default_path, save
+
+    deps = _deps(args)
+    with _client(args.gateway, deps) as client:
+        auth = client.start_device_authorization(surface="cli")
+        print(f"To sign in, open {auth.verification_uri} and enter the code {auth.user_code}")
+        if auth.verification_uri_complete:
+            print(f"(or open {auth.verification_uri_complete} and check that it shows {auth.user_code})")
+        target = auth.verification_uri_complete or auth.verification_uri
+        # Only http(s): a URL from the network must not make the browser open anything else.
+        can_open = not args.no_browser and deps.has_display() and target.startswith(("https://", "http://"))
+        if can_open and deps.browse(target):
+            print("A browser window should have opened.")
+        print("Waiting for you to approve the sign-in...", flush=True)
+        try:
+            tokens = client.poll_token(auth)
+        except DeviceFlowError as exc:
+            return _fail(str(exc))
+        gateway = client.gateway
+    save(
+        default_path(deps.environ),
+        StoredToken(
+            gateway=gateway,
+            access_token=tokens.access_token,
+            expires_at=deps.clock() + tokens.expires_in,
+            refresh_token=tokens.refresh_token,
+            email=tokens.email,
+        ),
+    )
+    print(f"Signed in as {tokens.email or 'an unnamed user'}")
+    return 0
+
+
+def cmd_token_print(args: argparse.Namespace) -> int:
+    """Print only a valid access token on stdout (Claude Code's apiKeyHelper), refreshing it if due."""
+    from authz.client.flow import normalize_gateway
+    from authz.client.tokenfile import NotSignedInError, TokenFileError, default_path, load, locked
+
+    deps = _deps(args)
+    path = default_path(deps.environ)
+    wanted = normalize_gateway(args.gateway) if args.gateway else None
+    hint = f"`authz login --gateway {wanted or 'URL'}`"
+    try:
+        stored = load(path)
+        if wanted is not None and stored.gateway != wanted:
+            return _fail(f"signed in to {stored.gateway}, not {wanted}: run {hint}")
+        if stored.needs_refresh(deps.clock()):
+            with locked(path):
+                # Another apiKeyHelper may have refreshed while this one waited for the lock.
+                stored = load(path)
+                if stored.needs_refresh(deps.clock()):
+                    refreshed = _refresh(path, stored, deps)
+                    if refreshed is None:
+                        return 1
+                    stored = refreshed
+    except NotSignedInError:
+        return _fail(f"not signed in: run {hint}")
+    except TokenFileError as exc:
+        return _fail(str(exc))
+    sys.stdout.write(stored.access_token + "\n")
+    return 0
+
+
+def _refresh(path: Path, stored: StoredToken, deps: ClientDeps) -> StoredToken | None:
+    """Refresh and save ``stored``; on failure print why and return the old token if still valid."""
+    from authz.client.flow import ClientError, SessionEndedError
+    from authz.client.tokenfile import StoredToken, save
+
+    login = f"`authz login --gateway {stored.gateway}`"
+    if stored.refresh_token is None:
+        if stored.is_valid(deps.clock()):
+            return stored
+        _fail(f"session ended: run {login}")
+        return None
+    try:
+        with _client(stored.gateway, deps) as client:
+            tokens = client.refresh(stored.refresh_token)
+    except SessionEndedError:
+        _fail(f"session ended: run {login}")
+        return None
+    except ClientError as exc:
+        if stored.is_valid(deps.clock()):
+            print(
+                f"authz: warning: could not refresh the session ({exc}); using the current token",
+                file=sys.stderr,
+            )
+            return stored
+        _fail(f"{exc}; the access token has expired, so there is no token to use")
+        return None
+    fresh = StoredToken(
+        gateway=stored.gateway,
+        access_token=tokens.access_token,
+        expires_at=deps.clock() + tokens.expires_in,
+        refresh_token=tokens.refresh_token or stored.refresh_token,
+        email=tokens.email or stored.email,
+    )
+    save(path, fresh)
+    return fresh
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    """Revoke the session at the gateway (best effort) and delete the token file."""
+    from authz.client.flow import ClientError
+    from authz.client.tokenfile import NotSignedInError, TokenFileError, default_path, delete, load
+
+    deps = _deps(args)
+    path = default_path(deps.environ)
+    try:
+        # Not strict: a token file others could read is all the more reason to revoke it.
+        stored = load(path, strict=False)
+    except NotSignedInError:
+        print("Not signed in")
+        return 0
+    except TokenFileError as exc:
+        print(f"authz: warning: {exc}; deleting it without revoking", file=sys.stderr)
+        delete(path)
+        print("Signed out")
+        return 0
+    try:
+        with _client(stored.gateway, deps) as client:
+            # The refresh token first: revoking it ends the session, and with it the access token.
+            if stored.refresh_token:
+                client.revoke(stored.refresh_token, hint="refresh_token")
+            client.revoke(stored.access_token, hint="access_token")
+    except ClientError as exc:
+        print(
+            f"authz: warning: could not revoke the session at {stored.gateway} ({exc}); the local token "
+            "is deleted anyway, and the gateway keeps the session until it expires or an admin revokes it",
+            file=sys.stderr,
+        )
+    delete(path)
+    print("Signed out")
+    return 0
+
+
+def claude_settings_path(environ: Mapping[str, str]) -> Path:
+    """Claude Code's user settings file (``$CLAUDE_CONFIG_DIR/settings.json`` or ``~/.claude/``)."""
+    configured = environ.get("CLAUDE_CONFIG_DIR")
+    if configured:
+        return Path(configured) / "settings.json"
+    home = environ.get("HOME")
+    return (Path(home) if home else Path.home()) / ".claude" / "settings.json"
+
+
+def cmd_setup_claude_code(args: argparse.Namespace) -> int:
+    """Print (and with ``--write`` merge into settings.json) the settings that point Claude Code here."""
+    from authz.client.flow import normalize_gateway
+    from authz.client.setup import SetupError, claude_code_settings, render
+
+    deps = _deps(args)
+    path = claude_settings_path(deps.environ)
+    try:
+        settings = claude_code_settings(
+            normalize_gateway(args.gateway),
+            args.format,
+            authz=deps.self_argv(),
+            region=args.region,
+            project=args.project,
+        )
+    except SetupError as exc:
+        return _fail(str(exc))
+    sys.stdout.write(render(settings, settings_path=str(path)))
+    if not args.write:
+        return 0
+    from authz.client.setup import merge_settings
+    from authz.client.tokenfile import write_private
+
+    # A settings.json symlinked from a dotfiles repository stays a symlink: write its target.
+    target = path.resolve() if path.is_symlink() else path
+    existing: dict[str, Any] = {}
+    backup: Path | None = None
+    if target.exists():
+        raw = target.read_bytes()
+        try:
+            parsed = json.loads(raw) if raw.strip() else {}
+        except ValueError as exc:
+            return _fail(f"{target} is not valid JSON ({exc}); fix or move it, then run this again")
+        if not isinstance(parsed, dict):
+            return _fail(f"{target} does not hold a JSON object; fix or move it, then run this again")
+        existing = parsed
+        backup = target.with_name(target.name + ".bak")
+        write_private(backup, raw)
+    else:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        merged = merge_settings(existing, settings)
+    except SetupError as exc:
+        return _fail(f"{target}: {exc}")
+    write_private(target, (json.dumps(merged, indent=2) + "\n").encode("utf-8"))
+    saved = f" (the previous one is saved as {backup})" if backup else ""
+    print(f"Wrote {target}{saved}")
+    for name in settings.unset:
+        print(f"Remember to `unset {name}` in your shell profile: it would replace the gateway token.")
+    return 0
+
+
+# --- admin: sessions ---------------------------------------------------------------------------
+
+
+def cmd_sessions_list(args: argparse.Namespace) -> int:
+    """List sign-in sessions (active ones unless ``--all``), optionally for one user."""
+    from authz.admin import list_sessions_command
+
+    return asyncio.run(list_sessions_command(_config(args), email=args.user, include_inactive=args.all))
+
+
+def cmd_sessions_revoke(args: argparse.Namespace) -> int:
+    """Revoke one session or every session of a user, and audit it."""
+    from authz.admin import revoke_sessions_command
+
+    return asyncio.run(
+        revoke_sessions_command(_config(args), email=args.user, session_id=args.session, reason=args.reason)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="authz", description=__doc__)
@@ -120,8 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=".run", help="where --dev keeps its generated files and data")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("token", help="gateway access tokens")
-    tsub = p.add_subparsers(dest="token_command", required=True)
+    p = sub.add_parser(
+        "token",
+        help="print a fresh gateway access token (Claude Code's apiKeyHelper), or mint one",
+        description="Without a subcommand: print the signed-in session's access token, refreshing it "
+        "when it expires within five minutes. `token mint` signs one with the configured key.",
+    )
+    p.add_argument("--gateway", help="fail unless signed in to this gateway URL")
+    p.set_defaults(func=cmd_token_print)
+    tsub = p.add_subparsers(dest="token_command", required=False)
     m = tsub.add_parser("mint", help="print an access token signed with the configured key")
     m.add_argument("--config", required=True)
     m.add_argument("--user", required=True, help="the user's email")
@@ -131,6 +431,43 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
     m.set_defaults(func=cmd_token_mint)
 
+    p = sub.add_parser("login", help="sign in to a gateway (opens a browser when there is one)")
+    p.add_argument("--gateway", required=True, help="the gateway URL, such as https://gateway.example.com")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL and code")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("logout", help="revoke the session and delete the local token")
+    p.set_defaults(func=cmd_logout)
+
+    p = sub.add_parser("setup", help="point a client at the gateway")
+    ssub = p.add_subparsers(dest="setup_command", required=True)
+    c = ssub.add_parser("claude-code", help="print (or --write) the Claude Code settings for the gateway")
+    c.add_argument("--gateway", required=True, help="the gateway URL")
+    c.add_argument("--format", required=True, choices=["bedrock", "vertex"])
+    c.add_argument("--region", help="AWS_REGION (bedrock, default us-east-1) or CLOUD_ML_REGION (vertex)")
+    c.add_argument("--project", help="ANTHROPIC_VERTEX_PROJECT_ID (vertex; the gateway uses its own)")
+    c.add_argument(
+        "--write",
+        action="store_true",
+        help="merge into ~/.claude/settings.json (backup in settings.json.bak)",
+    )
+    c.set_defaults(func=cmd_setup_claude_code)
+
+    p = sub.add_parser("sessions", help="list or revoke sign-in sessions (admin)")
+    ssub = p.add_subparsers(dest="sessions_command", required=True)
+    s = ssub.add_parser("list", help="list sessions, newest first")
+    s.add_argument("--config", required=True)
+    s.add_argument("--user", metavar="EMAIL", help="only this user's sessions")
+    s.add_argument("--all", action="store_true", help="include revoked and expired sessions")
+    s.set_defaults(func=cmd_sessions_list)
+    s = ssub.add_parser("revoke", help="revoke a session, or all of a user's sessions")
+    s.add_argument("--config", required=True)
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", metavar="EMAIL", help="revoke every active session of this user")
+    which.add_argument("--session", metavar="ID", help="revoke this session")
+    s.add_argument("--reason", default="revoked by an administrator", help="recorded with the revocation")
+    s.set_defaults(func=cmd_sessions_revoke)
+
     p = sub.add_parser("usage", help="show recent usage rows")
     p.add_argument("--config", required=True)
     p.add_argument("--limit", type=int, default=20)
@@ -139,9 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``authz`` console script."""
+def main(argv: Sequence[str] | None = None, *, deps: ClientDeps | None = None) -> int:
+    """Entry point of the ``authz`` console script; ``deps`` replaces the real world in tests."""
     args = build_parser().parse_args(argv)
+    args.deps = deps
     try:
         result: int = args.func(args)
         return result

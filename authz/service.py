@@ -29,6 +29,7 @@ from authz.configtypes import GatewayConfig
 from authz.grpc_server import AuthorizationServicer, ExternalProcessorServicer
 from authz.pricing import PriceBook
 from authz.process import Deps
+from authz.revocation import RevocationSet, RevocationWatcher
 from authz.store.ledger import Ledger
 from authz.tokens import KeySet, TokenVerifier
 from backends.base import Upstream
@@ -50,6 +51,7 @@ class Worker:
     upstreams: dict[str, Upstream]
     grpc_server: grpc.aio.Server
     grpc_port: int
+    watcher: RevocationWatcher | None = None
     portal: web.AppRunner | None = None
     portal_port: int | None = None
     healthy: bool = True
@@ -64,6 +66,8 @@ class Worker:
         if self.portal is not None:
             await self.portal.cleanup()
         await self.ledger.aclose()
+        if self.watcher is not None:
+            await self.watcher.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
         self.stopped.set()
@@ -91,6 +95,11 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         audience=config.sessions.audience,
         clock_skew=config.sessions.clock_skew,
     )
+    revocations = RevocationSet()
+    watcher = RevocationWatcher(revocations)
+    # Revoked sessions reach this set within seconds (LISTEN/NOTIFY plus periodic resync); the
+    # first sync is awaited briefly so a restarted worker does not forget recent revocations.
+    await watcher.start(config.store.url, config.sessions.revocation_resync_interval)
     upstreams = {name: build_upstream(backend_settings(name, up)) for name, up in config.upstreams}
     deps = Deps(
         upstreams=upstreams,
@@ -108,7 +117,8 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         ]
     )
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(Authorizer(config, verifier), ledger.record), server
+        AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
+        server,
     )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessorServicer(deps), server
@@ -118,7 +128,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port)
+    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher)
     if index == 0:
         runner = web.AppRunner(_portal_app(worker), access_log=None)
         await runner.setup()
