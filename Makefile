@@ -79,8 +79,8 @@ bench: $(STAMP) ## Envoy alone against the full gateway, side by side
 
 .PHONY: envoy-examples
 envoy-examples: $(STAMP) ## Re-render envoy/*.yaml from tests/fixtures/config
-	$(BIN)/python -m authz.envoy_render tests/fixtures/config/example.yaml > envoy/example.yaml
-	$(BIN)/python -m authz.envoy_render tests/fixtures/config/dev.yaml > envoy/dev.yaml
+	$(BIN)/python -m authz.envoy_render --skip-file-refs tests/fixtures/config/example.yaml > envoy/example.yaml
+	$(BIN)/python -m authz.envoy_render --skip-file-refs tests/fixtures/config/dev.yaml > envoy/dev.yaml
 
 .PHONY: clean
 clean: ## Remove the virtual environment and run state

@@ -192,7 +192,9 @@ class Stack:
         sa_path = self.root / "keys" / "vertex-service-account.json"
         sa_path.parent.mkdir(parents=True, exist_ok=True)
         # A fresh key each start: its token_uri must name this run's emulator port.
-        generate_service_account_key(sa_path, token_uri=f"{self.emulator_url}/token", project_id=DEFAULT_PROJECT)
+        generate_service_account_key(
+            sa_path, token_uri=f"{self.emulator_url}/token", project_id=DEFAULT_PROJECT
+        )
         argv = [
             sys.executable,
             "-m",

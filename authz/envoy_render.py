@@ -4,10 +4,12 @@ The bootstrap is built from envoy-data-plane's typed messages, so a misspelt fie
 not in production, then converted to the plain proto-JSON shape (snake_case keys) Envoy reads as
 YAML. Layout (DESIGN.md, "Envoy" and "Inference path"):
 
-* one listener; filters ext_authz -> ``gateway.sign`` (ext_proc) -> ``gateway.meter`` (ext_proc,
-  observability mode) -> router, all failing closed;
+* one listener; filters buffer -> ext_authz -> ``gateway.sign`` (ext_proc) -> ``gateway.meter``
+  (ext_proc, observability mode) -> router, all failing closed; the ext_procs act only where a
+  route switches them on;
 * inference routes by path and method only, each sending to the cluster that ext_authz names in
-  ``x-gateway-upstream``; ``/healthz`` to the portal; every other path gets a 404 envelope;
+  ``x-gateway-upstream``; ``/healthz`` to the portal; bodies over the limit get a 413 envelope and
+  every other path a 404 envelope;
 * clusters: the gateway's gRPC workers, the portal, and one fixed cluster per configured upstream.
 
 ``python -m authz.envoy_render CONFIG > envoy.yaml`` prints the rendering (see ``envoy/README.md``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import ipaddress
+import json
 import os
 import re
 import sys
@@ -87,6 +90,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz, ExtAuthzPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
@@ -123,7 +127,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.v3 import HttpStatus, Int64Range, StatusCode
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from authz import config as config_loader
@@ -135,6 +139,8 @@ GRPC_CLUSTER = "gateway_grpc"
 PORTAL_CLUSTER = "gateway_portal"
 UPSTREAM_HEADER = "x-gateway-upstream"
 """Set by ext_authz on every allowed request to the cluster (:func:`authz.upstreams.cluster_name`)."""
+BUFFER_FILTER = "envoy.filters.http.buffer"
+"""Holds each request body, up to limits.max_request_body_bytes, before any service sees it."""
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 """Filter name, and so the dynamic-metadata namespace ext_authz's ``dynamic_metadata`` lands in."""
 SIGN_FILTER = "gateway.sign"
@@ -145,10 +151,7 @@ FILTER_METADATA_KEY = "x-gateway-filter"
 """gRPC request metadata naming the filter (one of the three names above) that opened a call."""
 DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
-NOT_FOUND_BODY = (
-    '{"type":"error","error":{"type":"not_found_error",'
-    '"message":"Not found: this gateway serves the Bedrock and Vertex inference routes."}}'
-)
+_NOT_FOUND_MESSAGE = "Not found: this gateway serves the Bedrock and Vertex inference routes."
 
 # Client-sent headers that only the gateway itself may set. Removed before routing and before any
 # filter runs (HttpConnectionManager.early_header_mutation_extensions), so neither ext_authz, the
@@ -168,12 +171,18 @@ _SIGN_MUTABLE = r"^(:authority|host|:path|authorization|x-amz-.*|x-goog-.*)$"
 # and streams last minutes, so the default would fail closed at a few hundred users.
 _MAX_CONCURRENT = 100_000
 
-# Each streaming route, and whether it is streaming (the meter only runs on streaming ones).
+# Inference paths (Client contracts in DESIGN.md); the meter runs on the streaming ones only.
 _BEDROCK_STREAM = r"^/model/[^/]+/invoke-with-response-stream$"
 _BEDROCK_INVOKE = r"^/model/[^/]+/(invoke|count-tokens)$"
 _VERTEX_MODEL = r"^/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+"
 _VERTEX_STREAM = _VERTEX_MODEL + r":streamRawPredict$"
 _VERTEX_INVOKE = _VERTEX_MODEL + r":rawPredict$"
+_INT64_MAX = 2**63 - 1
+
+# The body as given (a literal, so no %-operators are interpreted), sent as application/json.
+_JSON_BODY = SubstitutionFormatString(
+    text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"), content_type="application/json"
+)
 
 _HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -198,6 +207,7 @@ def render(
     )
     if not ports:
         raise ConfigError("listen.grpc", "at least one gRPC port is needed")
+    _check_ports(config, ports)
     bootstrap = Bootstrap(
         admin=Admin(address=_address(config.listen.envoy_admin.address, config.listen.envoy_admin.port)),
         static_resources=BootstrapStaticResources(
@@ -242,6 +252,25 @@ def load_for_render(path: str | Path, environ: Mapping[str, str]) -> GatewayConf
     return config_loader.loads(text, environ, base_dir=Path(path).resolve().parent)
 
 
+def _check_ports(config: GatewayConfig, grpc_ports: Sequence[int]) -> None:
+    """Each worker listens on its own gRPC port after ``listen.grpc.port``; none may land on another
+    listener's port (port 0, "pick a free one", never clashes)."""
+    listen = config.listen
+    owners: dict[int, str] = {}
+    named = [
+        ("listen.envoy", listen.envoy.port),
+        ("listen.envoy_admin", listen.envoy_admin.port),
+        ("listen.portal", listen.portal.port),
+        *((f"gRPC worker {i}", port) for i, port in enumerate(grpc_ports)),
+    ]
+    for name, port in named:
+        if port == 0:
+            continue
+        if port in owners:
+            raise ConfigError("listen", f"{name} and {owners[port]} both use port {port}")
+        owners[port] = name
+
+
 # --- listener and HTTP connection manager -------------------------------------------------------
 
 
@@ -250,9 +279,10 @@ def _listener(config: GatewayConfig, access_log: bool) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
         route_config=_route_config(limits),
-        http_filters=[_ext_authz(limits), _sign(limits), _meter(), _router()],
-        # Reject rather than drop: a dropped header could change what ext_authz saw vs what the
-        # upstream gets (HttpProtocolOptions.headers_with_underscores_action).
+        http_filters=[_buffer(limits), _ext_authz(limits), _sign(limits), _meter(), _router()],
+        # Some servers read x_api_key as x-api-key, so such names could slip past header checks;
+        # refuse them with 400 rather than drop them silently
+        # (HttpProtocolOptions.headers_with_underscores_action).
         common_http_protocol_options=CoreHttpProtocolOptions(
             headers_with_underscores_action=HttpProtocolOptionsHeadersWithUnderscoresAction.REJECT_REQUEST,
         ),
@@ -311,6 +341,18 @@ def _grpc(filter_name: str, timeout: float | None = None) -> GrpcService:
     )
 
 
+def _buffer(limits: Limits) -> HttpFilter:
+    # The whole body is in memory before ext_authz is asked, and a body over the limit gets 413,
+    # with or without Content-Length (Buffer.max_request_bytes, which also sets the stream's buffer
+    # limit for gateway.sign's BUFFERED mode). Without it, a body still arriving while ext_authz
+    # checks is held by flow-control watermarks instead: seen with the binary, a body over the
+    # limit then stalls until the idle timeout or, racing, passes whole, and a body over the
+    # 1 MiB connection buffer can stall even under the limit.
+    return HttpFilter(
+        name=BUFFER_FILTER, typed_config=_pack(Buffer(max_request_bytes=limits.max_request_body_bytes))
+    )
+
+
 def _ext_authz(limits: Limits) -> HttpFilter:
     authz = ExtAuthz(
         grpc_service=_grpc(EXT_AUTHZ_FILTER, limits.ext_authz_timeout),
@@ -336,9 +378,9 @@ def _ext_authz(limits: Limits) -> HttpFilter:
 # Envoy closed the connection, and the client saw an empty reply.
 _Mode = tuple[bool, ProcessingModeBodySendMode, bool, ProcessingModeBodySendMode]
 _IDLE: _Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
-# The whole request body at once (SigV4 signs its hash), bounded by the route's
-# request_body_buffer_limit (above it Envoy answers 413); response headers, so the service can
-# switch error and non-streaming bodies to BUFFERED with mode_override.
+# The whole request body at once (SigV4 signs its hash; the buffer filter has already bounded it);
+# response headers, so the service can switch error and non-streaming bodies to BUFFERED with
+# mode_override.
 _SIGN: _Mode = (True, ProcessingModeBodySendMode.BUFFERED, True, ProcessingModeBodySendMode.NONE)
 # Copies of the response as it streams (observability mode supports STREAMED, not BUFFERED).
 _METER: _Mode = (False, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.STREAMED)
@@ -364,6 +406,9 @@ def _sign(limits: Limits) -> HttpFilter:
     sign = ExternalProcessor(
         grpc_service=_grpc(SIGN_FILTER),
         failure_mode_allow=False,
+        # 503 like ext_authz, rather than 500/504, for an unreachable or failing service; it also
+        # covers ext_authz's own 503, which passes through this filter's response path.
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
         # Idle unless the route switches it on (see _IDLE).
         processing_mode=_mode(_IDLE),
         # The service answers response headers with mode_override BUFFERED for errors and
@@ -392,6 +437,7 @@ def _meter() -> HttpFilter:
     meter = ExternalProcessor(
         grpc_service=_grpc(METER_FILTER),
         failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
         # Envoy sends copies and never waits for an answer, so the stream is relayed unchanged at
         # full speed while the service counts tokens (ExternalProcessor.observability_mode).
         observability_mode=True,
@@ -417,12 +463,42 @@ def _router() -> HttpFilter:
 
 
 def _route_config(limits: Limits) -> RouteConfiguration:
+    body_limit = limits.max_request_body_bytes
     routes = [
         Route(
             name="healthz",
             match=RouteMatch(path="/healthz"),
             route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=5)),
-            typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+            typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+        ),
+        # The sign-in portal: discovery, JWKS, the OAuth endpoints and the verification pages. They
+        # authenticate by their own means (device codes, refresh tokens, the IdP), so ext_authz and
+        # the ext_procs stay out; X-Forwarded-For is kept for the per-IP rate limit and audit rows.
+        *(
+            Route(
+                name=f"portal_{name}",
+                match=RouteMatch(path_separated_prefix=prefix)
+                if prefix != "/device"
+                else RouteMatch(prefix=prefix),
+                route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
+                typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+            )
+            for name, prefix in (("well_known", "/.well-known"), ("oauth", "/oauth"), ("device", "/device"))
+        ),
+        # A declared length over the limit is refused before a byte of the body is read.
+        _direct(
+            "too_large",
+            RouteMatch(
+                prefix="/",
+                headers=[
+                    HeaderMatcher(
+                        name="content-length", range_match=Int64Range(start=body_limit + 1, end=_INT64_MAX)
+                    )
+                ],
+            ),
+            413,
+            "request_too_large",
+            f"Request body exceeds the gateway's limit of {body_limit} bytes.",
         ),
         _inference("bedrock_stream", _match("POST", regex=_BEDROCK_STREAM), True, limits),
         _inference("bedrock_invoke", _match("POST", regex=_BEDROCK_INVOKE), False, limits),
@@ -431,20 +507,7 @@ def _route_config(limits: Limits) -> RouteConfiguration:
         ),
         _inference("vertex_stream", _match("POST", regex=_VERTEX_STREAM), True, limits),
         _inference("vertex_invoke", _match("POST", regex=_VERTEX_INVOKE), False, limits),
-        Route(
-            name="not_found",
-            match=RouteMatch(prefix="/"),
-            direct_response=DirectResponseAction(
-                status=404,
-                body=DataSource(inline_string=NOT_FOUND_BODY),
-                body_format=SubstitutionFormatString(
-                    text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"),
-                    content_type="application/json",
-                ),
-            ),
-            # Nothing is forwarded, so there is nothing to authorise or sign.
-            typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
-        ),
+        _direct("not_found", RouteMatch(prefix="/"), 404, "not_found_error", _NOT_FOUND_MESSAGE),
     ]
     return RouteConfiguration(
         name="gateway",
@@ -452,13 +515,34 @@ def _route_config(limits: Limits) -> RouteConfiguration:
     )
 
 
+def _direct(name: str, match: RouteMatch, status: int, kind: str, message: str) -> Route:
+    return Route(
+        name=name,
+        match=match,
+        direct_response=DirectResponseAction(
+            status=status,
+            body=DataSource(inline_string=_envelope(kind, message)),
+            # The JSON content-type also keeps the local-reply mappers off this body.
+            body_format=_JSON_BODY,
+        ),
+        # Nothing is forwarded, so there is nothing to hold, authorise or sign.
+        typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+    )
+
+
+def _envelope(kind: str, message: str) -> str:
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}, separators=(",", ":"))
+
+
 def _match(method: str, *, regex: str | None = None, path_prefix: str | None = None) -> RouteMatch:
     # safe_regex matches the path without its query string (RouteMatch.safe_regex);
     # path_separated_prefix matches "/inference-profiles" and below, but not "/inference-profilesX".
-    method_is = [HeaderMatcher(name=":method", string_match=StringMatcher(exact=method))]
+    headers = [HeaderMatcher(name=":method", string_match=StringMatcher(exact=method))]
     if regex is not None:
-        return RouteMatch(safe_regex=RegexMatcher(regex=regex), headers=method_is)
-    return RouteMatch(path_separated_prefix=path_prefix or "/", headers=method_is)
+        return RouteMatch(safe_regex=RegexMatcher(regex=regex), headers=headers)
+    if path_prefix is None:
+        raise ValueError("a route needs a regex or a path prefix")
+    return RouteMatch(path_separated_prefix=path_prefix, headers=headers)
 
 
 def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits) -> Route:
@@ -478,10 +562,6 @@ def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits) ->
         ),
         # The routing header, and the client's address, which the cloud has no use for.
         request_headers_to_remove=[UPSTREAM_HEADER, *_CLIENT_ADDRESS_HEADERS],
-        # Bounds gateway.sign's BUFFERED body (image requests reach several MB); above it Envoy
-        # answers 413. Unlike the deprecated per_request_buffer_limit_bytes this is not capped by
-        # the listener's per_connection_buffer_limit_bytes (Route.request_body_buffer_limit).
-        request_body_buffer_limit=limits.max_request_body_bytes,
         typed_per_filter_config={
             SIGN_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(_SIGN)))),
             METER_FILTER: _pack(
@@ -496,7 +576,9 @@ def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits) ->
 def _filters_off(*names: str) -> dict[str, AnyProto]:
     off: dict[str, AnyProto] = {}
     for name in names:
-        if name == EXT_AUTHZ_FILTER:
+        if name == BUFFER_FILTER:
+            off[name] = _pack(BufferPerRoute(disabled=True))
+        elif name == EXT_AUTHZ_FILTER:
             off[name] = _pack(ExtAuthzPerRoute(disabled=True))
         else:
             off[name] = _pack(ExtProcPerRoute(disabled=True))
@@ -549,12 +631,10 @@ def _mapper(low: int, high: int, kind: str, message: str) -> ResponseMapper:
             typed_config=_pack(ExpressionFilter(expression=_NOT_JSON)),
         )
     )
-    body = f'{{"type":"error","error":{{"type":"{kind}","message":"{message}"}}}}'
     return ResponseMapper(
         filter=AccessLogFilter(and_filter=AndFilter(filters=[*status_filters, not_json])),
-        body_format_override=SubstitutionFormatString(
-            text_format_source=DataSource(inline_string=body), content_type="application/json"
-        ),
+        body=DataSource(inline_string=_envelope(kind, message)),
+        body_format_override=_JSON_BODY,
     )
 
 

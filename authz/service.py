@@ -26,11 +26,16 @@ from authz.authorize import Authorizer
 from authz.backend_settings import backend_settings
 from authz.config import load
 from authz.configtypes import GatewayConfig
+from authz.errors import StoreError
 from authz.grpc_server import AuthorizationServicer, ExternalProcessorServicer
+from authz.oidc import OidcClient
+from authz.portal import PortalDeps, build_portal
 from authz.pricing import PriceBook
 from authz.process import Deps
 from authz.revocation import RevocationSet, RevocationWatcher
+from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
+from authz.store.migrate import migrate
 from authz.tokens import KeySet, TokenVerifier
 from backends.base import Upstream
 from backends.factory import build_upstream
@@ -53,6 +58,8 @@ class Worker:
     grpc_port: int
     watcher: RevocationWatcher | None = None
     portal: web.AppRunner | None = None
+    portal_pool: Pool | None = None
+    oidc: OidcClient | None = None
     portal_port: int | None = None
     healthy: bool = True
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -65,6 +72,10 @@ class Worker:
         await self.grpc_server.stop(grace)
         if self.portal is not None:
             await self.portal.cleanup()
+        if self.portal_pool is not None:
+            await self.portal_pool.close()
+        if self.oidc is not None:
+            await self.oidc.aclose()
         await self.ledger.aclose()
         if self.watcher is not None:
             await self.watcher.aclose()
@@ -73,19 +84,40 @@ class Worker:
         self.stopped.set()
 
 
-def _portal_app(worker: Worker) -> web.Application:
-    async def healthz(_request: web.Request) -> web.Response:
-        if worker.healthy:
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "draining"}, status=503)
+async def _migrate_if_reachable(url: str, connect_timeout: float) -> None:
+    """Bring the schema up to date at start-up; if PostgreSQL is down, the ledger retries later."""
+    try:
+        conn = await connect(url, timeout=connect_timeout)
+    except StoreError as exc:
+        log.warning("PostgreSQL unreachable at start-up (%s); continuing, usage rows will spool", exc)
+        return
+    try:
+        await migrate(conn)
+    finally:
+        await conn.close()
 
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    return app
+
+async def _start_portal(worker: Worker, keyset: KeySet) -> None:
+    config = worker.config
+    # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
+    pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
+    oidc = OidcClient(config.oidc) if config.oidc is not None else None
+    app = build_portal(
+        PortalDeps(config=config, pool=pool, keyset=keyset, oidc=oidc, healthy=lambda: worker.healthy)
+    )
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.portal.address, config.listen.portal.port)
+    await site.start()
+    worker.portal = runner
+    worker.portal_pool = pool
+    worker.oidc = oidc
+    worker.portal_port = config.listen.portal.port
 
 
 async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     """Start one worker's servers and return once they accept connections."""
+    await _migrate_if_reachable(config.store.url, config.store.connect_timeout)
     ledger = Ledger(config.store)
     await ledger.start()
     keyset = KeySet.from_config(config.sessions)
@@ -130,12 +162,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     await server.start()
     worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher)
     if index == 0:
-        runner = web.AppRunner(_portal_app(worker), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, config.listen.portal.address, config.listen.portal.port)
-        await site.start()
-        worker.portal = runner
-        worker.portal_port = config.listen.portal.port
+        await _start_portal(worker, keyset)
     log.info("worker %d serving gRPC on %s:%d", index, address, port)
     return worker
 

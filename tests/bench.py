@@ -536,6 +536,7 @@ class ArmRuns:
             "p99_ms": percentile(lat, 99),
             "rps": len(lat) / window if window else 0.0,
             "requests": len(lat),
+            "response_bytes": sum(r["body_bytes"] for r in self.rounds) / max(1, len(lat)),
             "errors": sum(r["errors"] for r in self.rounds),
             "error_samples": sorted({e for r in self.rounds for e in r["error_samples"]})[:5],
             "round_p50_ms": [percentile(sorted(r["latencies_ms"]), 50) for r in self.rounds],
@@ -869,9 +870,8 @@ def report(bench: Bench, started: float) -> str:
     )
     add("            absolute figures are CPU-bound and noisy; the side-by-side differences are what count.")
     add("")
-    header = (
-        f"{'scenario':<26}{'arm':<9}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}{'loadgen CPU':>13}"
-    )
+    header = f"{'scenario':<26}{'arm':<9}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}"
+    header += f"{'resp KB':>9}{'loadgen CPU':>13}"
     add(header)
     add("-" * len(header))
     summaries: dict[tuple[str, str], dict[str, Any]] = {}
@@ -881,7 +881,8 @@ def report(bench: Bench, started: float) -> str:
             summaries[(scenario.key, arm)] = s
             add(
                 f"{scenario.label if arm == 'envoy' else '':<26}{arm:<9}{s['p50_ms']:9.2f}{s['p99_ms']:9.2f}"
-                f"{s['rps']:9.1f}{s['errors']:8d}{s['loadgen_cpu_pct']:12.0f}%"
+                f"{s['rps']:9.1f}{s['errors']:8d}"
+                f"{s['response_bytes'] / 1024:9.1f}{s['loadgen_cpu_pct']:12.0f}%"
             )
     add("")
     add("Per round (p50 ms / req/s), to show the noise:")
@@ -942,7 +943,7 @@ def report(bench: Bench, started: float) -> str:
             cells = "".join(f"{s['cpu_ms_per_request'].get(n, 0.0):12.3f}" for n in present)
             add(
                 f"{scenario.label if arm == 'envoy' else '':<26}{arm:<9}{cells}{s['machine_busy_pct']:13.0f}%"
-                f"{s['others_pct']:9.0f}%"
+                f"{max(0.0, s['others_pct']):9.0f}%"
             )
     add(
         "  (machine busy: all cores over the whole job; not ours: busy time outside this run's processes,"
@@ -1029,7 +1030,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         type=int,
-        default=0.0,
+        default=0,
         metavar="SECONDS",
         help="also profile the gateway with py-spy for this long under non-streaming load (default off)",
     )
