@@ -40,6 +40,9 @@ class RequestContext:
     model: str | None
     model_segment: str | None
     regional: bool
+    method: str = "POST"
+    path: str = ""
+    content_type: str | None = None
 
     def to_metadata(self) -> dict[str, str]:
         """Flat string fields for the metadata Struct.
@@ -100,5 +103,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str, type(None)),
     "model_segment": (str, type(None)),
     "regional": (bool,),
+    "method": (str,),
+    "path": (str,),
+    "content_type": (str, type(None)),
 }
 _FIELDS = frozenset(_TYPES)

@@ -382,6 +382,10 @@ _IDLE: _Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBod
 # response headers, so the service can switch error and non-streaming bodies to BUFFERED with
 # mode_override.
 _SIGN: _Mode = (True, ProcessingModeBodySendMode.BUFFERED, True, ProcessingModeBodySendMode.NONE)
+# (Skipping the request headers and mutating them from the body response does not work: with
+# request_header_mode SKIP Envoy has already passed the headers on, and the mutation is dropped.)
+# Vertex: a bearer token does not cover the body, so the service never needs to see it.
+_SIGN_HEADERS: _Mode = (True, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.NONE)
 # Copies of the response as it streams (observability mode supports STREAMED, not BUFFERED).
 _METER: _Mode = (False, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.STREAMED)
 
@@ -500,13 +504,17 @@ def _route_config(limits: Limits) -> RouteConfiguration:
             "request_too_large",
             f"Request body exceeds the gateway's limit of {body_limit} bytes.",
         ),
-        _inference("bedrock_stream", _match("POST", regex=_BEDROCK_STREAM), True, limits),
-        _inference("bedrock_invoke", _match("POST", regex=_BEDROCK_INVOKE), False, limits),
+        _inference("bedrock_stream", _match("POST", regex=_BEDROCK_STREAM), True, limits, _SIGN),
+        _inference("bedrock_invoke", _match("POST", regex=_BEDROCK_INVOKE), False, limits, _SIGN),
         _inference(
-            "bedrock_inference_profiles", _match("GET", path_prefix="/inference-profiles"), False, limits
+            "bedrock_inference_profiles",
+            _match("GET", path_prefix="/inference-profiles"),
+            False,
+            limits,
+            _SIGN_HEADERS,
         ),
-        _inference("vertex_stream", _match("POST", regex=_VERTEX_STREAM), True, limits),
-        _inference("vertex_invoke", _match("POST", regex=_VERTEX_INVOKE), False, limits),
+        _inference("vertex_stream", _match("POST", regex=_VERTEX_STREAM), True, limits, _SIGN_HEADERS),
+        _inference("vertex_invoke", _match("POST", regex=_VERTEX_INVOKE), False, limits, _SIGN_HEADERS),
         _direct("not_found", RouteMatch(prefix="/"), 404, "not_found_error", _NOT_FOUND_MESSAGE),
     ]
     return RouteConfiguration(
@@ -545,7 +553,7 @@ def _match(method: str, *, regex: str | None = None, path_prefix: str | None = N
     return RouteMatch(path_separated_prefix=path_prefix, headers=headers)
 
 
-def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits) -> Route:
+def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits, sign: _Mode) -> Route:
     return Route(
         name=name,
         match=match,
@@ -563,7 +571,7 @@ def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits) ->
         # The routing header, and the client's address, which the cloud has no use for.
         request_headers_to_remove=[UPSTREAM_HEADER, *_CLIENT_ADDRESS_HEADERS],
         typed_per_filter_config={
-            SIGN_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(_SIGN)))),
+            SIGN_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(sign)))),
             METER_FILTER: _pack(
                 ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(_METER)))
                 if streaming
