@@ -181,17 +181,8 @@ class Limits:
     max_request_headers_kb: int = 96
     stream_idle_timeout: float = 600.0
     request_timeout: float = 0.0
-    upstream_connect_timeout: float = 5.0
     ext_authz_timeout: float = 2.0
     ext_proc_timeout: float = 10.0
-
-
-@dataclass(frozen=True, slots=True)
-class Telemetry:
-    """OpenTelemetry export."""
-
-    service_name: str = "claude-gateway"
-    otlp_endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +199,6 @@ class GatewayConfig:
     policies: tuple[Policy, ...] = ()
     pricing: Pricing = field(default_factory=Pricing)
     limits: Limits = field(default_factory=Limits)
-    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""

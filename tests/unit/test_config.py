@@ -21,7 +21,6 @@ from authz.configtypes import (
     Sessions,
     SigningKey,
     Store,
-    Telemetry,
     Upstream,
 )
 from authz.errors import ConfigError
@@ -459,8 +458,6 @@ pricing:
 limits:
   max_request_body_bytes: 10485760
   stream_idle_timeout: 300
-telemetry:
-  otlp_endpoint: http://otel:4317
 """
 
 
@@ -537,7 +534,6 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
             regional_premium=0.2,
         ),
         limits=Limits(max_request_body_bytes=10485760, stream_idle_timeout=300.0),
-        telemetry=Telemetry(otlp_endpoint="http://otel:4317"),
     )
     # Exact types, not just equal values: ints stay ints, floats are floats, mappings are tuples.
     assert type(config.workers) is int
