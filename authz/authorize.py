@@ -183,7 +183,4 @@ def _context(
         model=route.model,
         model_segment=route.model_segment,
         regional=regional,
-        method=req.method,
-        path=req.path,
-        content_type=h.get("content-type"),
     )

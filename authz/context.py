@@ -40,9 +40,6 @@ class RequestContext:
     model: str | None
     model_segment: str | None
     regional: bool
-    method: str = "POST"
-    path: str = ""
-    content_type: str | None = None
 
     def to_metadata(self) -> dict[str, str]:
         """Flat string fields for the metadata Struct.
@@ -103,8 +100,5 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "model": (str, type(None)),
     "model_segment": (str, type(None)),
     "regional": (bool,),
-    "method": (str,),
-    "path": (str,),
-    "content_type": (str, type(None)),
 }
 _FIELDS = frozenset(_TYPES)

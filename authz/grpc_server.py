@@ -194,7 +194,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                         _context(request),
                     )
                 elif kind == "request_body":
-                    action = await sign.on_request_body(request.request_body.body, _context(request))
+                    action = await sign.on_request_body(request.request_body.body)
                 elif kind == "response_headers":
                     action = sign.on_response_headers(_headers(request.response_headers))
                 elif kind == "response_body":

@@ -100,44 +100,30 @@ class SignHandler:
     first_byte_at: float | None = None
     row_written: bool = False
 
-    def _start(self, ctx: RequestContext | None) -> Reply | None:
-        if self.ctx is not None:
-            return None
+    async def on_request_headers(
+        self, headers: Mapping[str, str], end_of_stream: bool, ctx: RequestContext | None
+    ) -> Action:
+        """Remember the request; sign now unless the upstream signs over the body that follows
+        (Bedrock's SigV4). Vertex routes and the GET never send the body here at all."""
         if ctx is None:
             # ext_authz always attaches the context to an allowed request; without it we cannot
             # know who is calling, so fail closed.
             self.row_written = True
             return Reply(error_reply("api_error", "Gateway misconfiguration: missing request context."))
         self.ctx = ctx
-        self.method = ctx.method
-        self.path = ctx.path
-        self.content_type = ctx.content_type
-        return None
-
-    async def on_request_headers(
-        self, headers: Mapping[str, str], end_of_stream: bool, ctx: RequestContext | None
-    ) -> Action:
-        """Sign now unless the upstream signs over the body that follows (Bedrock's SigV4).
-
-        Routes configured to skip this message go straight to :meth:`on_request_body`.
-        """
-        refused = self._start(ctx)
-        if refused is not None:
-            return refused
-        self.method = headers.get(":method", self.method)
-        self.path = headers.get(":path", self.path)
-        self.content_type = headers.get("content-type", self.content_type)
-        assert self.ctx is not None
-        upstream = self.deps.upstreams.get(self.ctx.upstream)
+        self.method = headers.get(":method", "POST")
+        self.path = headers.get(":path", "")
+        self.content_type = headers.get("content-type")
+        upstream = self.deps.upstreams.get(ctx.upstream)
         if end_of_stream or upstream is None or upstream.kind != "bedrock":
             return await self._sign(b"")
         return CONTINUE
 
-    async def on_request_body(self, body: bytes, ctx: RequestContext | None = None) -> Action:
+    async def on_request_body(self, body: bytes) -> Action:
         """Sign the final upstream request over its exact bytes."""
-        refused = self._start(ctx)
-        if refused is not None:
-            return refused
+        if self.ctx is None:
+            self.row_written = True
+            return Reply(error_reply("api_error", "Gateway misconfiguration: body before headers."))
         return await self._sign(body)
 
     async def _sign(self, body: bytes) -> Action:

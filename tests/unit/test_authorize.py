@@ -376,9 +376,6 @@ def test_allowed_bedrock_request() -> None:
         model="claude-opus-5-5",
         model_segment="us.anthropic.claude-opus-5-5",
         regional=True,
-        method="POST",
-        path=BEDROCK_STREAM,
-        content_type="application/json",
     )
 
 
