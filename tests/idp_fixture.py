@@ -71,7 +71,7 @@ class TestIdp:
         *,
         port: int = 0,
         options: dict[str, Any] | None = None,
-        timeout: float = 30.0,
+        timeout: float = 90.0,
     ) -> str:
         """Write the config under ``root``, start node, wait for ``IDP_READY`` and return the issuer.
 

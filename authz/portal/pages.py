@@ -11,7 +11,7 @@ from __future__ import annotations
 from html import escape
 
 # Friendly names for the ``surface`` a client declares at device authorization.
-SURFACES: dict[str, str] = {"claude_code": "Claude Code"}
+SURFACES: dict[str, str] = {"claude_code": "Claude Code", "cli": "the authz command line"}
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0}
