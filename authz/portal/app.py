@@ -26,6 +26,7 @@ from authz.portal import web as pages_web
 from authz.portal.device import RateLimiter
 from authz.portal.oauth import origin_of
 from authz.secretbox import SecretBox
+from authz.store import sessions as store
 from authz.store.db import Pool
 from authz.tokens import KeySet, TokenVerifier
 
@@ -146,6 +147,32 @@ class PortalContext:
     def now(self) -> datetime:
         """The portal's clock."""
         return self.deps.clock()
+
+    async def audit(
+        self,
+        client_ip: str | None,
+        user_agent: str | None,
+        kind: str,
+        outcome: str,
+        reason: str | None = None,
+        *,
+        email: str | None = None,
+        session_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Record one audit event (who, from where, what happened and why)."""
+        await store.audit(
+            self.pool,
+            kind=kind,
+            outcome=outcome,
+            reason=reason,
+            email=email,
+            session_id=session_id,
+            client_ip=client_ip,
+            user_agent=user_agent,
+            detail=detail,
+            now=self.now(),
+        )
 
     def url(self, path: str) -> str:
         """An absolute URL under ``portal.public_url``."""

@@ -163,17 +163,15 @@ class OAuthEndpoints:
         session_id: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        await store.audit(
-            self._ctx.pool,
-            kind=kind,
-            outcome=outcome,
-            reason=reason,
+        await self._ctx.audit(
+            caller.ip,
+            caller.user_agent,
+            kind,
+            outcome,
+            reason,
             email=email,
             session_id=session_id,
-            client_ip=caller.ip,
-            user_agent=caller.user_agent,
             detail=detail,
-            now=self._ctx.now(),
         )
 
     # --- discovery ------------------------------------------------------------------------------

@@ -133,17 +133,15 @@ class BrowserPages:
         session_id: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        await store.audit(
-            self._ctx.pool,
-            kind=kind,
-            outcome=outcome,
-            reason=reason,
+        await self._ctx.audit(
+            client_ip(request),
+            user_agent(request),
+            kind,
+            outcome,
+            reason,
             email=email,
             session_id=session_id,
-            client_ip=client_ip(request),
-            user_agent=user_agent(request),
             detail=detail,
-            now=self._ctx.now(),
         )
 
     def _error(self, status: int, title: str, message: str) -> web.Response:
