@@ -1,0 +1,114 @@
+"""The audit trail, back-channel logout replay protection, and pruning of expired rows."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from typing import Any
+
+from authz.store.db import Connection, Pool
+from authz.store.sessions._common import AuditEvent, _failing, _transaction
+
+# --- audit and back-channel logout replay ------------------------------------------------------
+
+
+async def audit(
+    db: Pool | Connection,
+    *,
+    kind: str,
+    outcome: str,
+    reason: str | None = None,
+    email: str | None = None,
+    session_id: str | None = None,
+    client_ip: str | None = None,
+    user_agent: str | None = None,
+    detail: dict[str, Any] | None = None,
+    now: datetime | None = None,
+) -> int:
+    """Append an audit row (``outcome``: ``ok``, ``denied`` or ``error``); return its id. ``now``
+    defaults to the database's clock."""
+    with _failing("write an audit event"):
+        value: int = await db.fetchval(
+            "INSERT INTO audit_events (at, kind, outcome, reason, email, session_id, client_ip, user_agent,"
+            " detail) VALUES (COALESCE($1::timestamptz, now()), $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
+            " RETURNING id",
+            now,
+            kind,
+            outcome,
+            reason,
+            email,
+            session_id,
+            client_ip,
+            user_agent,
+            None if detail is None else json.dumps(detail),
+        )
+    return value
+
+
+async def recent_audit(db: Pool | Connection, limit: int = 50, kind: str | None = None) -> list[AuditEvent]:
+    """The newest ``limit`` audit rows, of one ``kind`` or all, newest first."""
+    with _failing("read audit events"):
+        if kind is None:
+            records = await db.fetch("SELECT * FROM audit_events ORDER BY id DESC LIMIT $1", limit)
+        else:
+            records = await db.fetch(
+                "SELECT * FROM audit_events WHERE kind = $2 ORDER BY id DESC LIMIT $1", limit, kind
+            )
+    return [
+        AuditEvent(
+            id=r["id"],
+            at=r["at"],
+            kind=r["kind"],
+            outcome=r["outcome"],
+            reason=r["reason"],
+            email=r["email"],
+            session_id=r["session_id"],
+            client_ip=r["client_ip"],
+            user_agent=r["user_agent"],
+            detail=None if r["detail"] is None else json.loads(r["detail"]),
+        )
+        for r in records
+    ]
+
+
+async def remember_logout_jti(
+    db: Pool | Connection, jti: str, issuer: str, expires_at: datetime, now: datetime
+) -> bool:
+    """Record a back-channel logout token's ``jti``; False if it was seen before (a replay).
+
+    ``expires_at`` is when the token stops passing validation (its exp plus the allowed clock skew):
+    until then the jti is remembered; expired entries are pruned here.
+    """
+    with _failing("record a logout token id"):
+        async with _transaction(db) as conn:
+            await conn.execute("DELETE FROM logout_jtis WHERE expires_at <= $1", now)
+            record = await conn.fetchrow(
+                "INSERT INTO logout_jtis (jti, issuer, expires_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (issuer, jti) DO NOTHING RETURNING 1",
+                jti,
+                issuer,
+                expires_at,
+            )
+    return record is not None
+
+
+async def prune_expired(db: Pool | Connection, now: datetime, *, keep_sessions: timedelta) -> int:
+    """Delete expired sign-in state (device codes, auth requests, logout jtis) and sessions expired
+    more than ``keep_sessions`` ago (with their refresh tokens); return how many rows went."""
+    with _failing("prune expired rows"):
+        async with _transaction(db) as conn:
+            total = 0
+            for sql, at in (
+                ("DELETE FROM device_codes WHERE expires_at <= $1", now),
+                (
+                    "DELETE FROM auth_requests WHERE expires_at <= $1"
+                    " AND (approval_expires_at IS NULL OR approval_expires_at <= $1)",
+                    now,
+                ),
+                ("DELETE FROM logout_jtis WHERE expires_at <= $1", now),
+                ("DELETE FROM sessions WHERE expires_at <= $1", now - keep_sessions),
+            ):
+                status: str = await conn.execute(sql, at)
+                # The command tag is "DELETE <count>".
+                total += int(status.rsplit(" ", 1)[-1])
+    return total
