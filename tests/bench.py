@@ -256,7 +256,7 @@ def plain_envoy_bootstrap(listen_port: int, admin_port: int, upstream_port: int)
                             }
                         ],
                     },
-                    # The gateway's clusters lift the same limits (envoy_render._MAX_CONCURRENT).
+                    # The gateway's clusters lift the same limits (envoy_clusters._MAX_CONCURRENT).
                     "circuit_breakers": {
                         "thresholds": [
                             {

@@ -1,0 +1,52 @@
+"""Names and small helpers shared by the Envoy bootstrap builders (:mod:`authz.envoy_render`).
+
+The public names are re-exported by :mod:`authz.envoy_render`, which stays the entry point.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+import betterproto2
+from envoy_data_plane.envoy.config.core.v3 import Address, DataSource, SocketAddress, SubstitutionFormatString
+from envoy_data_plane.google.protobuf import Any as AnyProto
+
+GRPC_CLUSTER = "gateway_grpc"
+PORTAL_CLUSTER = "gateway_portal"
+UPSTREAM_HEADER = "x-gateway-upstream"
+"""Set by ext_authz on every allowed request to the cluster (:func:`authz.upstreams.cluster_name`)."""
+BUFFER_FILTER = "envoy.filters.http.buffer"
+"""Holds each request body, up to limits.max_request_body_bytes, before any service sees it."""
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+"""Filter name, and so the dynamic-metadata namespace ext_authz's ``dynamic_metadata`` lands in."""
+SIGN_FILTER = "gateway.sign"
+"""ext_proc that buffers, signs and rewrites requests; also a metadata namespace it may write."""
+METER_FILTER = "gateway.meter"
+"""ext_proc in observability mode that counts tokens in the relayed response."""
+FILTER_METADATA_KEY = "x-gateway-filter"
+"""gRPC request metadata naming the filter (one of the three names above) that opened a call."""
+
+# The body as given (a literal, so no %-operators are interpreted), sent as application/json.
+_JSON_BODY = SubstitutionFormatString(
+    text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"), content_type="application/json"
+)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _pack(message: betterproto2.Message) -> AnyProto:
+    return AnyProto.pack(message)
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+def _address(host: str, port: int) -> Address:
+    return Address(socket_address=SocketAddress(address=host, port_value=port))
+
+
+def _envelope(kind: str, message: str) -> str:
+    return json.dumps({"type": "error", "error": {"type": kind, "message": message}}, separators=(",", ":"))

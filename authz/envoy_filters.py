@@ -1,0 +1,280 @@
+"""The listener's HTTP filters for :mod:`authz.envoy_render`: buffer, ext_authz, the two ext_procs
+(``gateway.sign`` and ``gateway.meter``) with their processing modes, the router, the early header
+strip, and the local-reply mappers that put Envoy's own errors in the Anthropic envelope.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    AndFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    ExtensionFilter,
+    StatusCodeFilter,
+)
+from envoy_data_plane.envoy.config.common.mutation_rules.v3 import (
+    HeaderMutation,
+    HeaderMutationRemoveOnMatch,
+    HeaderMutationRules,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    ApiVersion,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    RuntimeUInt32,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExternalProcessorRouteCacheAction,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
+)
+from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
+    HeaderMutation as EarlyHeaderMutation,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+
+from authz.configtypes import Limits
+from authz.envoy_common import (
+    _JSON_BODY,
+    BUFFER_FILTER,
+    EXT_AUTHZ_FILTER,
+    FILTER_METADATA_KEY,
+    GRPC_CLUSTER,
+    METER_FILTER,
+    SIGN_FILTER,
+    _envelope,
+    _pack,
+    _seconds,
+)
+
+# Client-sent headers that only the gateway itself may set. Removed before routing and before any
+# filter runs (HttpConnectionManager.early_header_mutation_extensions), so neither ext_authz, the
+# route table nor the upstream ever sees a forged one.
+_STRIPPED_PREFIXES = ("x-gateway-", "x-envoy-")
+
+# Headers gateway.sign may set beyond ext_proc's defaults. ``:authority``/``host`` are "routing"
+# headers that ext_proc may not touch unless allowed (HeaderMutationRules.allow_all_routing), and
+# allow_expression widens just these instead of also opening ``:method`` and ``:scheme``.
+_SIGN_MUTABLE = r"^(:authority|host|:path|authorization|x-amz-.*|x-goog-.*)$"
+
+
+def _strip_internal_headers() -> TypedExtensionConfig:
+    mutations = [
+        HeaderMutation(remove_on_match=HeaderMutationRemoveOnMatch(key_matcher=StringMatcher(prefix=prefix)))
+        for prefix in _STRIPPED_PREFIXES
+    ]
+    return TypedExtensionConfig(
+        name="envoy.http.early_header_mutation.header_mutation",
+        typed_config=_pack(EarlyHeaderMutation(mutations=mutations)),
+    )
+
+
+def _grpc(filter_name: str, timeout: float | None = None) -> GrpcService:
+    return GrpcService(
+        envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=GRPC_CLUSTER),
+        timeout=_seconds(timeout) if timeout is not None else None,
+        # Both ext_procs call the same Process method on the same port; this gRPC request header
+        # tells the service which one opened the stream (GrpcService.initial_metadata).
+        initial_metadata=[HeaderValue(key=FILTER_METADATA_KEY, value=filter_name)],
+    )
+
+
+def _buffer(limits: Limits) -> HttpFilter:
+    # The whole body is in memory before ext_authz is asked, and a body over the limit gets 413,
+    # with or without Content-Length (Buffer.max_request_bytes, which also sets the stream's buffer
+    # limit for gateway.sign's BUFFERED mode). Without it, a body still arriving while ext_authz
+    # checks is held by flow-control watermarks instead: seen with the binary, a body over the
+    # limit then stalls until the idle timeout or, racing, passes whole, and a body over the
+    # 1 MiB connection buffer can stall even under the limit.
+    return HttpFilter(
+        name=BUFFER_FILTER, typed_config=_pack(Buffer(max_request_bytes=limits.max_request_body_bytes))
+    )
+
+
+def _ext_authz(limits: Limits) -> HttpFilter:
+    authz = ExtAuthz(
+        grpc_service=_grpc(EXT_AUTHZ_FILTER, limits.ext_authz_timeout),
+        transport_api_version=ApiVersion.V3,
+        # Fail closed: an unreachable or failing service denies with 503 (ExtAuthz.status_on_error).
+        failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # ext_authz writes x-gateway-upstream, which the route's cluster_header reads: the cached
+        # route must be recomputed after its header mutations (ExtAuthz.clear_route_cache).
+        clear_route_cache=True,
+        # Reject malformed header values from the service with a 500 instead of forwarding them.
+        validate_mutations=True,
+        # with_request_body unset: the token and the path are all ext_authz needs.
+    )
+    return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=_pack(authz))
+
+
+# Processing modes as (request headers, request body, response headers, response body); trailers
+# are never sent. Both ext_procs are idle at filter level and each inference route switches its
+# mode on (ExtProcPerRoute.overrides.processing_mode). Why: a request that Envoy rejects in the
+# codec (a header name with an underscore, say) matches no route, yet its 400 still runs through the
+# encoder filters; a sign filter waiting there for the service kept the 400 from being written before
+# Envoy closed the connection, and the client saw an empty reply.
+_Mode = tuple[bool, ProcessingModeBodySendMode, bool, ProcessingModeBodySendMode]
+_IDLE: _Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
+# The whole request body at once (SigV4 signs its hash; the buffer filter has already bounded it);
+# response headers, so the service can switch error and non-streaming bodies to BUFFERED with
+# mode_override.
+_SIGN: _Mode = (True, ProcessingModeBodySendMode.BUFFERED, True, ProcessingModeBodySendMode.NONE)
+# (Skipping the request headers and mutating them from the body response does not work: with
+# request_header_mode SKIP Envoy has already passed the headers on, and the mutation is dropped.)
+# Vertex: a bearer token does not cover the body, so the service never needs to see it.
+_SIGN_HEADERS: _Mode = (True, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.NONE)
+# Copies of the response as it streams (observability mode supports STREAMED, not BUFFERED).
+_METER: _Mode = (False, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.STREAMED)
+
+
+def _mode(mode: _Mode) -> ProcessingMode:
+    request_headers, request_body, response_headers, response_body = mode
+
+    def header(send: bool) -> ProcessingModeHeaderSendMode:
+        return ProcessingModeHeaderSendMode.SEND if send else ProcessingModeHeaderSendMode.SKIP
+
+    return ProcessingMode(
+        request_header_mode=header(request_headers),
+        request_body_mode=request_body,
+        response_header_mode=header(response_headers),
+        response_body_mode=response_body,
+        request_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+        response_trailer_mode=ProcessingModeHeaderSendMode.SKIP,
+    )
+
+
+def _sign(limits: Limits) -> HttpFilter:
+    sign = ExternalProcessor(
+        grpc_service=_grpc(SIGN_FILTER),
+        failure_mode_allow=False,
+        # 503 like ext_authz, rather than 500/504, for an unreachable or failing service; it also
+        # covers ext_authz's own 503, which passes through this filter's response path.
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # Idle unless the route switches it on (see _IDLE).
+        processing_mode=_mode(_IDLE),
+        # The service answers response headers with mode_override BUFFERED for errors and
+        # non-streaming responses, so it can rewrite them (ExternalProcessor.allow_mode_override).
+        allow_mode_override=True,
+        message_timeout=_seconds(limits.ext_proc_timeout),
+        metadata_options=MetadataOptions(
+            # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context.
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+            # What the signer decided (upstream, resolved model) for the meter to read.
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[SIGN_FILTER]),
+        ),
+        # Rewriting :path or :authority must not re-run route matching: the route (and so the
+        # per-route filter settings and body limit) was chosen on the client's path.
+        route_cache_action=ExternalProcessorRouteCacheAction.RETAIN,
+        mutation_rules=HeaderMutationRules(
+            allow_expression=RegexMatcher(regex=_SIGN_MUTABLE),
+            # A refused mutation would send an unsigned request upstream: fail it with 500 instead.
+            disallow_is_error=True,
+        ),
+    )
+    return HttpFilter(name=SIGN_FILTER, typed_config=_pack(sign))
+
+
+def _meter() -> HttpFilter:
+    meter = ExternalProcessor(
+        grpc_service=_grpc(METER_FILTER),
+        failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        # Envoy sends copies and never waits for an answer, so the stream is relayed unchanged at
+        # full speed while the service counts tokens (ExternalProcessor.observability_mode).
+        observability_mode=True,
+        processing_mode=_mode(_IDLE),
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER, SIGN_FILTER]),
+        ),
+        # Keeps the side stream open after the client's stream ends so the last chunks (with the
+        # final usage) still reach the meter (ExternalProcessor.deferred_close_timeout).
+        deferred_close_timeout=datetime.timedelta(seconds=5),
+    )
+    return HttpFilter(name=METER_FILTER, typed_config=_pack(meter))
+
+
+def _router() -> HttpFilter:
+    # No x-envoy-upstream-service-time and friends on responses (Router.suppress_envoy_headers).
+    return HttpFilter(
+        name="envoy.filters.http.router", typed_config=_pack(Router(suppress_envoy_headers=True))
+    )
+
+
+# --- local replies ------------------------------------------------------------------------------
+
+# Envoy's own error replies (413 over the body limit, 503 when a service is unreachable, ...) in the
+# Anthropic envelope. Denials from ext_authz and immediate responses from ext_proc are local replies
+# too, but the services already write them as application/json envelopes; the CEL condition leaves
+# any reply that carries a JSON content-type alone. (An access-log header_filter cannot do this: it
+# matches the *request* headers.)
+_NOT_JSON = (
+    "!('content-type' in response.headers)"
+    " || !response.headers['content-type'].startsWith('application/json')"
+)
+_LOCAL_REPLIES: tuple[tuple[int, int, str, str], ...] = (
+    (413, 413, "request_too_large", "Request exceeds the maximum allowed size."),
+    (404, 404, "not_found_error", "Not found."),
+    (429, 429, "rate_limit_error", "Too many requests; retry later."),
+    (400, 499, "invalid_request_error", "The request could not be processed."),
+    (500, 599, "api_error", "The gateway could not complete the request; retry later."),
+)
+
+
+def _local_reply_config() -> LocalReplyConfig:
+    return LocalReplyConfig(
+        mappers=[_mapper(low, high, kind, message) for low, high, kind, message in _LOCAL_REPLIES]
+    )
+
+
+def _mapper(low: int, high: int, kind: str, message: str) -> ResponseMapper:
+    bounds = (
+        [(ComparisonFilterOp.EQ, low)]
+        if low == high
+        else [(ComparisonFilterOp.GE, low), (ComparisonFilterOp.LE, high)]
+    )
+    status_filters = [
+        AccessLogFilter(
+            status_code_filter=StatusCodeFilter(
+                comparison=ComparisonFilter(op=op, value=RuntimeUInt32(default_value=code))
+            )
+        )
+        for op, code in bounds
+    ]
+    not_json = AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_pack(ExpressionFilter(expression=_NOT_JSON)),
+        )
+    )
+    return ResponseMapper(
+        filter=AccessLogFilter(and_filter=AndFilter(filters=[*status_filters, not_json])),
+        body=DataSource(inline_string=_envelope(kind, message)),
+        body_format_override=_JSON_BODY,
+    )
+
+
+def _stdout_access_log() -> AccessLog:
+    return AccessLog(name="envoy.access_loggers.stdout", typed_config=_pack(StdoutAccessLog()))

@@ -1,0 +1,180 @@
+"""The route table for :mod:`authz.envoy_render`: ``/healthz`` and the portal, the inference routes
+(each sending to the cluster ext_authz names in ``x-gateway-upstream``), and the 413 and 404 direct
+responses.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from envoy_data_plane.envoy.config.core.v3 import DataSource
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    Route,
+    RouteAction,
+    RouteActionClusterNotFoundResponseCode,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import BufferPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthzPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcOverrides, ExtProcPerRoute
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import Int64Range
+from envoy_data_plane.google.protobuf import Any as AnyProto
+
+from authz.configtypes import Limits
+from authz.envoy_common import (
+    _JSON_BODY,
+    BUFFER_FILTER,
+    EXT_AUTHZ_FILTER,
+    METER_FILTER,
+    PORTAL_CLUSTER,
+    SIGN_FILTER,
+    UPSTREAM_HEADER,
+    _envelope,
+    _pack,
+    _seconds,
+)
+from authz.envoy_filters import _METER, _SIGN, _SIGN_HEADERS, _Mode, _mode
+
+_NOT_FOUND_MESSAGE = "Not found: this gateway serves the Bedrock and Vertex inference routes."
+
+# Envoy adds these to say who the client is (use_remote_address); they go to no cloud.
+_CLIENT_ADDRESS_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-external-address")
+
+# Inference paths (Client contracts in DESIGN.md); the meter runs on the streaming ones only.
+_BEDROCK_STREAM = r"^/model/[^/]+/invoke-with-response-stream$"
+_BEDROCK_INVOKE = r"^/model/[^/]+/(invoke|count-tokens)$"
+_VERTEX_MODEL = r"^/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+"
+_VERTEX_STREAM = _VERTEX_MODEL + r":streamRawPredict$"
+_VERTEX_INVOKE = _VERTEX_MODEL + r":rawPredict$"
+_INT64_MAX = 2**63 - 1
+
+
+# --- routes -------------------------------------------------------------------------------------
+
+
+def _route_config(limits: Limits) -> RouteConfiguration:
+    body_limit = limits.max_request_body_bytes
+    routes = [
+        Route(
+            name="healthz",
+            match=RouteMatch(path="/healthz"),
+            route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=5)),
+            typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+        ),
+        # The sign-in portal: discovery, JWKS, the OAuth endpoints and the verification pages. They
+        # authenticate by their own means (device codes, refresh tokens, the IdP), so ext_authz and
+        # the ext_procs stay out; X-Forwarded-For is kept for the per-IP rate limit and audit rows.
+        *(
+            Route(
+                name=f"portal_{name}",
+                match=RouteMatch(path_separated_prefix=prefix)
+                if prefix != "/device"
+                else RouteMatch(prefix=prefix),
+                route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
+                typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+            )
+            for name, prefix in (("well_known", "/.well-known"), ("oauth", "/oauth"), ("device", "/device"))
+        ),
+        # A declared length over the limit is refused before a byte of the body is read.
+        _direct(
+            "too_large",
+            RouteMatch(
+                prefix="/",
+                headers=[
+                    HeaderMatcher(
+                        name="content-length", range_match=Int64Range(start=body_limit + 1, end=_INT64_MAX)
+                    )
+                ],
+            ),
+            413,
+            "request_too_large",
+            f"Request body exceeds the gateway's limit of {body_limit} bytes.",
+        ),
+        _inference("bedrock_stream", _match("POST", regex=_BEDROCK_STREAM), True, limits, _SIGN),
+        _inference("bedrock_invoke", _match("POST", regex=_BEDROCK_INVOKE), False, limits, _SIGN),
+        _inference(
+            "bedrock_inference_profiles",
+            _match("GET", path_prefix="/inference-profiles"),
+            False,
+            limits,
+            _SIGN_HEADERS,
+        ),
+        _inference("vertex_stream", _match("POST", regex=_VERTEX_STREAM), True, limits, _SIGN_HEADERS),
+        _inference("vertex_invoke", _match("POST", regex=_VERTEX_INVOKE), False, limits, _SIGN_HEADERS),
+        _direct("not_found", RouteMatch(prefix="/"), 404, "not_found_error", _NOT_FOUND_MESSAGE),
+    ]
+    return RouteConfiguration(
+        name="gateway",
+        virtual_hosts=[VirtualHost(name="gateway", domains=["*"], routes=routes)],
+    )
+
+
+def _direct(name: str, match: RouteMatch, status: int, kind: str, message: str) -> Route:
+    return Route(
+        name=name,
+        match=match,
+        direct_response=DirectResponseAction(
+            status=status,
+            body=DataSource(inline_string=_envelope(kind, message)),
+            # The JSON content-type also keeps the local-reply mappers off this body.
+            body_format=_JSON_BODY,
+        ),
+        # Nothing is forwarded, so there is nothing to hold, authorise or sign.
+        typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+    )
+
+
+def _match(method: str, *, regex: str | None = None, path_prefix: str | None = None) -> RouteMatch:
+    # safe_regex matches the path without its query string (RouteMatch.safe_regex);
+    # path_separated_prefix matches "/inference-profiles" and below, but not "/inference-profilesX".
+    headers = [HeaderMatcher(name=":method", string_match=StringMatcher(exact=method))]
+    if regex is not None:
+        return RouteMatch(safe_regex=RegexMatcher(regex=regex), headers=headers)
+    if path_prefix is None:
+        raise ValueError("a route needs a regex or a path prefix")
+    return RouteMatch(path_separated_prefix=path_prefix, headers=headers)
+
+
+def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits, sign: _Mode) -> Route:
+    return Route(
+        name=name,
+        match=match,
+        route=RouteAction(
+            # The cluster comes from ext_authz alone (the client's copy is stripped before routing);
+            # a missing or unknown one is a gateway bug, hence 500 (cluster_not_found_response_code).
+            cluster_header=UPSTREAM_HEADER,
+            cluster_not_found_response_code=RouteActionClusterNotFoundResponseCode.INTERNAL_SERVER_ERROR,
+            # No overall deadline: streams run as long as the model writes; idleness is bounded.
+            timeout=datetime.timedelta(0),
+            idle_timeout=_seconds(limits.stream_idle_timeout),
+            # gateway.sign sets :authority to the upstream's own host when it signs.
+            auto_host_rewrite=False,
+        ),
+        # The routing header, and the client's address, which the cloud has no use for.
+        request_headers_to_remove=[UPSTREAM_HEADER, *_CLIENT_ADDRESS_HEADERS],
+        typed_per_filter_config={
+            SIGN_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(sign)))),
+            METER_FILTER: _pack(
+                ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(_METER)))
+                if streaming
+                else ExtProcPerRoute(disabled=True)
+            ),
+        },
+    )
+
+
+def _filters_off(*names: str) -> dict[str, AnyProto]:
+    off: dict[str, AnyProto] = {}
+    for name in names:
+        if name == BUFFER_FILTER:
+            off[name] = _pack(BufferPerRoute(disabled=True))
+        elif name == EXT_AUTHZ_FILTER:
+            off[name] = _pack(ExtAuthzPerRoute(disabled=True))
+        else:
+            off[name] = _pack(ExtProcPerRoute(disabled=True))
+    return off
