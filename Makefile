@@ -46,7 +46,7 @@ $(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json
 	@touch $@
 
 .PHONY: run
-run: $(STAMP) ## Start the whole gateway on loopback (embedded Postgres, emulator, services, Envoy)
+run: $(STAMP) $(IDP_MODULES) ## Start the whole gateway on loopback (embedded Postgres, emulator, services, Envoy)
 	$(BIN)/authz run --dev
 
 .PHONY: test

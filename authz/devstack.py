@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from authz.configtypes import GatewayConfig
 from authz.envoy_render import render_yaml
 from authz.errors import GatewayError
 from authz.runtime import consecutive_free_ports, envoy_binary, free_port
+from authz.secretbox import generate_key
 from authz.tokens import KeySet, generate_signing_key, mint
 from backends.emulator.google import generate_service_account_key
 from backends.emulator.state import (
@@ -39,6 +41,11 @@ from backends.emulator.state import (
 )
 
 DEV_USER = "dev@example.com"
+# Loopback-only development IdP credentials, printed to the developer on purpose.
+DEV_PASSWORD = "dev"  # noqa: S105
+DEV_CLIENT_ID = "claude-gateway-dev"
+DEV_CLIENT_SECRET = "dev-client-secret"  # noqa: S105
+_REPO = Path(__file__).resolve().parents[1]
 DEV_GROUPS = ("developers",)
 BEDROCK_REGION = "us-east-1"
 VERTEX_REGION = "us-east5"
@@ -129,6 +136,7 @@ class Ports:
     grpc: int
     portal: int
     emulator: int
+    idp: int = 0
 
     @classmethod
     def pick(cls, workers: int, preferred: bool = False) -> Ports:
@@ -145,7 +153,14 @@ class Ports:
             return free_port()
 
         grpc = 9001 if preferred and workers == 1 and want(9001) == 9001 else consecutive_free_ports(workers)
-        return cls(envoy=want(8080), admin=want(9901), grpc=grpc, portal=want(9100), emulator=want(18081))
+        return cls(
+            envoy=want(8080),
+            admin=want(9901),
+            grpc=grpc,
+            portal=want(9100),
+            emulator=want(18081),
+            idp=want(18082),
+        )
 
 
 @dataclass
@@ -161,6 +176,8 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     config_path: Path | None = None
     config: GatewayConfig | None = None
+    # `authz run --dev` also starts a development OpenID Provider so `authz login` works locally.
+    dev_idp: bool = False
     # Extra command-line arguments for the emulator, e.g. ("--no-verify",) for the benchmark.
     emulator_args: tuple[str, ...] = ()
 
@@ -181,6 +198,8 @@ class Stack:
         self.root.mkdir(parents=True, exist_ok=True)
         self.ports = self.ports or Ports.pick(self.workers, self.preferred_ports)
         self.start_emulator()
+        if self.dev_idp:
+            self.start_dev_idp()
         self.config_path = self.write_config()
         self.config = load(self.config_path, os.environ)
         self.start_gateway()
@@ -209,6 +228,68 @@ class Stack:
         self.procs["emulator"] = proc
         _wait_port("127.0.0.1", self.ports.emulator, proc)
         self.emulator("POST", "/_emulator/state", {"service_account_keys": [str(sa_path)]})
+
+    @property
+    def idp_url(self) -> str:
+        """The development IdP's issuer."""
+        assert self.ports is not None
+        return f"http://127.0.0.1:{self.ports.idp}"
+
+    def start_dev_idp(self) -> None:
+        """Start the development OpenID Provider (npm oidc-provider, in tests/idp) with one user.
+
+        Skipped with a note when Node.js or the IdP's packages are missing (`make run` installs
+        them); the gateway then runs without sign-in, and `authz token mint` still works.
+        """
+        assert self.ports is not None
+        server = _REPO / "tests" / "idp" / "server.mjs"
+        node = shutil.which("node")
+        if node is None or not (server.parent / "node_modules" / "oidc-provider").is_dir():
+            print(
+                "note: no development IdP (needs Node.js and `npm ci` in tests/idp); sign-in is off",
+                flush=True,
+            )
+            self.dev_idp = False
+            return
+        if not self.ports.idp:
+            self.ports.idp = free_port()
+        idp_config = {
+            "clients": [
+                {
+                    "client_id": DEV_CLIENT_ID,
+                    "client_secret": DEV_CLIENT_SECRET,
+                    "redirect_uris": [f"{self.envoy_url}/oauth/callback"],
+                    "grant_types": ["authorization_code", "refresh_token"],
+                    "response_types": ["code"],
+                    "token_endpoint_auth_method": "client_secret_basic",
+                    "backchannel_logout_uri": f"{self.envoy_url}/oauth/backchannel-logout",
+                    "backchannel_logout_session_required": True,
+                }
+            ],
+            "accounts": {
+                "dev": {
+                    "email": DEV_USER,
+                    "email_verified": True,
+                    "groups": list(DEV_GROUPS),
+                    "password": DEV_PASSWORD,
+                }
+            },
+        }
+        path = self.root / "idp.json"
+        path.write_text(json.dumps(idp_config), encoding="utf-8")
+        argv = [
+            node,
+            str(server),
+            "--port",
+            str(self.ports.idp),
+            "--issuer",
+            self.idp_url,
+            "--config",
+            str(path),
+        ]
+        proc = Proc("idp", argv, self.root / "logs" / "idp.log")
+        self.procs["idp"] = proc
+        _wait_port("127.0.0.1", self.ports.idp, proc, timeout=60)
 
     def write_config(self) -> Path:
         """Write the development gateway config (and its signing key) into the state directory."""
@@ -263,6 +344,19 @@ class Stack:
                 }
             ],
         }
+        if self.dev_idp:
+            box_key = keys / "session-encryption.key"
+            if not box_key.exists():
+                box_key.write_text(generate_key(), encoding="utf-8")
+                box_key.chmod(0o600)
+            raw["sessions"]["encryption_key"] = f"${{file:{box_key}}}"
+            raw["portal"] = {"public_url": self.envoy_url}
+            raw["oidc"] = {
+                "issuer": self.idp_url,
+                "client_id": DEV_CLIENT_ID,
+                "client_secret": DEV_CLIENT_SECRET,
+                "allowed_groups": list(DEV_GROUPS),
+            }
         raw = _merge(raw, self.extra_config)
         path = self.root / "gateway.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -306,7 +400,7 @@ class Stack:
 
     def stop(self) -> None:
         """Stop everything, Envoy first so no new requests arrive."""
-        for name in ("envoy", "gateway", "emulator"):
+        for name in ("envoy", "gateway", "emulator", "idp"):
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop()
@@ -372,9 +466,19 @@ Claude Code, Vertex format:
 A token for {DEV_USER} (groups: {", ".join(DEV_GROUPS)}), valid for one hour:
   {token}
 
-Recent usage:  {authz} usage --config {stack.config_path}
+{_signin_text(stack, authz)}Recent usage:  {authz} usage --config {stack.config_path}
 Logs:          {stack.root / "logs"}
 Stop with Ctrl-C.
+"""
+
+
+def _signin_text(stack: Stack, authz: Path) -> str:
+    if not stack.dev_idp:
+        return ""
+    return f"""Sign in through the development IdP at {stack.idp_url} ({DEV_USER}, password {DEV_PASSWORD}):
+  {authz} login --gateway {stack.envoy_url}
+  then use `{authz} token --gateway {stack.envoy_url}` as the apiKeyHelper instead.
+
 """
 
 
@@ -410,7 +514,7 @@ def run_forever(*, config_path: Path | None, dev: bool, root: Path, environ: Map
     root = root.resolve()
     if dev:
         with database(root, environ) as dsn:
-            stack = Stack(root=root, database_url=dsn, preferred_ports=True)
+            stack = Stack(root=root, database_url=dsn, preferred_ports=True, dev_idp=True)
             try:
                 stack.start()
                 print(settings_text(stack, stack.mint()), flush=True)
