@@ -77,6 +77,11 @@ typecheck: $(STAMP) ## mypy --strict on the packages
 bench: $(STAMP) ## Envoy alone against the full gateway, side by side
 	$(BIN)/python -m tests.bench
 
+.PHONY: protos
+protos: $(STAMP) ## Compile protos/ into authz/_generated with grpcio-tools
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=authz/_generated --pyi_out=authz/_generated \
+	  $$(cd protos && find . -name '*.proto' | sed 's|^\./||')
+
 .PHONY: envoy-examples
 envoy-examples: $(STAMP) ## Re-render envoy/*.yaml from tests/fixtures/config
 	$(BIN)/python -m authz.envoy_render --skip-file-refs tests/fixtures/config/example.yaml > envoy/example.yaml

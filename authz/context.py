@@ -9,18 +9,36 @@ different processes.
 
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from authz._generated.claude_gateway.v1 import context_pb2
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 CONTEXT_KEY = "gateway"
 
+_OPTIONAL = (
+    "session_id",
+    "cc_session_id",
+    "agent_id",
+    "parent_agent_id",
+    "user_agent",
+    "model_raw",
+    "model",
+    "model_segment",
+)
+_REQUIRED = ("request_id", "sub", "email", "ingress_format", "operation", "upstream")
+
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Identity and decisions for one allowed inference request."""
+    """Identity and decisions for one allowed inference request
+    (``protos/claude_gateway/v1/context.proto``)."""
 
     request_id: str
     started_at: float
@@ -44,12 +62,25 @@ class RequestContext:
     def to_metadata(self) -> dict[str, str]:
         """Flat string fields for the metadata Struct.
 
-        The whole context travels as one JSON string (one Struct field to read on the hot path);
-        a few fields are repeated on their own so access logs can use
+        The whole context travels as one base64 string of the serialized message (one Struct field
+        to read on the hot path); a few fields are repeated on their own so access logs can use
         ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:email)%``.
         """
+        message = context_pb2.RequestContext(
+            request_id=self.request_id,
+            started_at=self.started_at,
+            sub=self.sub,
+            email=self.email,
+            groups=self.groups,
+            ingress_format=self.ingress_format,
+            operation=self.operation,
+            streaming=self.streaming,
+            upstream=self.upstream,
+            regional=self.regional,
+            **{name: value for name in _OPTIONAL if (value := getattr(self, name)) is not None},
+        )
         return {
-            CONTEXT_KEY: json.dumps(asdict(self), separators=(",", ":")),
+            CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii"),
             "email": self.email,
             "model": self.model or "",
             "upstream": self.upstream,
@@ -61,44 +92,24 @@ class RequestContext:
         raw = fields.get(CONTEXT_KEY)
         if not isinstance(raw, str):
             return None
+        message = context_pb2.RequestContext()
         try:
-            data = json.loads(raw)
-        except ValueError:
+            message.ParseFromString(base64.b64decode(raw, validate=True))
+        except (binascii.Error, ValueError, DecodeError):
             return None
-        if not isinstance(data, dict) or set(data) != _FIELDS:
+        if not all(getattr(message, name) for name in _REQUIRED):
             return None
-        for name, kinds in _TYPES.items():
-            value = data[name]
-            if isinstance(value, bool) and bool not in kinds:
-                return None
-            if not isinstance(value, kinds):
-                return None
-        groups = data["groups"]
-        if not all(isinstance(g, str) for g in groups):
-            return None
-        data["groups"] = tuple(groups)
-        return cls(**data)
-
-
-# The JSON type each field must have; anything else means the metadata is not ours.
-_TYPES: dict[str, tuple[type, ...]] = {
-    "request_id": (str,),
-    "started_at": (int, float),
-    "sub": (str,),
-    "email": (str,),
-    "groups": (list,),
-    "session_id": (str, type(None)),
-    "cc_session_id": (str, type(None)),
-    "agent_id": (str, type(None)),
-    "parent_agent_id": (str, type(None)),
-    "user_agent": (str, type(None)),
-    "ingress_format": (str,),
-    "operation": (str,),
-    "streaming": (bool,),
-    "upstream": (str,),
-    "model_raw": (str, type(None)),
-    "model": (str, type(None)),
-    "model_segment": (str, type(None)),
-    "regional": (bool,),
-}
-_FIELDS = frozenset(_TYPES)
+        optional = {name: getattr(message, name) if message.HasField(name) else None for name in _OPTIONAL}
+        return cls(
+            request_id=message.request_id,
+            started_at=message.started_at,
+            sub=message.sub,
+            email=message.email,
+            groups=tuple(message.groups),
+            ingress_format=message.ingress_format,
+            operation=message.operation,
+            streaming=message.streaming,
+            upstream=message.upstream,
+            regional=message.regional,
+            **optional,
+        )

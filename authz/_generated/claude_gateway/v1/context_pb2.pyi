@@ -1,0 +1,47 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RequestContext(_message.Message):
+    __slots__ = ("request_id", "started_at", "sub", "email", "groups", "session_id", "cc_session_id", "agent_id", "parent_agent_id", "user_agent", "ingress_format", "operation", "streaming", "upstream", "model_raw", "model", "model_segment", "regional")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    SUB_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CC_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_AGENT_FIELD_NUMBER: _ClassVar[int]
+    INGRESS_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_RAW_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    started_at: float
+    sub: str
+    email: str
+    groups: _containers.RepeatedScalarFieldContainer[str]
+    session_id: str
+    cc_session_id: str
+    agent_id: str
+    parent_agent_id: str
+    user_agent: str
+    ingress_format: str
+    operation: str
+    streaming: bool
+    upstream: str
+    model_raw: str
+    model: str
+    model_segment: str
+    regional: bool
+    def __init__(self, request_id: _Optional[str] = ..., started_at: _Optional[float] = ..., sub: _Optional[str] = ..., email: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., cc_session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_agent_id: _Optional[str] = ..., user_agent: _Optional[str] = ..., ingress_format: _Optional[str] = ..., operation: _Optional[str] = ..., streaming: _Optional[bool] = ..., upstream: _Optional[str] = ..., model_raw: _Optional[str] = ..., model: _Optional[str] = ..., model_segment: _Optional[str] = ..., regional: _Optional[bool] = ...) -> None: ...
