@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -114,8 +113,3 @@ def rows_for_user(dsn: str, email: str) -> list[dict[str, Any]]:
 def unique_user() -> str:
     """A fresh email per test so rows can be told apart."""
     return f"user-{time.monotonic_ns()}@example.com"
-
-
-def repo_root() -> Path:
-    """The repository's top folder."""
-    return Path(__file__).resolve().parents[2]
