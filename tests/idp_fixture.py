@@ -18,19 +18,56 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 IDP_DIR = Path(__file__).resolve().parent / "idp"
 SERVER = IDP_DIR / "server.mjs"
 READY = "IDP_READY "
+
+# Debian's chromium, driven by Playwright in the sign-in tests (never `playwright install`). Without
+# the background-networking flags Chromium keeps dialling out, which this closed network refuses.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def launch_chromium() -> Iterator[Browser]:
+    """Headless Debian chromium through Playwright's sync API, closed on exit.
+
+    Use it from a module-scoped fixture: the sync API keeps an event loop on this thread while it
+    runs, which would break asyncio tests collected after the module.
+    """
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make deps-system` installs Debian's chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield chromium
+        finally:
+            chromium.close()
 
 
 def ensure_idp_installed() -> None:

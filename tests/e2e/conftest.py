@@ -86,7 +86,7 @@ def fetch_rows(dsn: str, where: str = "true", *args: Any) -> list[dict[str, Any]
     return asyncio.run(go())
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
     """Poll until ``predicate`` returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -8,7 +8,6 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import jwt
@@ -20,21 +19,10 @@ from playwright.async_api import async_playwright
 
 from authz.configtypes import Oidc
 from authz.oidc import AuthorizationStart, IdpRefused, OidcClient, OidcError, TokenSet
-from tests.idp_fixture import TestIdp
+from tests.idp_fixture import CHROMIUM, CHROMIUM_ARGS, TestIdp
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 Method = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
 METHODS: list[Method] = ["client_secret_basic", "client_secret_post", "private_key_jwt"]
 KID = "rp-jwt-1"

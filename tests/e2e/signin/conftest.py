@@ -12,28 +12,16 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, sync_playwright
+from playwright.sync_api import Browser
 
 from authz.devstack import Ports, Stack
 from authz.secretbox import generate_key
 from tests.e2e.conftest import shared_stack_config
-from tests.idp_fixture import TestIdp
+from tests.idp_fixture import TestIdp, launch_chromium
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 CLIENT_ID = "claude-gateway"
 # Generous for the suite's own sign-ins from 127.0.0.1; the guessing test exhausts it from another
 # loopback address.
@@ -153,18 +141,6 @@ def replica_b(signin: SignInEnv, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """Debian's chromium, headless, through Playwright (never ``playwright install``).
-
-    Module-scoped: Playwright's sync API keeps an event loop on this thread while it runs, which
-    would break every asyncio test collected after these modules.
-    """
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make deps-system` installs Debian's chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    """Debian's chromium, headless, through Playwright (module-scoped: see ``launch_chromium``)."""
+    with launch_chromium() as chromium:
+        yield chromium

@@ -13,6 +13,7 @@ import pytest
 from anthropic import AnthropicBedrock
 from playwright.sync_api import Browser
 
+from tests.e2e.conftest import wait_for
 from tests.e2e.signin.conftest import SignInEnv, password
 from tests.e2e.signin.flows import (
     DEVICE_GRANT,
@@ -30,7 +31,6 @@ from tests.e2e.signin.flows import (
     sign_in,
     start_device,
     unique_ua,
-    wait_for,
     wait_refused,
 )
 
