@@ -88,9 +88,9 @@ def finished_row(
         output = result.estimated_output_tokens
         estimated = True
     priced_usage = usage if output == usage.output_tokens else replace(usage, output_tokens=output)
-    cost = prices.cost_usd(ctx.model, priced_usage, regional=ctx.regional) if ctx.model else Decimal(0)
-    if ctx.model is None and (usage.input_tokens or output):
-        cost = prices.cost_usd("unknown", priced_usage, regional=ctx.regional)
+    # No model (count-tokens, inference profiles) carries no tokens; any that do appear are priced
+    # at the fallback rate rather than treated as free.
+    cost = prices.cost_usd(ctx.model or "unknown", priced_usage, regional=ctx.regional)
     return UsageRow(
         request_id=ctx.request_id,
         started_at=_utc(ctx.started_at),

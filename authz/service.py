@@ -60,7 +60,6 @@ class Worker:
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
-    portal_port: int | None = None
     healthy: bool = True
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -112,7 +111,6 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     worker.portal = runner
     worker.portal_pool = pool
     worker.oidc = oidc
-    worker.portal_port = config.listen.portal.port
 
 
 async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
