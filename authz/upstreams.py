@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from authz import configtypes
+from backends import bedrock, vertex
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -55,12 +56,10 @@ def endpoint(u: configtypes.Upstream) -> Endpoint:
             # authz.config.validate rejects these already; this guards direct construction.
             raise ValueError(f"base_url must be an http(s) URL with a host, got {u.base_url!r}")
         return Endpoint(scheme, parts.hostname, parts.port or _DEFAULT_PORTS[scheme])
+    # The backends own each cloud's endpoint, so the host Envoy connects to is the host they sign.
     if u.kind == "bedrock":
-        service = "bedrock-runtime-fips" if u.fips else "bedrock-runtime"
-        return Endpoint("https", f"{service}.{u.region}.amazonaws.com", 443)
-    if u.region == "global":
-        return Endpoint("https", "aiplatform.googleapis.com", 443)
-    return Endpoint("https", f"{u.region}-aiplatform.googleapis.com", 443)
+        return Endpoint("https", bedrock.default_host(u.region, fips=u.fips), 443)
+    return Endpoint("https", vertex.default_host(u.region), 443)
 
 
 def cluster_name(upstream_name: str) -> str:

@@ -155,6 +155,15 @@ def _client_error(exc: ClientError | BotoCoreError) -> str:
     return type(exc).__name__
 
 
+def default_host(region: str, *, fips: bool = False) -> str:
+    """The Bedrock runtime host for ``region`` (the FIPS one when asked).
+
+    https://docs.aws.amazon.com/general/latest/gr/bedrock.html
+    """
+    prefix = "bedrock-runtime-fips" if fips else "bedrock-runtime"
+    return f"{prefix}.{region}.amazonaws.com"
+
+
 class BedrockUpstream:
     """A Bedrock Runtime endpoint plus the AWS credential that signs requests to it.
 
@@ -189,9 +198,7 @@ class BedrockUpstream:
             # VPC interface endpoints and the local emulator.
             self.scheme, self.authority = endpoint_from_url(settings.base_url)
         else:
-            # https://docs.aws.amazon.com/general/latest/gr/bedrock.html
-            prefix = "bedrock-runtime-fips" if settings.fips else "bedrock-runtime"
-            self.scheme, self.authority = "https", f"{prefix}.{settings.region}.amazonaws.com"
+            self.scheme, self.authority = "https", default_host(settings.region, fips=settings.fips)
         self._model_map = dict(settings.model_map)
         self._sts_client = sts_client
         self._owns_sts_client = sts_client is None

@@ -116,6 +116,14 @@ def _auth_transport() -> Any:
     return Request(urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=10)))  # type: ignore[no-untyped-call]
 
 
+def default_host(region: str) -> str:
+    """The Vertex AI host for ``region``; the global endpoint has no region prefix.
+
+    https://cloud.google.com/vertex-ai/generative-ai/docs/learn/locations#global-endpoint
+    """
+    return "aiplatform.googleapis.com" if region == "global" else f"{region}-aiplatform.googleapis.com"
+
+
 class VertexUpstream:
     """A Vertex AI endpoint plus the Google credential whose access token authorises requests.
 
@@ -141,12 +149,8 @@ class VertexUpstream:
         self.settings = settings
         if settings.base_url is not None:
             self.scheme, self.authority = endpoint_from_url(settings.base_url)
-        elif settings.region == "global":
-            # The global endpoint has no region prefix.
-            # https://cloud.google.com/vertex-ai/generative-ai/docs/learn/locations#global-endpoint
-            self.scheme, self.authority = "https", "aiplatform.googleapis.com"
         else:
-            self.scheme, self.authority = "https", f"{settings.region}-aiplatform.googleapis.com"
+            self.scheme, self.authority = "https", default_host(settings.region)
         self._model_map = dict(settings.model_map)
         self._credentials = credentials
         self._transport: Any = auth_request
