@@ -47,7 +47,7 @@ $(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json
 
 .PHONY: run
 run: $(STAMP) $(IDP_MODULES) ## Start the whole gateway on loopback (embedded Postgres, emulator, services, Envoy)
-	$(BIN)/authz run --dev
+	$(BIN)/python -m authz.dev
 
 .PHONY: test
 test: $(STAMP) deps-system ## Run the whole suite: unit, integration and end-to-end
@@ -84,8 +84,8 @@ protos: $(STAMP) ## Compile protos/ into authz/_generated with grpcio-tools
 
 .PHONY: envoy-examples
 envoy-examples: $(STAMP) ## Re-render envoy/*.yaml from tests/fixtures/config
-	$(BIN)/python -m authz.envoy_render --skip-file-refs tests/fixtures/config/example.yaml > envoy/example.yaml
-	$(BIN)/python -m authz.envoy_render --skip-file-refs tests/fixtures/config/dev.yaml > envoy/dev.yaml
+	$(BIN)/python -m authz.envoy.render --skip-file-refs tests/fixtures/config/example.yaml > envoy/example.yaml
+	$(BIN)/python -m authz.envoy.render --skip-file-refs tests/fixtures/config/dev.yaml > envoy/dev.yaml
 
 .PHONY: clean
 clean: ## Remove the virtual environment and run state

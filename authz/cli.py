@@ -50,14 +50,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_envoy(args: argparse.Namespace) -> int:
     """Print the rendered Envoy bootstrap, or run Envoy with it."""
-    from authz.envoy_render import render_yaml
+    from authz.envoy.render import render_yaml
 
     config = _config(args)
     text = render_yaml(config)
     if args.render:
         sys.stdout.write(text)
         return 0
-    from authz.runtime import envoy_binary
+    from authz.envoy.binary import envoy_binary
 
     out = Path(args.output or Path(".run") / "envoy.yaml")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -68,20 +68,15 @@ def cmd_envoy(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Start everything (Postgres if needed, the emulator in dev mode, services, Envoy)."""
-    from authz.devstack import run_forever
+    """Start the gateway services and Envoy together."""
+    from authz.supervisor import run
 
-    return run_forever(
-        config_path=Path(args.config) if args.config else None,
-        dev=args.dev,
-        root=Path(args.state_dir),
-        environ=dict(os.environ),
-    )
+    return run(config_path=Path(args.config), root=Path(args.state_dir), environ=dict(os.environ))
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
     """Print an access token for ``--user`` signed with the configured signing key."""
-    from authz.tokens import KeySet, mint
+    from authz.signin.tokens import KeySet, mint
 
     config = _config(args)
     if config.sessions.signing_key is None:
@@ -105,7 +100,7 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 
 def cmd_usage(args: argparse.Namespace) -> int:
     """Print the most recent usage rows."""
-    from authz.usage_report import print_recent
+    from authz.billing.usage_report import print_recent
 
     config = _config(args)
     return asyncio.run(print_recent(config, limit=args.limit, as_json=args.json))
@@ -375,14 +370,14 @@ def cmd_setup_claude_code(args: argparse.Namespace) -> int:
 
 def cmd_sessions_list(args: argparse.Namespace) -> int:
     """List sign-in sessions (active ones unless ``--all``), optionally for one user."""
-    from authz.admin import list_sessions_command
+    from authz.signin.admin import list_sessions_command
 
     return asyncio.run(list_sessions_command(_config(args), email=args.user, include_inactive=args.all))
 
 
 def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     """Revoke one session or every session of a user, and audit it."""
-    from authz.admin import revoke_sessions_command
+    from authz.signin.admin import revoke_sessions_command
 
     return asyncio.run(
         revoke_sessions_command(_config(args), email=args.user, session_id=args.session, reason=args.reason)
@@ -405,12 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_envoy)
 
-    p = sub.add_parser(
-        "run", help="run everything: services, Envoy (and in --dev mode Postgres and the emulator)"
-    )
-    p.add_argument("--config", help="gateway config; omit with --dev to generate a development one")
-    p.add_argument("--dev", action="store_true", help="embedded Postgres, upstream emulator, generated keys")
-    p.add_argument("--state-dir", default=".run", help="where --dev keeps its generated files and data")
+    p = sub.add_parser("run", help="run the gateway services and Envoy together")
+    p.add_argument("--config", required=True)
+    p.add_argument("--state-dir", default=".run", help="where the rendered Envoy config and logs go")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

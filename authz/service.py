@@ -19,24 +19,22 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
-from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 
-from authz.authorize import Authorizer
-from authz.backend_settings import backend_settings
+from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import StoreError
-from authz.grpc_server import AuthorizationServicer, ExternalProcessorServicer
-from authz.oidc import OidcClient
-from authz.portal import PortalDeps, build_portal
-from authz.pricing import PriceBook
-from authz.process import Deps
-from authz.revocation import RevocationSet, RevocationWatcher
+from authz.gateway.authorize import Authorizer
+from authz.gateway.backend_settings import backend_settings
+from authz.gateway.process import Deps
+from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
+from authz.signin.oidc import OidcClient
+from authz.signin.portal import PortalDeps, build_portal
+from authz.signin.revocation import RevocationSet, RevocationWatcher
+from authz.signin.tokens import KeySet, TokenVerifier
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.migrate import migrate
-from authz.tokens import KeySet, TokenVerifier
 from backends.base import Upstream
 from backends.factory import build_upstream
 
@@ -146,12 +144,10 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
             ("grpc.so_reuseport", 0),
         ]
     )
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
+    add_servicers(
         server,
-    )
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessorServicer(deps), server
+        AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
+        ExternalProcessorServicer(deps),
     )
     address = config.listen.grpc.address
     port = server.add_insecure_port(

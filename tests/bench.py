@@ -5,7 +5,7 @@ checks), so the difference between them is the gateway's own cost:
 
 * ``envoy``: a minimal Envoy (one listener, the router as its only filter, every path to the
   emulator), rendered here;
-* ``gateway``: the development stack (``authz.devstack.Stack``): Envoy with ext_authz, ext_proc
+* ``gateway``: the development stack (``authz.dev.devstack.Stack``): Envoy with ext_authz, ext_proc
   ``gateway.sign`` and ``gateway.meter``, the ``authz serve`` worker(s) and the usage ledger writing
   to an embedded PostgreSQL (or ``DATABASE_URL``).
 
@@ -43,8 +43,10 @@ from typing import Any
 import asyncpg
 import yaml
 
-from authz.devstack import DEV_GROUPS, Proc, Stack, database
-from authz.runtime import envoy_binary, free_port
+from authz.dev.devstack import DEV_GROUPS, Stack, database
+from authz.dev.ports import free_port
+from authz.envoy.binary import envoy_binary
+from authz.supervisor import Proc
 from tests.bench_load import http_request
 
 BEDROCK_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"

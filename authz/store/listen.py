@@ -1,4 +1,4 @@
-"""One dedicated PostgreSQL connection LISTENing on a channel, for :mod:`authz.revocation`.
+"""One dedicated PostgreSQL connection LISTENing on a channel, for :mod:`authz.signin.revocation`.
 
 A pooled connection cannot LISTEN: the pool would hand it to someone else, and a LISTEN lives only
 as long as its session. So the listener owns a plain connection, reports each notification's

@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from authz.devstack import Ports, Stack
+from authz.dev.devstack import Ports, Stack
 
 BODY_CAP = 1024 * 1024
 

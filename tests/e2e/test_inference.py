@@ -14,7 +14,7 @@ import httpx
 import pytest
 from anthropic import AnthropicBedrock, AnthropicVertex
 
-from authz.devstack import DEFAULT_PROJECT, Stack
+from authz.dev.devstack import DEFAULT_PROJECT, Stack
 from tests.e2e.conftest import row_for, rows_for_user, wait_for
 
 pytestmark = pytest.mark.e2e

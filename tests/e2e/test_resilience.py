@@ -13,10 +13,12 @@ import httpx
 import pytest
 import yaml
 
-from authz.devstack import Ports, Proc, Stack, _wait_http_ok
-from authz.envoy_render import render
-from authz.runtime import envoy_binary, free_port, free_ports
+from authz.dev.devstack import Ports, Stack
+from authz.dev.ports import free_port, free_ports
+from authz.envoy.binary import envoy_binary
+from authz.envoy.render import render
 from authz.store.embedded import EmbeddedPostgres
+from authz.supervisor import Proc, wait_http_ok
 from tests.e2e.conftest import fetch_rows, rows_for_user, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +93,7 @@ def test_ext_proc_down_fails_closed(own_stack: Stack, unique_user: str, tmp_path
         tmp_path / "envoy.log",
     )
     try:
-        _wait_http_ok(f"http://127.0.0.1:{admin_port}/ready", proc)
+        wait_http_ok(f"http://127.0.0.1:{admin_port}/ready", proc)
         own_stack.emulator("DELETE", "/_emulator/requests")
         resp = call(f"http://127.0.0.1:{envoy_port}", own_stack.mint(unique_user))
         assert 500 <= resp.status_code < 600, resp.text

@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from authz.configtypes import Sessions
-from authz.devstack import Stack
-from authz.tokens import KeySet, generate_signing_key, mint
+from authz.dev.devstack import Stack
+from authz.signin.tokens import KeySet, generate_signing_key, mint
 from tests.e2e.conftest import rows_for_user, wait_for
 
 pytestmark = pytest.mark.e2e

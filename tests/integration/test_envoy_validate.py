@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from authz.configtypes import Address, GatewayConfig
-from authz.envoy_render import load_for_render, render_yaml
+from authz.envoy.render import load_for_render, render_yaml
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,5 @@
-"""authz.oidc.OidcClient against a real OpenID Provider (npm oidc-provider) and Chromium's login form."""
+"""authz.signin.oidc.OidcClient against a real OpenID Provider (npm oidc-provider) and Chromium's
+login form."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from playwright.async_api import async_playwright
 
 from authz.configtypes import Oidc
-from authz.oidc import AuthorizationStart, IdpRefused, OidcClient, OidcError, TokenSet
+from authz.signin.oidc import AuthorizationStart, IdpRefused, OidcClient, OidcError, TokenSet
 from tests.idp_fixture import CHROMIUM, CHROMIUM_ARGS, TestIdp
 
 pytestmark = pytest.mark.integration

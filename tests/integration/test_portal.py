@@ -19,16 +19,16 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from authz import admission
 from authz.configtypes import GatewayConfig, Oidc, Portal, Sessions, Store
-from authz.oidc import AuthorizationStart, IdpRefused, IdpUnavailable, OidcError, TokenSet
-from authz.portal.app import IdentityProvider, PortalDeps, build_portal
-from authz.portal.device import USER_CODE_ALPHABET, secret_hash
-from authz.secretbox import generate_key
+from authz.signin import admission
+from authz.signin.oidc import AuthorizationStart, IdpRefused, IdpUnavailable, OidcError, TokenSet
+from authz.signin.portal import IdentityProvider, PortalDeps, build_portal
+from authz.signin.portal.device import USER_CODE_ALPHABET, secret_hash
+from authz.signin.secretbox import generate_key
+from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key
 from authz.store import sessions as store
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.migrate import migrate
-from authz.tokens import KeySet, TokenVerifier, generate_signing_key
 
 pytestmark = pytest.mark.integration
 

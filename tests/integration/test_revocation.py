@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from authz.errors import GatewayError, StoreError
-from authz.revocation import RevocationSet, RevocationWatcher
+from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.store import sessions as store
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.embedded import EmbeddedPostgres

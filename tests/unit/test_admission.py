@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from authz.admission import ADMISSION_REASONS, IdpIdentity, admit, extract_identity, resolve_claim
-from authz.idtoken import OidcError
+from authz.signin.admission import ADMISSION_REASONS, IdpIdentity, admit, extract_identity, resolve_claim
+from authz.signin.idtoken import OidcError
 
 ISS = "https://idp.example"
 

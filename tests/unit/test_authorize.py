@@ -8,12 +8,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from authz.authorize import UPSTREAM_HEADER, Allow, Authorizer, CheckInput, Deny, bearer_token
+from authz.billing.usagerow import UsageRow
 from authz.config import loads
 from authz.configtypes import GatewayConfig, Sessions, SigningKey
-from authz.context import RequestContext
-from authz.tokens import KeySet, TokenVerifier, generate_signing_key, mint
-from authz.usagerow import UsageRow
+from authz.gateway.authorize import UPSTREAM_HEADER, Allow, Authorizer, CheckInput, Deny, bearer_token
+from authz.gateway.context import RequestContext
+from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key, mint
 
 NOW = 1_900_000_000.0
 ISSUER = "https://gw.test"

@@ -12,11 +12,11 @@ from pathlib import Path
 import jwt
 import pytest
 
-from authz.admin import format_sessions
 from authz.cli import ClientDeps, build_parser, cmd_token_mint, cmd_token_print, main
 from authz.client.tokenfile import StoredToken, default_path, load, save
+from authz.signin.admin import format_sessions
+from authz.signin.tokens import generate_signing_key
 from authz.store.sessions import Session
-from authz.tokens import generate_signing_key
 from tests.unit.test_client_flow import GW, NOW, TOKENS, FakeClock, FakePortal, oauth_error, pending
 
 AUTHZ = "/opt/venv/bin/authz"

@@ -14,9 +14,9 @@ from typing import Any, get_args, get_origin
 
 import pytest
 
+from authz.billing.pricing import BUILTIN_PRICES
 from authz.config import loads
 from authz.configtypes import GatewayConfig
-from authz.pricing import BUILTIN_PRICES
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -146,7 +146,7 @@ def test_no_row_documents_a_key_that_does_not_exist() -> None:
 
 @pytest.mark.parametrize(("prefix", "price"), BUILTIN_PRICES, ids=[p for p, _ in BUILTIN_PRICES])
 def test_builtin_prices_table_matches_the_code(prefix: str, price: Any) -> None:
-    """The built-in price table lists each built-in family with the prices authz/pricing.py uses."""
+    """The built-in price table lists each built-in family with the prices authz/billing/pricing.py uses."""
     row = re.search(rf"^\|\s*`{re.escape(prefix)}`\s*\|(.*)\|\s*$", TEXT, re.MULTILINE)
     assert row is not None, f"no built-in price row for {prefix}"
     cells = [float(c.strip()) for c in row.group(1).split("|")]

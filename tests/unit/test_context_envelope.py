@@ -11,8 +11,8 @@ import pytest
 from google.protobuf import struct_pb2
 
 from authz._generated.claude_gateway.v1 import context_pb2
-from authz.context import CONTEXT_KEY, RequestContext
-from authz.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
+from authz.gateway.context import CONTEXT_KEY, RequestContext
+from authz.gateway.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
 
 CTX = RequestContext(
     request_id="req-1",

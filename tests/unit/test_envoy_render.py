@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import configtypes, envoy_render, upstreams
+from authz import configtypes
 from authz.config import loads
-from authz.envoy_render import load_for_render, render, render_yaml
+from authz.envoy import render as envoy_render
+from authz.envoy import upstreams
+from authz.envoy.render import load_for_render, render, render_yaml
 from authz.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent.parent
@@ -573,7 +575,7 @@ def test_rendering_is_plain_yaml(example: dict[str, Any]) -> None:
 
 
 def test_main_prints_the_bootstrap(capsys: pytest.CaptureFixture[str]) -> None:
-    """python -m authz.envoy_render prints the rendering, or a one-line error and exit status 2."""
+    """python -m authz.envoy.render prints the rendering, or a one-line error and exit status 2."""
     assert envoy_render.main(["--skip-file-refs", str(FIXTURES / "dev.yaml")]) == 0
     assert capsys.readouterr().out == (ROOT / "envoy" / "dev.yaml").read_text(encoding="utf-8")
     assert envoy_render.main([str(FIXTURES / "example.yaml")]) == 2

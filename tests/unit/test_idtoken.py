@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from authz.idtoken import (
+from authz.signin.idtoken import (
     BACKCHANNEL_LOGOUT_EVENT,
     ID_TOKEN_REASONS,
     LOGOUT_TOKEN_REASONS,

@@ -6,7 +6,7 @@ import urllib.parse
 
 import pytest
 
-from authz.models import InferenceRoute, canonical_model, model_family, parse_route
+from authz.gateway.models import InferenceRoute, canonical_model, model_family, parse_route
 
 ARN_PROFILE = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-5-5-v1:0"
 VERTEX = "/v1/projects/my-proj/locations/{region}/publishers/anthropic/models/{model}"

@@ -19,8 +19,8 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from authz.configtypes import Oidc
 from authz.errors import ConfigError
-from authz.idtoken import BACKCHANNEL_LOGOUT_EVENT
-from authz.oidc import (
+from authz.signin.idtoken import BACKCHANNEL_LOGOUT_EVENT
+from authz.signin.oidc import (
     JWKS_REFETCH_INTERVAL,
     AuthorizationStart,
     IdpIdentity,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from authz.configtypes import GatewayConfig, Policy, Upstream
-from authz.models import InferenceRoute, parse_route
-from authz.policy import Identity, PolicyDecision, decide
+from authz.gateway.models import InferenceRoute, parse_route
+from authz.gateway.policy import Identity, PolicyDecision, decide
 
 UPSTREAMS = (
     ("bedrock-us", Upstream(kind="bedrock", region="us-east-1")),

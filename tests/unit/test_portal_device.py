@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from authz.portal.device import (
+from authz.signin.portal.device import (
     USER_CODE_ALPHABET,
     RateLimiter,
     format_user_code,

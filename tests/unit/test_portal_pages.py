@@ -8,7 +8,7 @@ from html import escape
 
 import pytest
 
-from authz.portal import pages
+from authz.signin.portal import pages
 
 EVIL = "\"'><script>alert(1)</script><img src=x onerror=alert(2)>&amp;"
 

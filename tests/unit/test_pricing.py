@@ -6,8 +6,8 @@ from decimal import Decimal
 
 import pytest
 
+from authz.billing.pricing import PriceBook, generation, regional_premium_applies
 from authz.configtypes import Price, Pricing
-from authz.pricing import PriceBook, generation, regional_premium_applies
 from backends.usage import Usage
 
 BOOK = PriceBook()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from authz.context import RequestContext
-from authz.pricing import PriceBook
-from authz.process import CONTINUE, Continue, Deps, MeterHandler, Reply, SignHandler
-from authz.usagerow import UsageRow
+from authz.billing.pricing import PriceBook
+from authz.billing.usagerow import UsageRow
+from authz.gateway.context import RequestContext
+from authz.gateway.process import CONTINUE, Continue, Deps, MeterHandler, Reply, SignHandler
 from backends.base import BackendError, Caller, SignedRequest, UnsupportedPathError, Upstream
 from backends.messages import canned_message
 from backends.usage import Usage

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from authz.errors import GatewayError
-from authz.secretbox import NONCE_BYTES, TAG_BYTES, VERSION, SecretBox, SecretBoxError, generate_key
+from authz.signin.secretbox import NONCE_BYTES, TAG_BYTES, VERSION, SecretBox, SecretBoxError, generate_key
 
 SECRET = b"idp-refresh-token.\x00\xff with any bytes"
 

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from authz.configtypes import Sessions, SigningKey
 from authz.errors import ConfigError, TokenError
-from authz.tokens import (
+from authz.signin.tokens import (
     Claims,
     KeySet,
     TokenVerifier,

@@ -3,11 +3,11 @@
 Plain async functions over an asyncpg pool or connection. Each does one job, in one transaction
 where the job reads and then writes, and returns frozen dataclasses. The clock is passed in
 (``now``, an aware datetime) so that every replica and every test agrees on what it compares.
-Secrets arrive already hashed (SHA-256 of the opaque token) or sealed (:mod:`authz.secretbox`).
+Secrets arrive already hashed (SHA-256 of the opaque token) or sealed (:mod:`authz.signin.secretbox`).
 
 Every revocation runs ``pg_notify('gateway_revocations', <session id>)`` in the revoking
 transaction, so the notification is delivered when, and only if, the revocation commits;
-:mod:`authz.revocation` listens for it. Database failures raise :class:`~authz.errors.StoreError`.
+:mod:`authz.signin.revocation` listens for it. Database failures raise :class:`~authz.errors.StoreError`.
 
 The functions live in submodules by concern and are re-exported here, so callers import them from
 this package: :mod:`~authz.store.sessions.device` (the device flow),

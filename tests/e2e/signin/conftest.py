@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser
 
-from authz.devstack import Ports, Stack
-from authz.secretbox import generate_key
+from authz.dev.devstack import Ports, Stack
+from authz.signin.secretbox import generate_key
 from tests.e2e.conftest import shared_stack_config
 from tests.idp_fixture import TestIdp, launch_chromium
 

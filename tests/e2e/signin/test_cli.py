@@ -19,7 +19,7 @@ import pytest
 from anthropic import AnthropicBedrock, AnthropicVertex
 from playwright.sync_api import Browser
 
-from authz.devstack import VERTEX_REGION
+from authz.dev.devstack import VERTEX_REGION
 from backends.emulator.state import DEFAULT_PROJECT
 from tests.e2e.signin.conftest import SignInEnv, password
 from tests.e2e.signin.flows import (

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser
 
-from authz.devstack import Stack
+from authz.dev.devstack import Stack
 from tests.e2e.signin.conftest import SignInEnv, password
 from tests.e2e.signin.flows import (
     assert_refused,

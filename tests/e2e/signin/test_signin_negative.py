@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser
 
-from authz.portal.device import USER_CODE_ALPHABET, format_user_code
+from authz.signin.portal.device import USER_CODE_ALPHABET, format_user_code
 from tests.e2e.signin.conftest import ACCOUNTS, CLIENT_ID, USER_CODE_ATTEMPTS, SignInEnv, password
 from tests.e2e.signin.flows import (
     audit_rows,

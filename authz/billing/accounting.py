@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from authz.context import RequestContext
-from authz.usagerow import UsageRow
+from authz.billing.usagerow import UsageRow
+from authz.gateway.context import RequestContext
 from backends.usage import MeterResult
 
 if TYPE_CHECKING:
-    from authz.authorize import CheckInput
-    from authz.models import InferenceRoute
-    from authz.pricing import PriceBook
-    from authz.tokens import Claims
+    from authz.billing.pricing import PriceBook
+
+
+class AskedFor(Protocol):
+    """The request as ext_authz saw it (``CheckInput`` satisfies this)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def now(self) -> float: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+class RouteAsked(Protocol):
+    """The inference route the request named (``InferenceRoute`` satisfies this)."""
+
+    @property
+    def format(self) -> str: ...
+    @property
+    def operation(self) -> str: ...
+    @property
+    def model_raw(self) -> str | None: ...
+
+
+class Caller(Protocol):
+    """Who asked, from a verified token (``Claims`` satisfies this)."""
+
+    @property
+    def sub(self) -> str: ...
+    @property
+    def email(self) -> str: ...
+    @property
+    def groups(self) -> tuple[str, ...]: ...
+    @property
+    def sid(self) -> str | None: ...
 
 
 def _utc(ts: float) -> datetime:
@@ -23,9 +56,9 @@ def _utc(ts: float) -> datetime:
 
 
 def denied_row(
-    req: CheckInput,
-    route: InferenceRoute | None,
-    claims: Claims | None,
+    req: AskedFor,
+    route: RouteAsked | None,
+    claims: Caller | None,
     status: int,
     reason: str,
 ) -> UsageRow:

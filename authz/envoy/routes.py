@@ -1,4 +1,4 @@
-"""The route table for :mod:`authz.envoy_render`: ``/healthz`` and the portal, the inference routes
+"""The route table for :mod:`authz.envoy.render`: ``/healthz`` and the portal, the inference routes
 (each sending to the cluster ext_authz names in ``x-gateway-upstream``), and the 413 and 404 direct
 responses.
 """
@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.type.v3 import Int64Range
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from authz.configtypes import Limits
-from authz.envoy_common import (
+from authz.envoy.common import (
     _JSON_BODY,
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
@@ -38,7 +38,7 @@ from authz.envoy_common import (
     _pack,
     _seconds,
 )
-from authz.envoy_filters import _METER, _SIGN, _SIGN_HEADERS, _Mode, _mode
+from authz.envoy.filters import _METER, _SIGN, _SIGN_HEADERS, _Mode, _mode
 
 _NOT_FOUND_MESSAGE = "Not found: this gateway serves the Bedrock and Vertex inference routes."
 

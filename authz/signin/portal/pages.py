@@ -3,7 +3,7 @@
 Every value that reaches a page passes through :func:`html.escape` (attribute and text context
 alike, quotes included). The pages carry no scripts and load nothing: the only style is an inline
 ``<style>`` element, which the portal's Content-Security-Policy allows and nothing else (see
-``authz/portal/web.py``). Forms post to the portal's own paths only.
+``authz/signin/portal/web.py``). Forms post to the portal's own paths only.
 """
 
 from __future__ import annotations

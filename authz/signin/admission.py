@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from authz.idtoken import OidcError
+from authz.signin.idtoken import OidcError
 
 ADMISSION_REASONS = frozenset(
     {"email_not_verified", "no_email", "email_domain_not_allowed", "group_not_allowed"}

@@ -1,6 +1,6 @@
-"""Names and small helpers shared by the Envoy bootstrap builders (:mod:`authz.envoy_render`).
+"""Names and small helpers shared by the Envoy bootstrap builders (:mod:`authz.envoy.render`).
 
-The public names are re-exported by :mod:`authz.envoy_render`, which stays the entry point.
+The public names are re-exported by :mod:`authz.envoy.render`, which stays the entry point.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from envoy_data_plane.google.protobuf import Any as AnyProto
 GRPC_CLUSTER = "gateway_grpc"
 PORTAL_CLUSTER = "gateway_portal"
 UPSTREAM_HEADER = "x-gateway-upstream"
-"""Set by ext_authz on every allowed request to the cluster (:func:`authz.upstreams.cluster_name`)."""
+"""Set by ext_authz on every allowed request to the cluster (:func:`authz.envoy.upstreams.cluster_name`)."""
 BUFFER_FILTER = "envoy.filters.http.buffer"
 """Holds each request body, up to limits.max_request_body_bytes, before any service sees it."""
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"

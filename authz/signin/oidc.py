@@ -3,8 +3,8 @@
 Discovery (OIDC Discovery 1.0 §4), the authorization code flow with PKCE (OIDC Core §3.1,
 RFC 7636), the token endpoint (RFC 6749 §4.1.3 and §6) with client authentication by authlib,
 userinfo (OIDC Core §5.3) and the IdP's JWK Set. Token validation and admission are pure and live
-in :mod:`authz.idtoken` and :mod:`authz.admission`; :class:`OidcClient` feeds them the cached keys,
-the configuration and the clock.
+in :mod:`authz.signin.idtoken` and :mod:`authz.signin.admission`; :class:`OidcClient` feeds them
+the cached keys, the configuration and the clock.
 
 Errors: :class:`OidcError` (``reason`` is a short code) with two subclasses the refresh path acts
 on: :class:`IdpRefused` (the IdP said no: the session must end) and :class:`IdpUnavailable` (it
@@ -30,11 +30,11 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, RSAKey
 
-from authz import admission, idtoken
-from authz.admission import IdpIdentity
 from authz.configtypes import Oidc
 from authz.errors import ConfigError
-from authz.idtoken import OidcError
+from authz.signin import admission, idtoken
+from authz.signin.admission import IdpIdentity
+from authz.signin.idtoken import OidcError
 
 __all__ = [
     "AuthorizationStart",
@@ -462,7 +462,7 @@ class OidcClient:
         self, id_token: str, *, nonce: str | None, expected_sub: str | None = None
     ) -> dict[str, Any]:
         """Validate ``id_token`` (OIDC Core §3.1.3.7) with the cached keys; see
-        :func:`authz.idtoken.validate_id_token`. ``nonce=None`` for a refreshed token."""
+        :func:`authz.signin.idtoken.validate_id_token`. ``nonce=None`` for a refreshed token."""
         _, jwks = self._discovered()
         return idtoken.validate_id_token(
             id_token,
@@ -478,7 +478,7 @@ class OidcClient:
 
     def validate_logout_token(self, token: str) -> dict[str, Any]:
         """Validate a back-channel logout token (Back-Channel Logout 1.0 §2.6); see
-        :func:`authz.idtoken.validate_logout_token`. The caller checks ``jti`` replay."""
+        :func:`authz.signin.idtoken.validate_logout_token`. The caller checks ``jti`` replay."""
         _, jwks = self._discovered()
         return idtoken.validate_logout_token(
             token,

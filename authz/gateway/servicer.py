@@ -1,8 +1,9 @@
 """The gRPC edge: Envoy's ext_authz ``Check`` and ext_proc ``Process`` services.
 
-Thin servicers (STYLE.md, habit 1): protobuf is turned into plain data at the top, the decision is
-made by :mod:`authz.authorize` or :mod:`authz.process`, and the answer is turned back into protobuf
-at the bottom. A deny is a response; a fault is an error, and Envoy fails closed on errors.
+Thin servicers (STYLE.md, habit 1): protobuf is turned into plain data at the top, the decision
+is made by :mod:`authz.gateway.authorize` or :mod:`authz.gateway.process`, and the answer is
+turned back into protobuf at the bottom. A deny is a response; a fault is an error, and Envoy
+fails closed on errors.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz.authorize import Allow, Authorizer, CheckInput
-from authz.context import METADATA_NAMESPACE, RequestContext
-from authz.envelope import ErrorReply
-from authz.process import Action, Continue, Deps, MeterHandler, Reply, SignHandler
-from authz.usagerow import UsageRow
+from authz.billing.usagerow import UsageRow
+from authz.gateway.authorize import Allow, Authorizer, CheckInput
+from authz.gateway.context import METADATA_NAMESPACE, RequestContext
+from authz.gateway.envelope import ErrorReply
+from authz.gateway.process import Action, Continue, Deps, MeterHandler, Reply, SignHandler
 
 log = logging.getLogger("authz.grpc")
 
@@ -207,3 +208,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 sign.on_close()
             if meter is not None:
                 meter.on_close()
+
+
+def add_servicers(
+    server: grpc.aio.Server, authorization: AuthorizationServicer, processor: ExternalProcessorServicer
+) -> None:
+    """Register both servicers on ``server`` (Envoy's generated registration functions stay here)."""
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)

@@ -23,7 +23,7 @@ from authz.errors import GatewayError, StoreError
 from authz.store.listen import Listener, listen
 from authz.store.sessions import REVOCATION_CHANNEL, revoked_session_ids
 
-log = logging.getLogger("authz.revocation")
+log = logging.getLogger("authz.signin.revocation")
 
 
 class RevocationSet:

@@ -48,12 +48,13 @@ def _decode_key(key: str) -> bytes:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError) as exc:
         raise SecretBoxError(
-            "sessions.encryption_key is not base64url; generate one with authz.secretbox.generate_key()"
+            "sessions.encryption_key is not base64url; "
+            "generate one with authz.signin.secretbox.generate_key()"
         ) from exc
     if len(raw) != KEY_BYTES:
         raise SecretBoxError(
             f"sessions.encryption_key decodes to {len(raw)} bytes, not {KEY_BYTES}; "
-            "generate one with authz.secretbox.generate_key()"
+            "generate one with authz.signin.secretbox.generate_key()"
         )
     return raw
 

@@ -1,4 +1,4 @@
-"""The whole gateway on loopback: what ``make run`` (``authz run --dev``) and the end-to-end tests use.
+"""The whole gateway on loopback: what ``make run`` (``python -m authz.dev``) and the end-to-end tests use.
 
 Processes: the upstream emulator (standing in for Bedrock and Vertex), the gateway services
 (``authz serve``), and Envoy with the rendered configuration. PostgreSQL comes from
@@ -15,24 +15,24 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 
 from authz.config import load
 from authz.configtypes import GatewayConfig
-from authz.envoy_render import render_yaml
-from authz.errors import GatewayError
-from authz.runtime import consecutive_free_ports, envoy_binary, free_port
-from authz.secretbox import generate_key
-from authz.tokens import KeySet, generate_signing_key, mint
+from authz.dev.ports import consecutive_free_ports, free_port
+from authz.envoy.binary import envoy_binary
+from authz.envoy.render import render_yaml
+from authz.signin.secretbox import generate_key
+from authz.signin.tokens import KeySet, generate_signing_key, mint
+from authz.supervisor import Proc, wait_http_ok, wait_port
 from backends.emulator.google import generate_service_account_key
 from backends.emulator.state import (
     DEFAULT_PROJECT,
@@ -45,76 +45,10 @@ DEV_USER = "dev@example.com"
 DEV_PASSWORD = "dev"  # noqa: S105
 DEV_CLIENT_ID = "claude-gateway-dev"
 DEV_CLIENT_SECRET = "dev-client-secret"  # noqa: S105
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 DEV_GROUPS = ("developers",)
 BEDROCK_REGION = "us-east-1"
 VERTEX_REGION = "us-east5"
-
-
-class Proc:
-    """A child process with its output in a log file."""
-
-    def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log: IO[bytes] = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(  # noqa: S603 - argv is built by this module
-            argv,
-            stdout=self._log,
-            stderr=self._log,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        """True while the process runs."""
-        return self.popen.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-        """Signal the process and wait; kill it if it does not stop in time."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-
-    def tail(self, lines: int = 40) -> str:
-        """The end of the log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def _wait_port(host: str, port: int, proc: Proc, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise GatewayError(f"{proc.name} exited early:\n{proc.tail()}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise GatewayError(f"{proc.name} did not listen on {host}:{port} within {timeout}s:\n{proc.tail()}")
-
-
-def _wait_http_ok(url: str, proc: Proc, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise GatewayError(f"{proc.name} exited early:\n{proc.tail()}")
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
-            if resp.status == 200:
-                return
-        time.sleep(0.05)
-    raise GatewayError(f"{proc.name} not ready at {url} within {timeout}s:\n{proc.tail()}")
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,7 +110,7 @@ class Stack:
     procs: dict[str, Proc] = field(default_factory=dict)
     config_path: Path | None = None
     config: GatewayConfig | None = None
-    # `authz run --dev` also starts a development OpenID Provider so `authz login` works locally.
+    # `make run` also starts a development OpenID Provider so `authz login` works locally.
     dev_idp: bool = False
     # Extra command-line arguments for the emulator, e.g. ("--no-verify",) for the benchmark.
     emulator_args: tuple[str, ...] = ()
@@ -226,7 +160,7 @@ class Stack:
         ]
         proc = Proc("emulator", argv, self.root / "logs" / "emulator.log")
         self.procs["emulator"] = proc
-        _wait_port("127.0.0.1", self.ports.emulator, proc)
+        wait_port("127.0.0.1", self.ports.emulator, proc)
         self.emulator("POST", "/_emulator/state", {"service_account_keys": [str(sa_path)]})
 
     @property
@@ -289,7 +223,7 @@ class Stack:
         ]
         proc = Proc("idp", argv, self.root / "logs" / "idp.log")
         self.procs["idp"] = proc
-        _wait_port("127.0.0.1", self.ports.idp, proc, timeout=60)
+        wait_port("127.0.0.1", self.ports.idp, proc, timeout=60)
 
     def write_config(self) -> Path:
         """Write the development gateway config (and its signing key) into the state directory."""
@@ -369,8 +303,8 @@ class Stack:
         proc = Proc("gateway", argv, self.root / "logs" / "gateway.log")
         self.procs["gateway"] = proc
         for i in range(self.workers):
-            _wait_port("127.0.0.1", self.ports.grpc + i, proc)
-        _wait_http_ok(f"http://127.0.0.1:{self.ports.portal}/healthz", proc)
+            wait_port("127.0.0.1", self.ports.grpc + i, proc)
+        wait_http_ok(f"http://127.0.0.1:{self.ports.portal}/healthz", proc)
 
     def stop_gateway(self, sig: int = signal.SIGTERM) -> None:
         """Stop the gateway services (for fail-closed and drain tests)."""
@@ -396,7 +330,7 @@ class Stack:
         ]
         proc = Proc("envoy", argv, self.root / "logs" / "envoy.log")
         self.procs["envoy"] = proc
-        _wait_http_ok(f"http://127.0.0.1:{self.ports.admin}/ready", proc)
+        wait_http_ok(f"http://127.0.0.1:{self.ports.admin}/ready", proc)
 
     def stop(self) -> None:
         """Stop everything, Envoy first so no new requests arrive."""
@@ -499,10 +433,8 @@ def database(root: Path, environ: Mapping[str, str]) -> Iterator[str]:
         pg.stop()
 
 
-def run_forever(*, config_path: Path | None, dev: bool, root: Path, environ: Mapping[str, str]) -> int:
-    """``authz run``: start the stack, print how to use it, and wait for Ctrl-C or SIGTERM."""
-    if not dev and config_path is None:
-        raise GatewayError("authz run needs --config, or --dev for the development stack")
+def run_forever(*, root: Path, environ: Mapping[str, str]) -> int:
+    """``make run``: start the development stack, print how to use it, and wait for Ctrl-C or SIGTERM."""
     stopping = False
 
     def on_signal(_signum: int, _frame: object) -> None:
@@ -512,39 +444,13 @@ def run_forever(*, config_path: Path | None, dev: bool, root: Path, environ: Map
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     root = root.resolve()
-    if dev:
-        with database(root, environ) as dsn:
-            stack = Stack(root=root, database_url=dsn, preferred_ports=True, dev_idp=True)
-            try:
-                stack.start()
-                print(settings_text(stack, stack.mint()), flush=True)
-                while not stopping and all(p.alive() for p in stack.procs.values()):
-                    time.sleep(0.5)
-            finally:
-                stack.stop()
-        return 0
-    assert config_path is not None
-    config = load(config_path, environ)
-    gateway = Proc(
-        "gateway",
-        [sys.executable, "-m", "authz.cli", "serve", "--config", str(config_path)],
-        root / "logs" / "gateway.log",
-    )
-    envoy_path = root / "envoy.yaml"
-    envoy_path.write_text(render_yaml(config), encoding="utf-8")
-    envoy = Proc(
-        "envoy",
-        [envoy_binary(), "-c", str(envoy_path), "--log-level", "warning"],
-        root / "logs" / "envoy.log",
-    )
-    print(
-        "gateway services and Envoy started; Envoy listens on "
-        f"{config.listen.envoy.address}:{config.listen.envoy.port}"
-    )
-    try:
-        while not stopping and gateway.alive() and envoy.alive():
-            time.sleep(0.5)
-    finally:
-        envoy.stop()
-        gateway.stop()
+    with database(root, environ) as dsn:
+        stack = Stack(root=root, database_url=dsn, preferred_ports=True, dev_idp=True)
+        try:
+            stack.start()
+            print(settings_text(stack, stack.mint()), flush=True)
+            while not stopping and all(p.alive() for p in stack.procs.values()):
+                time.sleep(0.5)
+        finally:
+            stack.stop()
     return 0

@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from authz.accounting import denied_row
+from authz.billing.accounting import denied_row
+from authz.billing.usagerow import UsageRow
 from authz.configtypes import GatewayConfig
-from authz.context import RequestContext
-from authz.envelope import ErrorReply, error_reply
+from authz.envoy.upstreams import cluster_name
 from authz.errors import TokenError
-from authz.models import InferenceRoute, parse_route
-from authz.policy import Identity, decide
-from authz.tokens import Claims, TokenVerifier
-from authz.upstreams import cluster_name
-from authz.usagerow import UsageRow
+from authz.gateway.context import RequestContext
+from authz.gateway.envelope import ErrorReply, error_reply
+from authz.gateway.models import InferenceRoute, parse_route
+from authz.gateway.policy import Identity, decide
+from authz.signin.tokens import Claims, TokenVerifier
 
 # The header ext_authz sets to pick the upstream cluster (the route's `cluster_header`). Clients
 # can never choose it: it is removed from every request and set only here, after policy.

@@ -1,6 +1,6 @@
 """Where each configured upstream lives on the network, and the Envoy cluster that reaches it.
 
-The Envoy renderer (:mod:`authz.envoy_render`) builds one cluster per upstream from
+The Envoy renderer (:mod:`authz.envoy.render`) builds one cluster per upstream from
 :func:`endpoint`; ext_authz names that cluster in the ``x-gateway-upstream`` header with
 :func:`cluster_name`; ext_proc sets ``:authority`` to :attr:`Endpoint.authority` when it signs. All
 three must agree, so they share this module.

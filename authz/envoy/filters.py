@@ -1,4 +1,4 @@
-"""The listener's HTTP filters for :mod:`authz.envoy_render`: buffer, ext_authz, the two ext_procs
+"""The listener's HTTP filters for :mod:`authz.envoy.render`: buffer, ext_authz, the two ext_procs
 (``gateway.sign`` and ``gateway.meter``) with their processing modes, the router, the early header
 strip, and the local-reply mappers that put Envoy's own errors in the Anthropic envelope.
 """
@@ -56,7 +56,7 @@ from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 
 from authz.configtypes import Limits
-from authz.envoy_common import (
+from authz.envoy.common import (
     _JSON_BODY,
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,

@@ -22,23 +22,23 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from authz.oidc import IdpRefused, IdpUnavailable, OidcError
-from authz.portal import pages
-from authz.portal.device import (
+from authz.signin.oidc import IdpRefused, IdpUnavailable, OidcError
+from authz.signin.portal import pages
+from authz.signin.portal.device import (
     format_user_code,
     generate_secret,
     normalise_user_code,
     same_secret,
     secret_hash,
 )
-from authz.portal.oauth import FormError, client_ip, idp_token_binding, origin_of, read_form, user_agent
+from authz.signin.portal.http import FormError, client_ip, idp_token_binding, origin_of, read_form, user_agent
 from authz.store import sessions as store
 
 if TYPE_CHECKING:
-    from authz.oidc import AuthorizationStart
-    from authz.portal.app import PortalContext
+    from authz.signin.oidc import AuthorizationStart
+    from authz.signin.portal.context import PortalContext
 
-log = logging.getLogger("authz.portal.web")
+log = logging.getLogger("authz.signin.portal.web")
 
 CSRF_COOKIE = "gw_csrf"
 BROWSER_COOKIE = "gw_browser"

@@ -1,4 +1,4 @@
-"""Clusters for :mod:`authz.envoy_render`: the gateway's gRPC workers, the portal, and one fixed
+"""Clusters for :mod:`authz.envoy.render`: the gateway's gRPC workers, the portal, and one fixed
 cluster per configured upstream, with its TLS settings.
 """
 
@@ -42,9 +42,9 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 
-from authz import upstreams
 from authz.configtypes import GatewayConfig
-from authz.envoy_common import GRPC_CLUSTER, PORTAL_CLUSTER, _address, _pack, _seconds
+from authz.envoy import upstreams
+from authz.envoy.common import GRPC_CLUSTER, PORTAL_CLUSTER, _address, _pack, _seconds
 from authz.errors import ConfigError
 
 # Concurrent requests per cluster. Envoy's default circuit breaker is 1024; every in-flight

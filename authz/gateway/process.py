@@ -23,19 +23,19 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from authz.accounting import finished_row
-from authz.context import RequestContext
-from authz.envelope import ErrorReply, error_reply
-from authz.pricing import PriceBook
-from authz.upstream_errors import map_upstream_error
-from authz.usagerow import UsageRow
+from authz.billing.accounting import finished_row
+from authz.billing.pricing import PriceBook
+from authz.billing.usagerow import UsageRow
+from authz.gateway.context import RequestContext
+from authz.gateway.envelope import ErrorReply, error_reply
+from authz.gateway.upstream_errors import map_upstream_error
 from backends.base import BackendError, Caller, UnsupportedPathError, Upstream
 from backends.eventstream import EventStreamMeter
 from backends.jsonbody import JsonMeter
 from backends.sse import SseMeter
 from backends.usage import Meter, MeterResult
 
-log = logging.getLogger("authz.process")
+log = logging.getLogger("authz.gateway.process")
 
 # Hop-by-hop and encoding headers the upstream request must not carry: the meters read the
 # response bytes, so the upstream must answer uncompressed.

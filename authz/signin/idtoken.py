@@ -6,7 +6,7 @@ module only decides which key and algorithm may be used (RFC 8725 §3.1) and app
 rules pyjwt does not know (``azp``, ``nonce``, the ``iat`` window, the ``events`` claim).
 
 Everything here is pure: the IdP's JWK Set and ``now`` are arguments, nothing is fetched and no
-clock is read. Fetching and re-fetching the JWK Set is :mod:`authz.oidc`'s job.
+clock is read. Fetching and re-fetching the JWK Set is :mod:`authz.signin.oidc`'s job.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class OidcError(GatewayError):
     """The IdP or something it signed failed a check; ``reason`` is a short machine code.
 
     Reasons from token validation are listed in :data:`ID_TOKEN_REASONS` and
-    :data:`LOGOUT_TOKEN_REASONS`; :mod:`authz.oidc` adds its own (``issuer_mismatch``, ...). The
+    :data:`LOGOUT_TOKEN_REASONS`; :mod:`authz.signin.oidc` adds its own (``issuer_mismatch``, ...). The
     message says what failed and never carries a token.
     """
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from authz.configtypes import GatewayConfig, Policy
-from authz.models import InferenceRoute, model_family
+from authz.gateway.models import InferenceRoute, model_family
 
 # Operations that name no billable model choice: listing profiles, and counting tokens (free on
 # every upstream). They still need an upstream of the right kind to be answered.

@@ -13,35 +13,42 @@ import logging
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
-from multidict import MultiDictProxy
 
 from authz.errors import TokenError
-from authz.idtoken import ID_TOKEN_REASONS, LOGOUT_TOKEN_MAX_AGE
-from authz.oidc import IdpRefused, IdpUnavailable, OidcError
-from authz.portal.device import (
+from authz.signin.idtoken import ID_TOKEN_REASONS, LOGOUT_TOKEN_MAX_AGE
+from authz.signin.oidc import IdpRefused, IdpUnavailable, OidcError
+from authz.signin.portal.device import (
     generate_device_code,
     generate_secret,
     generate_user_code,
     normalise_user_code,
     secret_hash,
 )
-from authz.secretbox import SecretBoxError
+from authz.signin.portal.http import (
+    NO_STORE,
+    FormError,
+    client_ip,
+    idp_token_binding,
+    oauth_error,
+    oauth_json,
+    read_form,
+    user_agent,
+)
+from authz.signin.secretbox import SecretBoxError
+from authz.signin.tokens import mint
 from authz.store import sessions as store
-from authz.tokens import mint
 
 if TYPE_CHECKING:
-    from authz.portal.app import PortalContext
+    from authz.signin.portal.context import PortalContext
 
-log = logging.getLogger("authz.portal.oauth")
+log = logging.getLogger("authz.signin.portal.oauth")
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 REFRESH_TOKEN_GRANT = "refresh_token"  # noqa: S105 -- an RFC 6749 §6 grant type name, not a secret
 
-# What is kept of client-supplied strings in rows and logs.
-MAX_USER_AGENT = 512
+# What is kept of a client-supplied surface name in rows and logs.
 MAX_SURFACE = 64
 
 # A user code collides with a live one about once in 20^8 / (live codes) draws; a few retries make
@@ -51,85 +58,6 @@ _USER_CODE_ATTEMPTS = 8
 # Reasons from the IdP's answer at refresh that mean "this is not (or no longer) the user": the
 # session ends. Anything else the IdP does wrong is treated as it being unavailable.
 _REFUSING_REASONS = ID_TOKEN_REASONS | {"userinfo_sub_mismatch"}
-
-# RFC 6749 §5.1 (and RFC 8628 §3.5, RFC 7009 §2.2): token responses must not be cached.
-NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-class FormError(Exception):
-    """The request body is not a form, or repeats a parameter (RFC 6749 §3.1)."""
-
-
-class Form:
-    """An ``application/x-www-form-urlencoded`` body (RFC 6749 Appendix B)."""
-
-    def __init__(self, data: MultiDictProxy[Any]) -> None:
-        self._data = data
-
-    def get(self, name: str) -> str | None:
-        """The single value of ``name``, None when absent; FormError when repeated or not text."""
-        values = self._data.getall(name, [])
-        if not values:
-            return None
-        # RFC 6749 §3.1: "Request and response parameters MUST NOT be included more than once."
-        if len(values) > 1 or not isinstance(values[0], str):
-            raise FormError(name)
-        value: str = values[0]
-        return value
-
-
-async def read_form(request: web.Request) -> Form:
-    """Parse a form body; FormError for any other content type. Unknown parameters are kept and
-    ignored by the callers (RFC 6749 §3.1, RFC 8628 §3.1)."""
-    if request.content_type != "application/x-www-form-urlencoded":
-        raise FormError("content-type")
-    try:
-        data = await request.post()
-    except ValueError as exc:
-        raise FormError("body") from exc
-    return Form(data)
-
-
-def origin_of(url: str) -> str | None:
-    """The RFC 6454 §6.1 ASCII serialisation of ``url``'s origin, default ports dropped; None if
-    ``url`` has no http(s) origin."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    default = 443 if scheme == "https" else 80
-    return f"{scheme}://{host}" if port in (None, default) else f"{scheme}://{host}:{port}"
-
-
-def client_ip(request: web.Request) -> str | None:
-    """The client's address: the last ``X-Forwarded-For`` entry, which Envoy appends itself
-    (``use_remote_address``), else the TCP peer."""
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    last = forwarded.rsplit(",", 1)[-1].strip()
-    return last[:64] if last else request.remote
-
-
-def user_agent(request: web.Request) -> str | None:
-    """The User-Agent, bounded, for audit rows."""
-    value = request.headers.get("User-Agent")
-    return value[:MAX_USER_AGENT] if value else None
-
-
-def oauth_json(body: dict[str, Any], status: int = 200) -> web.Response:
-    """A JSON answer that no cache keeps."""
-    return web.json_response(body, status=status, headers=NO_STORE)
-
-
-def oauth_error(error: str, status: int = 400, headers: dict[str, str] | None = None) -> web.Response:
-    """An RFC 6749 §5.2 error object."""
-    return web.json_response({"error": error}, status=status, headers={**NO_STORE, **(headers or {})})
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,9 +485,3 @@ class OAuthEndpoints:
         )
         # §2.8: 200 on success, with Cache-Control: no-store.
         return web.Response(status=200, headers=NO_STORE)
-
-
-def idp_token_binding(sub: str) -> bytes:
-    """Associated data that binds a sealed IdP refresh token to its user, so a sealed value copied
-    to another session row does not open there."""
-    return b"idp_refresh_token\x00" + sub.encode("utf-8")

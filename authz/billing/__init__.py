@@ -1,0 +1,1 @@
+"""Prices, usage rows and the reports built from them."""
