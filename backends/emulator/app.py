@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from backends.emulator import google, sigv4
+from backends.emulator.canned import canned_events, canned_message
 from backends.emulator.state import (
     ACCOUNT_ID,
     DEFAULT_ROLE_ARN,
@@ -35,7 +36,6 @@ from backends.emulator.state import (
     Scenario,
 )
 from backends.eventstream import chunk_frame, exception_frame
-from backends.messages import canned_events, canned_message
 from backends.sse import sse_event
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)

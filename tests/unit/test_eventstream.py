@@ -17,6 +17,7 @@ import pytest
 from botocore.eventstream import EventStreamBuffer
 
 from backends import eventstream
+from backends.emulator.canned import canned_events
 from backends.eventstream import (
     COUNTED_PREFIXES,
     SKIPPED_PREFIXES,
@@ -25,7 +26,6 @@ from backends.eventstream import (
     encode_frame,
     exception_frame,
 )
-from backends.messages import canned_events
 from backends.usage import MeterResult, Usage
 
 STREAMS = Path(__file__).parent.parent / "fixtures" / "streams"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from backends.emulator.canned import canned_message
 from backends.jsonbody import JsonMeter
-from backends.messages import canned_message
 from backends.usage import MeterResult, Usage
 
 

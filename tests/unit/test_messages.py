@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from backends.messages import StreamAccumulator, canned_events, canned_message
+from backends.emulator.canned import canned_events, canned_message
+from backends.messages import StreamAccumulator
 from backends.usage import MeterResult, Usage
 
 USAGE = Usage(

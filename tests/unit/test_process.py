@@ -17,7 +17,7 @@ from authz.billing.usagerow import UsageRow
 from authz.gateway.context import RequestContext
 from authz.gateway.process import CONTINUE, Continue, Deps, MeterHandler, Reply, SignHandler
 from backends.base import BackendError, Caller, SignedRequest, UnsupportedPathError, Upstream
-from backends.messages import canned_message
+from backends.emulator.canned import canned_message
 from backends.usage import Usage
 
 STREAMS = Path(__file__).parent.parent / "fixtures" / "streams"

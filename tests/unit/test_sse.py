@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from backends import sse
-from backends.messages import canned_events
+from backends.emulator.canned import canned_events
 from backends.sse import SseMeter, sse_event
 from backends.usage import MeterResult, Usage
 
