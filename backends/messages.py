@@ -42,7 +42,7 @@ class StreamAccumulator:
     carries and leaves the others alone, so nothing is ever summed across events.
     """
 
-    __slots__ = ("_complete", "_deltas", "_error_message", "_error_type", "_fields", "_metrics")
+    __slots__ = ("_complete", "_deltas", "_error_message", "_error_type", "_fields", "_malformed", "_metrics")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}
@@ -51,11 +51,7 @@ class StreamAccumulator:
         self._deltas = 0
         self._error_type: str | None = None
         self._error_message: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Whether an error (in-stream or malformed input) has been recorded."""
-        return self._error_type is not None
+        self._malformed: str | None = None
 
     def count_delta(self) -> None:
         """Count one ``content_block_delta`` without decoding it (the output estimate)."""
@@ -66,10 +62,18 @@ class StreamAccumulator:
         self._complete = True
 
     def set_error(self, error_type: str, message: str | None) -> None:
-        """Record an in-stream error, or malformed input; the first one recorded wins."""
+        """Record an in-stream error (exception frame, ``error`` event); the first one recorded wins."""
         if self._error_type is None:
             self._error_type = error_type
             self._error_message = message
+
+    def set_malformed(self, description: str) -> None:
+        """Record upstream data the meter could not understand; the first description wins.
+
+        The description must not quote payload bytes: it ends up in logs and usage rows.
+        """
+        if self._malformed is None:
+            self._malformed = description
 
     def apply_usage(self, usage: object) -> None:
         """Take the latest value of each count present in an Anthropic ``usage`` object."""
@@ -153,6 +157,7 @@ class StreamAccumulator:
             complete=self._complete,
             error_type=self._error_type,
             error_message=self._error_message,
+            malformed=self._malformed,
             estimated_output_tokens=self._deltas,
             bytes_seen=bytes_seen,
         )

@@ -199,7 +199,9 @@ class SignHandler:
         meter = meter_for(ctx)
         meter.feed(body)
         result = meter.result()
-        if ctx.operation == "count_tokens":
+        if result.malformed:
+            self._write(status, "upstream_error", f"malformed upstream body: {result.malformed}", result)
+        elif ctx.operation == "count_tokens":
             counted = result.usage.input_tokens
             self._write(status, "complete", f"counted {counted} input tokens", MeterResult(complete=True))
         else:
@@ -262,7 +264,9 @@ class MeterHandler:
             self.meter.feed(chunk)
         if end_of_stream:
             result = self.meter.result()
-            if result.error_type:
+            if result.malformed:
+                self._write("upstream_error", f"malformed upstream stream: {result.malformed}", result)
+            elif result.error_type:
                 self._write(
                     "upstream_error", f"in-stream {result.error_type}: {result.error_message or ''}", result
                 )
@@ -275,7 +279,12 @@ class MeterHandler:
         """Envoy closed the stream before the end: the client went away (or the upstream reset)."""
         if self.meter is None or self.done:
             return
-        self._write("client_aborted", "stream cut before the end", self.meter.result())
+        result = self.meter.result()
+        if result.malformed:
+            # Clients stop reading at a bad frame, so the cut is most likely the upstream's doing.
+            self._write("upstream_error", f"malformed upstream stream: {result.malformed}", result)
+        else:
+            self._write("client_aborted", "stream cut before the end", result)
 
     def _write(self, outcome: str, reason: str | None, result: MeterResult) -> None:
         ctx = self.ctx
