@@ -462,6 +462,66 @@ async def test_stream_ending_without_message_stop_is_an_upstream_error(world: Wo
     assert (row.outcome, row.reason) == ("upstream_error", "stream ended before message_stop")
 
 
+def _bad_crc_after_two_deltas(data: bytes) -> tuple[bytes, int]:
+    """bedrock_basic with the third delta's message CRC broken, and where that frame starts."""
+    ends = _frame_ends(data)
+    broken = bytearray(data)
+    broken[ends[4] - 1] ^= 0x01
+    return bytes(broken), ends[3]
+
+
+def _bad_sse_event(data: bytes) -> bytes:
+    """vertex_basic with an event whose data is not JSON just before message_delta."""
+    at = data.index(b"event: message_delta")
+    return data[:at] + b"event: message_start\r\ndata: {oops\r\n\r\n" + data[at:]
+
+
+async def test_malformed_stream_is_an_upstream_error_with_the_tokens_seen(world: World) -> None:
+    """A stream with a bad frame or event is recorded as upstream_error naming the malformation,
+    with the tokens counted around it (the final message_delta included)."""
+    bedrock = (STREAMS / "bedrock_basic.eventstream").read_bytes()
+    broken, position = _bad_crc_after_two_deltas(bedrock)
+    cases = [
+        (BEDROCK_CTX, broken, f"event-stream frame at byte {position} fails its message CRC"),
+        (
+            VERTEX_CTX,
+            _bad_sse_event((STREAMS / "vertex_basic.sse").read_bytes()),
+            "SSE message_start event could not be decoded (JSONDecodeError)",
+        ),
+    ]
+    for seed, (ctx, data, malformed) in enumerate(cases):
+        meter = MeterHandler(world.deps)
+        meter.on_response_headers({":status": "200"}, ctx)
+        for chunk in _random_chunks(data, seed):
+            meter.on_response_body(chunk, False)
+        meter.on_response_body(b"", True)
+        meter.on_close()
+        row = world.rows[-1]
+        assert (row.status, row.outcome, row.reason) == (
+            200,
+            "upstream_error",
+            f"malformed upstream stream: {malformed}",
+        )
+        assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (25, 12, False)
+    assert len(world.rows) == 2
+
+
+async def test_malformed_stream_cut_early_is_an_upstream_error(world: World) -> None:
+    """A stream closed after a bad frame is the upstream's failure, not the client's: upstream_error
+    with the output estimated from the deltas counted on both sides of the bad frame."""
+    data, position = _bad_crc_after_two_deltas((STREAMS / "bedrock_basic.eventstream").read_bytes())
+    meter = MeterHandler(world.deps)
+    meter.on_response_headers({":status": "200"}, BEDROCK_CTX)
+    meter.on_response_body(data[: _frame_ends(data)[5]], False)
+    meter.on_close()
+    row = _only_row(world)
+    assert (row.outcome, row.reason) == (
+        "upstream_error",
+        f"malformed upstream stream: event-stream frame at byte {position} fails its message CRC",
+    )
+    assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (25, 3, True)
+
+
 async def test_meter_ignores_error_and_non_streaming_responses(world: World) -> None:
     """The meter writes nothing for an error status, a non-streaming route or a missing context."""
     for status, ctx in (("403", BEDROCK_CTX), ("200", BEDROCK_INVOKE_CTX), ("200", None)):
@@ -512,6 +572,21 @@ async def test_count_tokens_costs_nothing(world: World) -> None:
     row = _only_row(world)
     assert (row.outcome, row.cost_usd) == ("complete", Decimal(0))
     assert row.reason == "counted 1234 input tokens"
+
+
+async def test_non_json_success_body_is_an_upstream_error(world: World) -> None:
+    """A 2xx non-streaming answer that is not JSON is recorded as upstream_error, not as complete."""
+    handler = await _signed(world, BEDROCK_INVOKE_CTX)
+    handler.on_response_headers({":status": "200", "content-type": "application/json"})
+    assert handler.on_response_body(b"<html>upstream proxy</html>") == CONTINUE
+    handler.on_close()
+    row = _only_row(world)
+    assert (row.status, row.outcome, row.reason) == (
+        200,
+        "upstream_error",
+        "malformed upstream body: response body is not JSON (JSONDecodeError)",
+    )
+    assert (row.input_tokens, row.output_tokens) == (0, 0)
 
 
 async def test_upstream_403_with_arn_becomes_502_and_an_upstream_error_row(world: World) -> None:
