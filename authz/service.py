@@ -25,8 +25,7 @@ from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import StoreError
 from authz.gateway.authorize import Authorizer
-from authz.gateway.backend_settings import backend_settings
-from authz.gateway.process import Deps
+from authz.gateway.exchange import Deps
 from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
@@ -36,7 +35,7 @@ from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.migrate import migrate
 from backends.base import Upstream
-from backends.factory import build_upstream
+from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
 
@@ -128,11 +127,11 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     # Revoked sessions reach this set within seconds (LISTEN/NOTIFY plus periodic resync); the
     # first sync is awaited briefly so a restarted worker does not forget recent revocations.
     await watcher.start(config.store.url, config.sessions.revocation_resync_interval)
-    upstreams = {name: build_upstream(backend_settings(name, up)) for name, up in config.upstreams}
+    upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
+    prices = PriceBook(config.pricing)
     deps = Deps(
         upstreams=upstreams,
-        model_maps={name: dict(up.model_map) for name, up in config.upstreams},
-        prices=PriceBook(config.pricing),
+        prices=prices,
         record=ledger.record,
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
@@ -146,7 +145,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     add_servicers(
         server,
-        AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
+        AuthorizationServicer(
+            Authorizer(config, verifier, is_revoked=revocations.is_revoked, prices=prices), ledger.record
+        ),
         ExternalProcessorServicer(deps),
     )
     address = config.listen.grpc.address
