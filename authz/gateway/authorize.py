@@ -88,11 +88,11 @@ class Authorizer:
         config: GatewayConfig,
         verifier: TokenVerifier,
         *,
-        is_revoked: Callable[[str], bool] | None = None,
+        is_revoked: Callable[[Claims], bool] | None = None,
     ) -> None:
         self._config = config
         self._verifier = verifier
-        self._is_revoked = is_revoked or (lambda _sid: False)
+        self._is_revoked = is_revoked or (lambda _claims: False)
         self._max_body = config.limits.max_request_body_bytes
         self._regions = {name: up.region for name, up in config.upstreams}
 
@@ -155,7 +155,8 @@ class Authorizer:
         if token is None:
             raise TokenError("missing")
         claims = self._verifier.verify(token, req.now)
-        if self._is_revoked(claims.sid):
+        # By session id, or by the IdP subject/session a back-channel logout named (RevocationSet.blocks).
+        if self._is_revoked(claims):
             raise TokenError("revoked")
         return claims
 

@@ -7,11 +7,16 @@ tests live with the end-to-end suite.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -20,14 +25,19 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from authz.configtypes import GatewayConfig, Oidc, Portal, Sessions, Store
+from authz.errors import StoreError
 from authz.signin import admission
+from authz.signin.backchannel import BackchannelLogouts, write_logout
 from authz.signin.oidc import AuthorizationStart, IdpRefused, IdpUnavailable, OidcError, TokenSet
 from authz.signin.portal import IdentityProvider, PortalDeps, build_portal
 from authz.signin.portal.device import USER_CODE_ALPHABET, secret_hash
+from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.secretbox import generate_key
 from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key
 from authz.store import sessions as store
 from authz.store.db import Pool, connect, connect_pool
+from authz.store.embedded import EmbeddedPostgres
+from authz.store.logout_spool import LogoutSpool, SpooledLogout, new_entry_id
 from authz.store.migrate import migrate
 
 pytestmark = pytest.mark.integration
@@ -170,6 +180,7 @@ class Portal_:
     clock: Clock
     config: GatewayConfig
     keyset: KeySet
+    logouts: BackchannelLogouts
     sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
     def browser(self, ip: str = "198.51.100.7") -> Browser:
@@ -282,7 +293,9 @@ class Browser:
 PortalFactory = Callable[..., Awaitable[Portal_]]
 
 
-def _config(dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC) -> GatewayConfig:
+def _config(
+    dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC, spool: Path | None = None
+) -> GatewayConfig:
     return GatewayConfig(
         sessions=Sessions(
             issuer=ISSUER,
@@ -291,12 +304,43 @@ def _config(dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC
         ),
         oidc=Oidc(issuer=IDP, client_id="gw", client_secret="s3cret", refresh_grace=grace) if oidc else None,
         portal=Portal(public_url=public, user_code_attempts_per_minute=5),
-        store=Store(url=dsn),
+        store=Store(url=dsn, spool_dir=str(spool or ""), replay_interval=0.2, connect_timeout=2.0),
     )
 
 
+def _logouts(config: GatewayConfig, clock: Callable[[], datetime]) -> BackchannelLogouts:
+    """The journal the portal accepts back-channel logouts into, as a worker builds it."""
+    return BackchannelLogouts(
+        LogoutSpool(Path(config.store.spool_dir) / "logouts"),
+        RevocationSet(),
+        dsn=config.store.url,
+        hold=config.sessions.access_token_ttl + config.sessions.clock_skew,
+        replay_interval=config.store.replay_interval,
+        connect_timeout=config.store.connect_timeout,
+        scan_interval=0.05,
+        clock=lambda: clock().timestamp(),
+    )
+
+
+async def _serve(config: GatewayConfig, pool: Pool, stub: StubIdp | None, clock: Clock) -> Portal_:
+    keyset = KeySet.from_config(config.sessions)
+    logouts = _logouts(config, clock)
+    provider: IdentityProvider | None = stub
+    deps = PortalDeps(config=config, pool=pool, keyset=keyset, oidc=provider, clock=clock, logouts=logouts)
+    server = TestServer(build_portal(deps), port=0)
+    await server.start_server()
+    return Portal_(server, pool, stub or StubIdp(), clock, config, keyset, logouts)
+
+
+async def _close(portal: Portal_) -> None:
+    for http in portal.sessions:
+        await http.close()
+    await portal.server.close()
+    await portal.logouts.aclose()
+
+
 @pytest.fixture
-async def make_portal(clean_db: str) -> AsyncIterator[PortalFactory]:
+async def make_portal(clean_db: str, tmp_path: Path) -> AsyncIterator[PortalFactory]:
     conn = await connect(clean_db, timeout=10)
     try:
         await migrate(conn)
@@ -312,23 +356,15 @@ async def make_portal(clean_db: str) -> AsyncIterator[PortalFactory]:
     async def factory(
         *, oidc: bool = True, grace: int = 0, idp: StubIdp | None = None, public: str = PUBLIC
     ) -> Portal_:
-        config = _config(clean_db, oidc=oidc, grace=grace, public=public)
-        keyset = KeySet.from_config(config.sessions)
-        stub = idp or StubIdp()
-        provider: IdentityProvider | None = stub if oidc else None
-        clock = Clock()
-        app = build_portal(PortalDeps(config=config, pool=pool, keyset=keyset, oidc=provider, clock=clock))
-        server = TestServer(app, port=0)
-        await server.start_server()
-        portal = Portal_(server, pool, stub, clock, config, keyset)
+        spool = tmp_path / f"spool-{len(made)}"
+        config = _config(clean_db, oidc=oidc, grace=grace, public=public, spool=spool)
+        portal = await _serve(config, pool, (idp or StubIdp()) if oidc else None, Clock())
         made.append(portal)
         return portal
 
     yield factory
     for portal in made:
-        for http in portal.sessions:
-            await http.close()
-        await portal.server.close()
+        await _close(portal)
     await pool.close()
 
 
@@ -866,6 +902,180 @@ async def test_backchannel_logout_by_sub(portal: Portal_) -> None:
     for tokens in (first, second):
         session = await store.get_session(portal.pool, portal.verify(tokens["access_token"]).sid)
         assert session is not None and session.revoked_reason == "backchannel_logout"
+
+
+def logout_token(portal: Portal_, name: str, jti: str, **names: str) -> str:
+    """Register a logout token ``name`` with the stub IdP, naming ``sub`` and/or ``sid``."""
+    portal.idp.logout_tokens[name] = {
+        "iss": IDP,
+        "aud": "gw",
+        "iat": portal.clock().timestamp(),
+        "jti": jti,
+        **names,
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    }
+    return name
+
+
+def spooled(portal: Portal_, jti: str, **names: str) -> SpooledLogout:
+    """A validated logout as the endpoint would journal it."""
+    now = portal.clock().timestamp()
+    return SpooledLogout(
+        entry=new_entry_id(),
+        issuer=IDP,
+        jti=jti,
+        sub=names.get("sub"),
+        sid=names.get("sid"),
+        accepted_at=now,
+        jti_expires_at=now + 300,
+    )
+
+
+async def test_a_journal_entry_whose_write_committed_is_not_a_replay_of_itself(portal: Portal_) -> None:
+    """An entry already in PostgreSQL whose file outlived the write is recognised as applied on
+    replay (no replay refusal, the file goes); the logout token itself is still refused as a replay."""
+    tokens = await signed_in(portal)
+    logout = spooled(portal, "j-crash", sid="idp-s1")
+    await write_logout(portal.pool, logout, now=logout.accepted_at)
+    spool = LogoutSpool(Path(portal.config.store.spool_dir) / "logouts")
+    assert spool.add(logout)
+
+    assert await portal.logouts.replay() == 1
+    assert spool.entries() == []
+    assert "logout_jti_replay" not in await portal.reasons("backchannel_logout")
+    session = await store.get_session(portal.pool, portal.verify(tokens["access_token"]).sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    name = logout_token(portal, "lt", "j-crash", sid="idp-s1")
+    response = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+    assert (response.status, await response.json()) == (400, {"error": "invalid_request"})
+
+
+async def test_refresh_is_refused_while_a_logout_waits_in_the_journal(portal: Portal_) -> None:
+    """A session named by a journalled logout not yet written through cannot be refreshed, and is
+    revoked on the spot; a later sign-in of the same subject is not affected."""
+    tokens = await signed_in(portal)
+    portal.clock.advance(10)
+    spool = LogoutSpool(Path(portal.config.store.spool_dir) / "logouts")
+    assert spool.add(spooled(portal, "j-wait", sub="00u-ada"))
+    assert await portal.logouts.scan() == 1
+    portal.clock.advance(10)
+    later = await signed_in(portal, {**ADA, "sid": "idp-s9"})
+
+    assert await portal.refresh(tokens["refresh_token"]) == (401, {"error": "invalid_grant"})
+    session = await store.get_session(portal.pool, portal.verify(tokens["access_token"]).sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    assert "backchannel_logout" in await portal.reasons("refresh")
+    status, _ = await portal.refresh(later["refresh_token"])
+    assert status == 200
+
+
+async def wait_until(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server of this module's own, which the outage test stops and starts again."""
+    # Outside pytest's basetemp for the reason given in conftest.pg_dsn.
+    base = Path(tempfile.mkdtemp(prefix="authz-pg-"))
+    server = EmbeddedPostgres()
+    try:
+        server.start(base / "data")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def outage_portal(own_pg: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Portal_]:
+    """A portal on the stoppable server, its journal's loops running as in a worker."""
+    conn = await connect(own_pg.dsn, timeout=10)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            "TRUNCATE sessions, refresh_tokens, device_codes, auth_requests, audit_events, logout_jtis"
+        )
+    finally:
+        await conn.close()
+    pool = await connect_pool(own_pg.dsn, timeout=10)
+    portal = await _serve(_config(own_pg.dsn, spool=tmp_path / "spool"), pool, StubIdp(), Clock())
+    await portal.logouts.start()
+    try:
+        yield portal
+    finally:
+        await _close(portal)
+        await pool.close()
+        try:
+            await (await connect(own_pg.dsn, timeout=2)).close()
+        except StoreError:
+            own_pg.start_again()
+
+
+async def test_backchannel_logout_while_postgres_is_down(
+    outage_portal: Portal_, own_pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """With PostgreSQL stopped the logout is answered 200 and enforced at once here, by a sibling
+    worker sharing the journal and by a worker started afterwards; a replica with a journal of its
+    own learns it once PostgreSQL is back and the journal is written through, which revokes the
+    session for good; the token replayed during or after the outage is refused."""
+    portal = outage_portal
+    tokens = await signed_in(portal)
+    other = await signed_in(portal, {**ADA, "sid": "idp-s2"})
+    claims, other_claims = portal.verify(tokens["access_token"]), portal.verify(other["access_token"])
+    assert (claims.sub, claims.idp_sid) == ("00u-ada", "idp-s1")
+
+    # A sibling worker sharing the journal, and a replica with its own journal, watching PostgreSQL.
+    journal = Path(portal.config.store.spool_dir) / "logouts"
+    sibling = _logouts(portal.config, portal.clock)
+    await sibling.start()
+    elsewhere = RevocationWatcher(RevocationSet(), timeout=2.0, keepalive_interval=0.5, backoff_max=0.5)
+    assert await elsewhere.start(own_pg.dsn, resync_interval=3600)
+    restarted: BackchannelLogouts | None = None
+    try:
+        own_pg.stop_server()
+        name = logout_token(portal, "lt", "j-outage", sid="idp-s1", sub="00u-ada")
+        response = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+        assert response.status == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        assert portal.logouts.revocations.blocks(claims)
+        assert not portal.logouts.revocations.blocks(other_claims)
+        await wait_until(lambda: sibling.revocations.blocks(claims))
+        restarted = _logouts(portal.config, portal.clock)
+        await restarted.start()
+        assert restarted.revocations.blocks(claims)
+        assert not elsewhere.revocations.blocks(claims)
+        assert len(LogoutSpool(journal).entries()) == 1
+
+        again = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+        assert (again.status, await again.json()) == (400, {"error": "invalid_request"})
+        status, _ = await portal.refresh(tokens["refresh_token"])
+        assert status == 503
+
+        own_pg.start_again()
+        await wait_until(lambda: not LogoutSpool(journal).entries(), within=30)
+        await wait_until(lambda: elsewhere.revocations.blocks(claims), within=10)
+        assert not elsewhere.revocations.blocks(other_claims)
+    finally:
+        await sibling.aclose()
+        await elsewhere.aclose()
+        if restarted is not None:
+            await restarted.aclose()
+
+    session = await store.get_session(portal.pool, claims.sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    other_session = await store.get_session(portal.pool, other_claims.sid)
+    assert other_session is not None and other_session.revoked_at is None
+    rows = [e for e in await portal.audits("backchannel_logout") if e.outcome == "ok"]
+    assert len(rows) == 1 and rows[0].session_id == claims.sid
+    assert rows[0].detail is not None and rows[0].detail["spooled"] is True
+    assert await portal.refresh(tokens["refresh_token"]) == (401, {"error": "invalid_grant"})
+    again = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+    assert (again.status, await again.json()) == (400, {"error": "invalid_request"})
 
 
 # --- open redirects -------------------------------------------------------------------------------

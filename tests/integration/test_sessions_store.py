@@ -87,6 +87,7 @@ async def new_session(
     idp_sid: str | None = "idp-sid-1",
     refresh: str | None = "refresh-1",
     lifetime: timedelta = LIFETIME,
+    created: datetime = NOW,
 ) -> store.Session:
     return await store.create_session(
         pool,
@@ -99,7 +100,7 @@ async def new_session(
         surface="claude_code",
         user_agent="claude-cli/2.1.0",
         lifetime=lifetime,
-        now=NOW,
+        now=created,
         refresh_token_hash=None if refresh is None else hash_token(refresh),
     )
 
@@ -551,13 +552,68 @@ async def test_audit_events_round_trip_newest_first(pool: Pool) -> None:
     assert len(await store.recent_audit(pool, 1)) == 1
 
 
-async def test_a_logout_jti_is_accepted_once_per_issuer_until_it_expires(pool: Pool) -> None:
-    """A jti seen before is a replay; another issuer's identical jti is not; an expired entry is pruned."""
-    iss = "https://idp.example.com"
-    assert await store.remember_logout_jti(pool, "jti-1", iss, at(120), NOW)
-    assert not await store.remember_logout_jti(pool, "jti-1", iss, at(120), at(60))
-    assert await store.remember_logout_jti(pool, "jti-1", "https://other-idp.example.com", at(120), at(60))
-    assert await store.remember_logout_jti(pool, "jti-1", iss, at(300), at(120))
+async def logout(
+    pool: Pool,
+    entry: str,
+    jti: str,
+    *,
+    iss: str = "https://idp.example.com",
+    sub: str | None = "00u-ada",
+    sid: str | None = None,
+    accepted: float = 10,
+    expires: float = 310,
+    now: float | None = None,
+) -> store.LogoutResult:
+    return await store.record_backchannel_logout(
+        pool,
+        entry=entry,
+        issuer=iss,
+        jti=jti,
+        jti_expires_at=at(expires),
+        sub=sub,
+        idp_sid=sid,
+        accepted_at=at(accepted),
+        reason="backchannel_logout",
+        now=at(accepted if now is None else now),
+        client_ip="192.0.2.9",
+        user_agent="idp/1",
+        detail={"spooled": True},
+    )
+
+
+async def test_a_logout_revokes_once_and_knows_its_own_entry_from_a_replay(pool: Pool, clean_db: str) -> None:
+    """Writing a logout revokes its sessions with one audit row; the same entry again is
+    already_applied, another entry with that jti is a replay, another issuer's jti is new."""
+    await new_session(pool, "s1", refresh="r1", idp_sid="idp-A")
+    await new_session(pool, "s2", refresh="r2", idp_sid="idp-B")
+    async with notifications(clean_db) as queue:
+        first = await logout(pool, "e1", "j1", sid="idp-A")
+        assert first == store.LogoutResult("applied", ("s1",))
+        assert await drain(queue, 1) == ["s1"]
+    rows = await store.recent_audit(pool, 10, kind="backchannel_logout")
+    assert [(r.outcome, r.session_id, r.client_ip, r.user_agent, r.detail) for r in rows] == [
+        ("ok", "s1", "192.0.2.9", "idp/1", {"sessions": 1, "by": "sid", "spooled": True})
+    ]
+    # The entry's first write committed but its file outlived it: written again, nothing happens.
+    assert await logout(pool, "e1", "j1", sid="idp-A", now=60) == store.LogoutResult("already_applied")
+    assert await logout(pool, "e2", "j1", sid="idp-B", now=60) == store.LogoutResult("replay")
+    assert await logout(pool, "e3", "j1", iss="https://other.example", sid="idp-B") == store.LogoutResult(
+        "applied", ("s2",)
+    )
+    assert len(await store.recent_audit(pool, 10, kind="backchannel_logout")) == 2
+    # Once the token could no longer pass validation its jti is forgotten.
+    assert await logout(pool, "e4", "j1", sid="idp-B", now=400) == store.LogoutResult("applied", ())
+
+
+async def test_a_logout_by_sub_spares_sign_ins_made_after_it(pool: Pool) -> None:
+    """A logout naming only the sub, written late, revokes the sessions signed in by the time it
+    arrived and not those signed in since; one naming the IdP sid has no such bound."""
+    await new_session(pool, "before", refresh="r1", idp_sid="idp-A", created=at(0))
+    await new_session(pool, "after", refresh="r2", idp_sid="idp-A", created=at(20))
+    assert await logout(pool, "e1", "j1", accepted=10, now=30) == store.LogoutResult("applied", ("before",))
+    assert await logout(pool, "e2", "j2", sid="idp-A", accepted=10, now=30) == store.LogoutResult(
+        "applied", ("after",)
+    )
 
 
 async def test_prune_removes_expired_sign_in_state_and_old_sessions(pool: Pool) -> None:
@@ -566,7 +622,7 @@ async def test_prune_removes_expired_sign_in_state_and_old_sessions(pool: Pool) 
     await new_auth_request(pool)
     await new_session(pool, "old", refresh="r1", lifetime=timedelta(days=1))
     await new_session(pool, "live", refresh="r2")
-    assert await store.remember_logout_jti(pool, "j", "iss", at(60), NOW)
+    assert (await logout(pool, "e", "j", sub="00u-nobody", accepted=0, expires=60)).status == "applied"
     assert await store.prune_expired(pool, at(1), keep_sessions=timedelta(days=1)) == 0
     # device code + auth request + jti + the old session (its refresh token goes with it).
     assert await store.prune_expired(pool, NOW + timedelta(days=2), keep_sessions=timedelta(days=1)) == 4

@@ -13,7 +13,7 @@ from authz.config import loads
 from authz.configtypes import GatewayConfig, Sessions, SigningKey
 from authz.gateway.authorize import UPSTREAM_HEADER, Allow, Authorizer, CheckInput, Deny, bearer_token
 from authz.gateway.context import RequestContext
-from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key, mint
+from authz.signin.tokens import Claims, KeySet, TokenVerifier, generate_signing_key, mint
 
 NOW = 1_900_000_000.0
 ISSUER = "https://gw.test"
@@ -82,10 +82,10 @@ def _authorizer(revoked: frozenset[str] = frozenset(), seen: list[str] | None = 
         clock_skew=config.sessions.clock_skew,
     )
 
-    def is_revoked(sid: str) -> bool:
+    def is_revoked(claims: Claims) -> bool:
         if seen is not None:
-            seen.append(sid)
-        return sid in revoked
+            seen.append(claims.sid)
+        return claims.sid in revoked
 
     return Authorizer(config, verifier, is_revoked=is_revoked)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from authz.configtypes import GatewayConfig
+from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, TokenSet
 from authz.signin.portal.device import RateLimiter
 from authz.signin.portal.http import origin_of
@@ -76,7 +77,8 @@ class PortalDeps:
     ``oidc`` is None when the configuration has no ``oidc`` section: the sign-in endpoints then
     answer 503 ``temporarily_unavailable`` while discovery, JWKS and revocation keep working.
     ``clock`` returns an aware datetime (tests move it); ``healthy`` feeds ``/healthz`` (False
-    while the worker drains).
+    while the worker drains). ``logouts`` lets back-channel logouts be accepted while PostgreSQL
+    is unreachable; without it they need PostgreSQL (503 otherwise).
     """
 
     config: GatewayConfig
@@ -85,6 +87,7 @@ class PortalDeps:
     oidc: IdentityProvider | None
     clock: Callable[[], datetime] = field(default=utc_now)
     healthy: Callable[[], bool] = field(default=_always_healthy)
+    logouts: BackchannelLogouts | None = None
 
 
 class PortalContext:
@@ -97,6 +100,7 @@ class PortalContext:
         self.pool = deps.pool
         self.keyset = deps.keyset
         self.oidc = deps.oidc
+        self.logouts = deps.logouts
         self.public_url = config.portal.public_url.rstrip("/")
         origin = origin_of(self.public_url)
         if origin is None:
