@@ -21,6 +21,7 @@ TTL = timedelta(minutes=10)
 LIFETIME = timedelta(days=7)
 BROWSER = hash_token("browser-cookie-value")
 OTHER_BROWSER = hash_token("someone-else's-cookie")
+NEXT_BROWSER = hash_token("the-browser-cookie-minted-at-the-callback")
 
 
 def at(seconds: float) -> datetime:
@@ -293,9 +294,16 @@ IDENTITY = VerifiedIdentity(
 
 
 async def test_an_approval_round_trips_once_to_the_browser_that_signed_in(pool: Pool) -> None:
-    """The identity parked at the callback comes back once, byte for byte, to the same browser only."""
+    """The identity parked at the callback comes back once, byte for byte, only to the browser holding
+    the binding value the callback minted."""
     await new_auth_request(pool)
-    store_args: dict[str, Any] = {"approval_id": "appr-1", "identity": IDENTITY, "ttl": TTL}
+    # The callback rotates the browser's binding cookie: the approval is bound to the new one.
+    store_args: dict[str, Any] = {
+        "approval_id": "appr-1",
+        "identity": IDENTITY,
+        "ttl": TTL,
+        "browser_hash": NEXT_BROWSER,
+    }
     # Not before the callback consumed the request.
     assert not await store.store_approval(pool, state="state-1", now=at(1), **store_args)
     assert isinstance(await store.consume_auth_request(pool, "state-1", BROWSER, at(2)), store.AuthRequest)
@@ -305,10 +313,11 @@ async def test_an_approval_round_trips_once_to_the_browser_that_signed_in(pool: 
     )
 
     assert await store.take_approval(pool, "appr-1", OTHER_BROWSER, at(5)) == "approval_mismatch"
-    approval = await store.take_approval(pool, "appr-1", BROWSER, at(6))
+    assert await store.take_approval(pool, "appr-1", BROWSER, at(5)) == "approval_mismatch"
+    approval = await store.take_approval(pool, "appr-1", NEXT_BROWSER, at(6))
     assert isinstance(approval, store.Approval)
     assert (approval.identity, approval.user_code, approval.state) == (IDENTITY, "WDJBMJHT", "state-1")
-    assert await store.take_approval(pool, "appr-1", BROWSER, at(7)) == "approval_reused"
+    assert await store.take_approval(pool, "appr-1", NEXT_BROWSER, at(7)) == "approval_reused"
     # The sealed IdP refresh token does not linger once handed on.
     assert await pool.fetchval("SELECT identity FROM auth_requests WHERE state = 'state-1'") is None
 
@@ -318,7 +327,13 @@ async def test_unknown_and_expired_approvals_are_refused(pool: Pool) -> None:
     await new_auth_request(pool)
     assert isinstance(await store.consume_auth_request(pool, "state-1", BROWSER, at(1)), store.AuthRequest)
     assert await store.store_approval(
-        pool, state="state-1", approval_id="appr-1", identity=IDENTITY, ttl=TTL, now=at(2)
+        pool,
+        state="state-1",
+        approval_id="appr-1",
+        browser_hash=BROWSER,
+        identity=IDENTITY,
+        ttl=TTL,
+        now=at(2),
     )
     assert await store.take_approval(pool, "appr-2", BROWSER, at(3)) == "approval_unknown"
     assert await store.take_approval(pool, "appr-1", BROWSER, at(2) + TTL) == "approval_expired"
