@@ -176,9 +176,12 @@ class BackchannelLogouts:
             # Without the journal, PostgreSQL is the only durable place left: wait on it as long
             # as any other portal request would.
             log.error("back-channel logout: the journal at %s failed (%s)", self._spool.directory, exc)
-            result = await self._with_connection(
-                self._connect_timeout, lambda conn: write_logout(conn, logout, now=logout.accepted_at)
-            )
+            try:
+                result = await self._with_connection(
+                    self._connect_timeout, lambda conn: write_logout(conn, logout, now=logout.accepted_at)
+                )
+            except TimeoutError as timeout:
+                raise StoreError("PostgreSQL did not answer in time") from timeout
             if result.status == "replay":
                 return Accepted("replay")
             self._enforce(logout, pending=False)
@@ -222,9 +225,9 @@ class BackchannelLogouts:
             if not entries:
                 return 0
             try:
-                done = await self._with_connection(
-                    self._connect_timeout, lambda conn: self._replay_entries(conn, entries)
-                )
+                # Connecting, then a second or so per entry: a long outage may leave many.
+                budget = self._connect_timeout + self._direct_timeout * len(entries)
+                done = await self._with_connection(budget, lambda conn: self._replay_entries(conn, entries))
             except (StoreError, TimeoutError) as exc:
                 if not self._outage_logged:
                     log.warning(
