@@ -98,6 +98,7 @@ class Store:
 
     url: str = ""
     spool_dir: str = "./.run/spool"
+    logout_spool_dir: str = ""
     batch_size: int = 200
     flush_interval: float = 0.2
     replay_interval: float = 5.0

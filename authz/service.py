@@ -27,12 +27,14 @@ from authz.errors import StoreError
 from authz.gateway.authorize import Authorizer
 from authz.gateway.exchange import Deps
 from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
+from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.tokens import KeySet, TokenVerifier
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
+from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
 from backends.base import Upstream
 from backends.kinds import KINDS
@@ -54,6 +56,7 @@ class Worker:
     grpc_server: grpc.aio.Server
     grpc_port: int
     watcher: RevocationWatcher | None = None
+    logouts: BackchannelLogouts | None = None
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
@@ -73,6 +76,8 @@ class Worker:
         if self.oidc is not None:
             await self.oidc.aclose()
         await self.ledger.aclose()
+        if self.logouts is not None:
+            await self.logouts.aclose()
         if self.watcher is not None:
             await self.watcher.aclose()
         for upstream in self.upstreams.values():
@@ -99,7 +104,14 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
     oidc = OidcClient(config.oidc) if config.oidc is not None else None
     app = build_portal(
-        PortalDeps(config=config, pool=pool, keyset=keyset, oidc=oidc, healthy=lambda: worker.healthy)
+        PortalDeps(
+            config=config,
+            pool=pool,
+            keyset=keyset,
+            oidc=oidc,
+            healthy=lambda: worker.healthy,
+            logouts=worker.logouts,
+        )
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -127,6 +139,17 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     # Revoked sessions reach this set within seconds (LISTEN/NOTIFY plus periodic resync); the
     # first sync is awaited briefly so a restarted worker does not forget recent revocations.
     await watcher.start(config.store.url, config.sessions.revocation_resync_interval)
+    # Back-channel logouts accepted while PostgreSQL was down wait in a journal that every worker
+    # sharing it enforces from memory (loaded before serving) and writes through when it answers.
+    logouts = BackchannelLogouts(
+        LogoutSpool(logout_spool_dir(config.store)),
+        revocations,
+        dsn=config.store.url,
+        hold=config.sessions.access_token_ttl + config.sessions.clock_skew,
+        replay_interval=config.store.replay_interval,
+        connect_timeout=config.store.connect_timeout,
+    )
+    await logouts.start()
     upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
     prices = PriceBook(config.pricing)
     deps = Deps(
@@ -146,7 +169,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     add_servicers(
         server,
         AuthorizationServicer(
-            Authorizer(config, verifier, is_revoked=revocations.is_revoked, prices=prices), ledger.record
+            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices), ledger.record
         ),
         ExternalProcessorServicer(deps),
     )
@@ -155,7 +178,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher)
+    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher, logouts=logouts)
     if index == 0:
         await _start_portal(worker, keyset)
     log.info("worker %d serving gRPC on %s:%d", index, address, port)

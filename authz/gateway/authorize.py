@@ -20,7 +20,7 @@ from authz.envoy.upstreams import cluster_name
 from authz.errors import BadModelId, TokenError
 from authz.gateway.policy import decide
 from authz.identity import Caller, ClientFacts, RequestIdentity
-from authz.signin.tokens import TokenVerifier
+from authz.signin.tokens import Claims, TokenVerifier
 from authz.translate.envelope import ErrorReply, error_reply
 from backends.descriptor import PassThroughRoute
 from backends.kinds import KINDS, PASS_THROUGH
@@ -127,12 +127,12 @@ class Authorizer:
         config: GatewayConfig,
         verifier: TokenVerifier,
         *,
-        is_revoked: Callable[[str], bool] | None = None,
+        is_revoked: Callable[[Claims], bool] | None = None,
         prices: PriceBook | None = None,
     ) -> None:
         self._config = config
         self._verifier = verifier
-        self._is_revoked = is_revoked or (lambda _sid: False)
+        self._is_revoked = is_revoked or (lambda _claims: False)
         self._max_body = config.limits.max_request_body_bytes
         self._prices = prices or PriceBook(config.pricing)
         self._model_maps = {name: dict(up.settings.model_map) for name, up in config.upstreams}
@@ -243,7 +243,8 @@ class Authorizer:
         if token is None:
             raise TokenError("missing")
         claims = self._verifier.verify(token, req.now)
-        if self._is_revoked(claims.sid):
+        # By session id, or by the IdP subject/session a back-channel logout named (RevocationSet.blocks).
+        if self._is_revoked(claims):
             raise TokenError("revoked")
         return Caller(sub=claims.sub, email=claims.email, groups=claims.groups, session_id=claims.sid)
 

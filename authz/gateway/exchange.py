@@ -233,7 +233,9 @@ class Exchange:
         if self._identity is None or self._written:
             return
         if self._status is None:
-            why = "closed before the upstream answered" if self._sent else "closed before the request was sent"
+            why = (
+                "closed before the upstream answered" if self._sent else "closed before the request was sent"
+            )
             self._write(499, "client_aborted", why, None, estimate_input=self._sent)
             return
         result = self._translator.usage() if self._translator is not None else None

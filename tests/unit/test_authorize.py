@@ -14,7 +14,7 @@ from authz.envoy.common import UPSTREAM_HEADER
 from authz.errors import TokenError
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny, bearer_token
 from authz.identity import Caller, ClientFacts, RequestIdentity
-from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key, mint
+from authz.signin.tokens import Claims, KeySet, TokenVerifier, generate_signing_key, mint
 
 NOW = 1_900_000_000.0
 ISSUER = "https://gw.test"
@@ -83,10 +83,10 @@ def _authorizer(revoked: frozenset[str] = frozenset(), seen: list[str] | None = 
         clock_skew=config.sessions.clock_skew,
     )
 
-    def is_revoked(sid: str) -> bool:
+    def is_revoked(claims: Claims) -> bool:
         if seen is not None:
-            seen.append(sid)
-        return sid in revoked
+            seen.append(claims.sid)
+        return claims.sid in revoked
 
     return Authorizer(config, verifier, is_revoked=is_revoked)
 
