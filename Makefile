@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # Outside Python: Debian's chromium (Playwright drives it; never `playwright install`) and the test
 # IdP's npm packages (tests/idp, the real oidc-provider).
 CHROMIUM := /usr/bin/chromium
@@ -74,8 +75,8 @@ typecheck: $(STAMP) ## mypy --strict on the packages
 	$(BIN)/mypy
 
 .PHONY: bench
-bench: $(STAMP) ## Envoy alone against the full gateway, side by side
-	$(BIN)/python -m tests.bench
+bench: $(STAMP) ## Envoy alone against the gateway on a canned upstream (BENCH_ARGS="--smoke", "--help")
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 .PHONY: protos
 protos: $(STAMP) ## Compile protos/ into authz/_generated with grpcio-tools
