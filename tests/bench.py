@@ -34,7 +34,6 @@ whatever the targets; 1 when it could not run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import http.client
@@ -55,8 +54,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from authz.devstack import BEDROCK_REGION, DEV_GROUPS, VERTEX_REGION, Ports, Proc, Stack, database
 from authz.runtime import envoy_binary
 from backends.emulator.state import DEFAULT_PROJECT, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
@@ -72,6 +69,7 @@ from tests.bench_arms import (
     select_variants,
     session_id,
 )
+from tests.bench_ledger import Job, check_ledger
 from tests.bench_procs import (
     CpuMeter,
     LoadGenerator,
@@ -105,26 +103,6 @@ from tests.bench_upstream import (
 
 RSS_DELAY = 0.01  # seconds between events of the memory phase's streams
 SLOW_GROUP = "bench-slow-streams"  # routed to the emulator's slow streams, for the memory phase
-
-
-# A row is exact when it says the request succeeded and holds every count the canned upstream sent.
-_EXACT = (
-    "status = 200 AND outcome = 'complete' AND NOT output_tokens_estimated"
-    f" AND input_tokens = {CANNED_USAGE.input_tokens} AND output_tokens = {CANNED_USAGE.output_tokens}"
-    f" AND cache_write_tokens = {CANNED_USAGE.cache_creation_input_tokens}"
-    f" AND cache_write_5m_tokens = {CANNED_USAGE.cache_creation_5m_input_tokens}"
-    f" AND cache_write_1h_tokens = {CANNED_USAGE.cache_creation_1h_input_tokens}"
-    f" AND cache_read_tokens = {CANNED_USAGE.cache_read_input_tokens}"
-)
-_COUNT_ROWS = (
-    f"SELECT cc_session_id, count(*) AS rows, count(*) FILTER (WHERE {_EXACT}) AS exact"
-    " FROM usage_events WHERE user_email = $1 GROUP BY cc_session_id"
-)
-_FIRST_INEXACT = (
-    "SELECT status, outcome, reason, input_tokens, output_tokens, output_tokens_estimated,"
-    " cache_write_tokens, cache_write_5m_tokens, cache_write_1h_tokens, cache_read_tokens"
-    f" FROM usage_events WHERE user_email = $1 AND cc_session_id = $2 AND NOT ({_EXACT}) LIMIT 1"
-)
 
 
 def progress(text: str) -> None:
@@ -189,17 +167,6 @@ def make_stack(root: Path, dsn: str, variant: Variant, workers: int, canned_url:
     )
     stack.extra_config = merge(stack_overlay(canned_url, stack), variant.overlay)
     return stack
-
-
-@dataclass
-class Job:
-    """Requests sent through one gateway arm under one session id: the ledger must match them."""
-
-    phase: str  # "sanity", "rounds", "memory", "profile"
-    scenario: str
-    arm: str
-    session: str
-    sent: int = 0
 
 
 @dataclass
@@ -511,66 +478,6 @@ class Bench:
             "threads_pct_of_core": [(name, pct) for pct, name in threads if pct >= 0.5],
         }
 
-    def ledger(self) -> dict[str, Any]:
-        """Rows per job, once the ledger has caught up (or stopped moving), and how many are exact."""
-        sent = sum(j.sent for j in self.jobs)
-
-        async def read() -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
-            conn = await asyncpg.connect(self.dsn)
-            try:
-                counts = {
-                    r["cc_session_id"]: (r["rows"], r["exact"])
-                    for r in await conn.fetch(_COUNT_ROWS, self.email)
-                }
-                samples = {}
-                for session, (rows, exact) in counts.items():
-                    if rows != exact:
-                        row = await conn.fetchrow(_FIRST_INEXACT, self.email, session)
-                        samples[session] = ", ".join(f"{k}={v}" for k, v in dict(row or {}).items())
-                return counts, samples
-            finally:
-                await conn.close()
-
-        started = time.monotonic()
-        last_total, last_change = -1, started
-        while True:
-            counts, samples = asyncio.run(read())
-            total = sum(rows for rows, _ in counts.values())
-            if total >= sent or time.monotonic() - started > 60:
-                break
-            if total != last_total:
-                last_total, last_change = total, time.monotonic()
-            elif time.monotonic() - last_change > 5:
-                break
-            time.sleep(0.25)
-        waited = time.monotonic() - started
-        known = {j.session for j in self.jobs}
-        entries: dict[tuple[str, str], dict[str, Any]] = {}
-        for job in self.jobs:
-            # The sanity request counts with its arm's rounds; other phases stand apart.
-            name = (
-                job.scenario
-                if job.phase in ("sanity", "rounds", "memory")
-                else f"{job.phase}: {job.scenario}"
-            )
-            entry = entries.setdefault(
-                (name, job.arm), {"scenario": name, "arm": job.arm, "sent": 0, "rows": 0, "exact": 0}
-            )
-            rows, exact = counts.get(job.session, (0, 0))
-            entry["sent"] += job.sent
-            entry["rows"] += rows
-            entry["exact"] += exact
-            if job.session in samples and "sample_mismatch" not in entry:
-                entry["sample_mismatch"] = samples[job.session]
-        return {
-            "expected": ", ".join(f"{k}={v}" for k, v in asdict(CANNED_USAGE).items()),
-            "arms": list(entries.values()),
-            "sent": sent,
-            "rows": sum(rows for session, (rows, _) in counts.items() if session in known),
-            "stray_rows": sum(rows for session, (rows, _) in counts.items() if session not in known),
-            "waited_s": waited,
-        }
-
     # --- results ----------------------------------------------------------------------------------
 
     def setup_lines(self) -> list[str]:
@@ -796,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     progress(f"profiling the services for {args.profile} s")
                     bench.profile()
                 progress("reading the ledger")
-                bench.results["ledger"] = bench.ledger()
+                bench.results["ledger"] = check_ledger(dsn, bench.email, bench.jobs)
                 results = bench.collect(argv, machine, started, started_at)
                 output = render(results)
                 print(output, flush=True)

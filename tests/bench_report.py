@@ -25,7 +25,7 @@ COMPONENTS_GATEWAY = (
     ("loadgen", "loadgen"),
     ("emulator", "{v}/emulator"),
 )
-COLUMNS = ("envoy", "services", "postgres", "canned", "loadgen")
+COLUMNS = ("envoy", "services", "postgres", "canned", "loadgen", "emulator")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -261,13 +261,15 @@ def render(results: Mapping[str, Any]) -> str:
         default=(0.0, "", ""),
     )
     procs = setup["loadgen_procs"]
+    per_process = busiest[0] / max(1, procs)
     add(
-        f"Load generator: {procs} process(es); busiest at {busiest[0]:.0f}% of one core per process "
-        f"on average ({busiest[1]}, {results['arm_labels'].get(busiest[2], busiest[2])})"
+        f"Load generator: {procs} process(es), at most {busiest[0]:.0f}% of one core in all "
+        f"({per_process:.0f}% per process) over a measured window ({busiest[1]}, "
+        f"{results['arm_labels'].get(busiest[2], busiest[2])})"
         + (
-            " - near saturation: it may be holding Envoy alone back (try --loadgen-procs)."
-            if busiest[0] / max(1, procs) > 85
-            else "."
+            ": near saturation, it may be holding Envoy alone back (try --loadgen-procs)."
+            if per_process > 85
+            else ": below saturation."
         )
     )
     busy = [s["machine_busy_pct"] for by_arm in summaries.values() for s in by_arm.values()]
@@ -325,6 +327,11 @@ def render(results: Mapping[str, Any]) -> str:
         "Limits: "
         + "; ".join(single)
         + ". Errors read gateway / Envoy alone; the ledger counts each arm's sanity request with it."
+        + (
+            f" The targets are set for 16 concurrent connections; this run used {concurrency}."
+            if (concurrency := results["args"].get("concurrency", "16")) != "16"
+            else ""
+        )
     )
     met = sum(1 for c in checks if c["met"])
     add("")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import os
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -13,10 +17,16 @@ import yaml
 
 from authz.config import load
 from authz.runtime import envoy_binary
+from authz.store.db import connect
+from authz.store.queries import insert_rows
+from authz.usagerow import UsageRow
 from tests.bench import SLOW_GROUP, make_stack
 from tests.bench_arms import SCENARIOS, VARIANTS, Scenario, request_bytes, request_headers, request_path
+from tests.bench_ledger import Job, check_ledger
 from tests.bench_load import run_job
+from tests.bench_report import ledger_checks
 from tests.bench_upstream import (
+    CANNED_USAGE,
     canned_bootstrap,
     envoy_alone_bootstrap,
     start_canned_upstream,
@@ -132,3 +142,71 @@ def test_bench_stack_config_points_at_the_canned_upstream(tmp_path: Path) -> Non
     assert upstreams["vertex-emulator"].base_url == stack.emulator_url
     assert config.policies[0].groups == (SLOW_GROUP,)
     assert config.policies[1].upstreams == ("bedrock-dev", "vertex-dev")
+
+
+def _row(i: int, session: str, **changes: object) -> UsageRow:
+    u = CANNED_USAGE
+    row = UsageRow(
+        request_id=f"bench-{i}",
+        started_at=datetime(2026, 1, 2, tzinfo=UTC),
+        user_sub="bench",
+        user_email="bench@example.com",
+        groups=("developers",),
+        session_id="s",
+        cc_session_id=session,
+        agent_id=None,
+        parent_agent_id=None,
+        user_agent="claude-cli/2.0.0 (external, cli)",
+        ingress_format="bedrock",
+        operation="invoke",
+        upstream="bedrock-dev",
+        requested_model="m",
+        upstream_model="m",
+        status=200,
+        outcome="complete",
+        reason=None,
+        input_tokens=u.input_tokens,
+        output_tokens=u.output_tokens,
+        output_tokens_estimated=False,
+        cache_write_tokens=u.cache_creation_input_tokens,
+        cache_write_5m_tokens=u.cache_creation_5m_input_tokens,
+        cache_write_1h_tokens=u.cache_creation_1h_input_tokens,
+        cache_read_tokens=u.cache_read_input_tokens,
+        cost_usd=Decimal("0.01"),
+        latency_ms=1.0,
+        ttfb_ms=None,
+    )
+    return replace(row, **changes)  # type: ignore[arg-type]
+
+
+async def test_ledger_check_reports_missing_inexact_and_stray_rows(clean_db: str) -> None:
+    """Rows are counted per arm by session id; a missing, an inexact and a stray row all show."""
+    rows = [
+        _row(1, "a0"),
+        _row(2, "a1"),  # bedrock_invoke: sanity and one round, 2 rows for 2 requests, both exact
+        _row(3, "b", output_tokens=986),  # vertex_raw: 1 row for 2 requests, not exact
+        _row(4, "elsewhere"),  # a row no job sent
+    ]
+    conn = await connect(clean_db, timeout=10)
+    try:
+        await insert_rows(conn, rows)
+    finally:
+        await conn.close()
+    jobs = [
+        Job("sanity", "bedrock_invoke", "gateway", "a0", sent=1),
+        Job("rounds", "bedrock_invoke", "gateway", "a1", sent=1),
+        Job("rounds", "vertex_raw", "gateway", "b", sent=2),
+    ]
+    # check_ledger runs its own event loop: give it a thread.
+    found = await asyncio.to_thread(check_ledger, clean_db, "bench@example.com", jobs, patience=0.5)
+    by_arm = {e["scenario"]: e for e in found["arms"]}
+    assert (by_arm["bedrock_invoke"]["sent"], by_arm["bedrock_invoke"]["exact"]) == (2, 2)
+    assert (by_arm["vertex_raw"]["sent"], by_arm["vertex_raw"]["rows"], by_arm["vertex_raw"]["exact"]) == (
+        2,
+        1,
+        0,
+    )
+    assert "output_tokens=986" in by_arm["vertex_raw"]["sample_mismatch"]
+    assert found["stray_rows"] == 1
+    met = {c.scenario: c.met for c in ledger_checks(found)}
+    assert met == {"bedrock_invoke": True, "vertex_raw": False, "-": False}
