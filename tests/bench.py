@@ -3,7 +3,7 @@
 How to run::
 
     make bench                                     # every scenario, defaults below (several minutes)
-    .venv/bin/python -m tests.bench --smoke        # one short round of two scenarios (about a minute)
+    .venv/bin/python -m tests.bench --smoke        # one short round of two scenarios (under a minute)
     .venv/bin/python -m tests.bench --only 'bedrock_*' --rounds 6 --json /tmp/bench.json
     .venv/bin/python -m tests.bench --variants gateway,gateway_2w --profile 10
     .venv/bin/python -m tests.bench --help
