@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # Outside Python: Debian's chromium (Playwright drives it; never `playwright install`), the test
 # IdP's npm packages (tests/idp, the real oidc-provider) and the pinned Claude Code CLI the
 # end-to-end tests drive (tests/claude_code; its native binary comes as a platform package from the
@@ -83,8 +84,8 @@ typecheck: $(STAMP) ## mypy --strict on the packages
 	$(BIN)/mypy
 
 .PHONY: bench
-bench: $(STAMP) ## Envoy alone against the full gateway, side by side
-	$(BIN)/python -m tests.bench
+bench: $(STAMP) ## Envoy alone against the gateway on a canned upstream (BENCH_ARGS="--smoke", "--help")
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 .PHONY: protos
 protos: $(STAMP) ## Compile protos/ into authz/_generated with grpcio-tools
