@@ -33,6 +33,7 @@ from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
+    HeaderForwardingRules,
     ExternalProcessorRouteCacheAction,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
@@ -49,7 +50,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 
 from authz.configtypes import Limits
@@ -142,6 +143,12 @@ Mode = tuple[bool, ProcessingModeBodySendMode, bool, ProcessingModeBodySendMode]
 _IDLE: Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
 
 
+# The only headers the service reads (the exchange and the translators): every other header Envoy
+# would serialize into each message, and the service parse, for nothing
+# (ExternalProcessor.forward_rules). Header mutations are not limited by this list.
+FORWARDED_HEADERS = (":method", ":status", "content-type", "retry-after", "anthropic-beta", "anthropic-version")
+
+
 def route_mode(*, request_body: bool, streaming: bool) -> Mode:
     """The processing mode of one inference route.
 
@@ -191,6 +198,9 @@ def _ext_proc(limits: Limits) -> HttpFilter:
         metadata_options=MetadataOptions(
             # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context.
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+        ),
+        forward_rules=HeaderForwardingRules(
+            allowed_headers=ListStringMatcher(patterns=[StringMatcher(exact=h) for h in FORWARDED_HEADERS])
         ),
         # Rewriting :path or :authority must not re-run route matching: the route (and so the
         # per-route filter settings and body limit) was chosen on the client's path.

@@ -3,8 +3,7 @@
 Envoy carries it between the two filters in the ``envoy.filters.http.ext_authz`` dynamic-metadata
 namespace (ext_proc's ``metadata_options.forwarding_namespaces``), so the two services share no
 state and may run in different processes. The whole identity travels as one base64 string of the
-serialized message (one Struct field to read on the hot path); a few fields are repeated on their
-own so access logs can use ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:email)%``.
+serialized message: Envoy copies the metadata into every ext_proc message, so it stays one field.
 """
 
 from __future__ import annotations
@@ -47,13 +46,7 @@ def to_metadata(identity: RequestIdentity) -> dict[str, str]:
         message.groups.extend(caller.groups)
         if caller.session_id is not None:
             message.session_id = caller.session_id
-    return {
-        CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii"),
-        "email": caller.email if caller else "",
-        "model": identity.model or "",
-        "upstream": identity.upstream or "",
-        "policy": identity.policy or "",
-    }
+    return {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii")}
 
 
 def from_metadata(fields: Mapping[str, Any]) -> RequestIdentity | None:

@@ -76,17 +76,11 @@ def test_context_round_trips_through_a_protobuf_struct() -> None:
     assert from_metadata(fields) == CTX
 
 
-def test_metadata_repeats_fields_for_access_logs() -> None:
-    """email, model, upstream and policy are also flat string fields; a missing one is empty."""
+def test_metadata_is_one_field() -> None:
+    """The identity travels as one string field (Envoy copies it into every ext_proc message)."""
     metadata = to_metadata(CTX)
-    assert set(metadata) == {CONTEXT_KEY, "email", "model", "upstream", "policy"}
-    assert (metadata["email"], metadata["model"], metadata["upstream"]) == (
-        "alice@example.com",
-        "claude-opus-5-5",
-        "bedrock-us",
-    )
-    assert to_metadata(LIST_PROFILES)["model"] == "" and to_metadata(LIST_PROFILES)["policy"] == ""
-    assert all(isinstance(v, str) for v in metadata.values())
+    assert set(metadata) == {CONTEXT_KEY}
+    assert isinstance(metadata[CONTEXT_KEY], str)
 
 
 def _encoded(message: context_pb2.RequestContext) -> dict[str, str]:

@@ -133,6 +133,9 @@ def test_ext_proc_settings(example: dict[str, Any]) -> None:
     assert sign["route_cache_action"] == "RETAIN"
     assert sign["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ]
     assert "observability_mode" not in sign  # blocking: nothing reaches the client unmetered
+    # Only the headers the service reads travel in each message.
+    forwarded = {p["exact"] for p in sign["forward_rules"]["allowed_headers"]["patterns"]}
+    assert forwarded == {":method", ":status", "content-type", "retry-after", "anthropic-beta", "anthropic-version"}
     rules = sign["mutation_rules"]
     assert rules["disallow_is_error"] is True
     allowed = re.compile(rules["allow_expression"]["regex"])
