@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,15 @@ from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import StoreError
+from authz.gateway.accesslog import AccessLog
 from authz.gateway.authorize import Authorizer
 from authz.gateway.exchange import Deps
-from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
+from authz.gateway.servicer import (
+    AccessLogServicer,
+    AuthorizationServicer,
+    ExternalProcessorServicer,
+    add_servicers,
+)
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
@@ -166,12 +173,20 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
             ("grpc.so_reuseport", 0),
         ]
     )
+    authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
+    refusals: Counter[str] = Counter()
     add_servicers(
         server,
-        AuthorizationServicer(
-            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices), ledger.record
-        ),
+        AuthorizationServicer(authorizer, ledger.record, count_refusal=refusals.update),
         ExternalProcessorServicer(deps),
+        AccessLogServicer(
+            AccessLog(
+                identify=authorizer.identify,
+                record=ledger.record,
+                prices=prices,
+                count_refusal=refusals.update,
+            )
+        ),
     )
     address = config.listen.grpc.address
     port = server.add_insecure_port(

@@ -269,6 +269,8 @@ async def _bedrock_model(request: web.Request) -> web.StreamResponse:
         prepared = _prepared(request.app, "bedrock.stream", model, _bedrock_stream)
         return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "bedrock.invoke", model, _bedrock_message)
+    if state.first_byte_delay:
+        await asyncio.sleep(state.first_byte_delay)
     record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
@@ -584,6 +586,8 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
         prepared = _prepared(request.app, "vertex.stream", model, _vertex_stream)
         return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "vertex.message", model, _vertex_message)
+    if state.first_byte_delay:
+        await asyncio.sleep(state.first_byte_delay)
     record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
@@ -634,16 +638,26 @@ async def _stream(
     response.enable_chunked_encoding()
     delay, usage = state.delay, state.usage
     complete = state.scenario is Scenario.NORMAL
+    cut = state.scenario is Scenario.CUT_MIDSTREAM
     try:
+        if state.first_byte_delay:
+            await asyncio.sleep(state.first_byte_delay)
         await response.prepare(request)
-        if delay <= 0:
+        parts = prepared.parts[: len(prepared.parts) // 2] if cut else prepared.parts
+        if delay <= 0 and not cut:
             await response.write(prepared.body)
         else:
-            for index, part in enumerate(prepared.parts):
-                if index:
+            for index, part in enumerate(parts):
+                if index and delay > 0:
                     await asyncio.sleep(delay)
                 # write() waits for the transport to drain (StreamResponse.drain is deprecated).
                 await response.write(part)
+        if cut:
+            # Drop the connection mid-body: the chunked stream never ends.
+            assert request.transport is not None
+            request.transport.close()
+            record.stream_cut = True
+            return response
         await response.write_eof()
         if complete:
             record.usage = usage

@@ -48,6 +48,8 @@ class Scenario(enum.StrEnum):
     TOO_LONG = "too_long"
     SERVER_ERROR = "server_error"
     EXCEPTION_MIDSTREAM = "exception_midstream"
+    # The connection is dropped after half of a stream's events (no terminal chunk).
+    CUT_MIDSTREAM = "cut_midstream"
 
 
 @dataclass(slots=True)
@@ -109,6 +111,8 @@ class EmulatorState:
     usage: Usage = DEFAULT_USAGE
     deltas: int = 5
     delay: float = 0.0
+    # Seconds before the response headers of an inference answer (a slow first byte).
+    first_byte_delay: float = 0.0
     text: str = DEFAULT_TEXT
     verify: bool = True
     aws_region: str = DEFAULT_AWS_REGION
@@ -236,6 +240,7 @@ _BEHAVIOUR_FIELDS = (
     "usage",
     "deltas",
     "delay",
+    "first_byte_delay",
     "text",
     "verify",
     "aws_region",
@@ -273,9 +278,9 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         if _typed(value, int, name) < 1:
             raise ValueError("deltas must be at least 1")
         return value
-    if name == "delay":
+    if name in ("delay", "first_byte_delay"):
         if _typed(value, (int, float), name) < 0:
-            raise ValueError("delay must not be negative")
+            raise ValueError(f"{name} must not be negative")
         return float(value)
     if name in ("text", "aws_region"):
         if not _typed(value, str, name):
