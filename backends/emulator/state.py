@@ -29,6 +29,8 @@ TEST_PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/claude-gateway"
 DEFAULT_ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/EmulatorBedrockRole"
 DEFAULT_AWS_REGION = "us-east-1"
 DEFAULT_PROJECT = "emulator-project"
+# A published test key: it only ever unlocks the local emulator.
+TEST_ANTHROPIC_API_KEY = "sk-ant-emulator-0000000000000001"
 DEFAULT_TEXT = "Hello from the upstream emulator. "
 DEFAULT_USAGE = Usage(
     input_tokens=25,
@@ -121,6 +123,7 @@ class EmulatorState:
     allowed_roles: dict[str, str | None] = field(default_factory=lambda: {DEFAULT_ROLE_ARN: None})
     max_session_duration: int = 3600
     projects: list[str] = field(default_factory=lambda: [DEFAULT_PROJECT])
+    anthropic_api_keys: list[str] = field(default_factory=lambda: [TEST_ANTHROPIC_API_KEY])
     base_url: str = ""
     version: int = 0
     temporary_keys: dict[str, AwsIdentity] = field(default_factory=dict)
@@ -232,6 +235,7 @@ class EmulatorState:
         document = {name: getattr(self, name) for name in _BEHAVIOUR_FIELDS}
         document["usage"] = dataclasses.asdict(self.usage)
         document["aws_keys"] = sorted(self.aws_keys)  # the ids only: secrets stay out of logs
+        document["anthropic_api_keys"] = len(self.anthropic_api_keys)  # how many, never the keys
         return document
 
 
@@ -248,6 +252,7 @@ _BEHAVIOUR_FIELDS = (
     "allowed_roles",
     "max_session_duration",
     "projects",
+    "anthropic_api_keys",
 )
 
 
@@ -299,4 +304,6 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         }
     if name == "projects":
         return [_typed(project, str, name) for project in _typed(value, list, name)]
+    if name == "anthropic_api_keys":
+        return [_typed(key, str, name) for key in _typed(value, list, name)]
     raise ValueError(f"unknown state field {name}")  # pragma: no cover - guarded by apply_patch
