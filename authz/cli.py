@@ -44,8 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the ext_authz/ext_proc gRPC services and the portal until SIGTERM."""
     from authz.service import serve
 
-    serve(Path(args.config), dict(os.environ))
-    return 0
+    return serve(Path(args.config), dict(os.environ), args.state_dir)
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
@@ -58,20 +57,26 @@ def cmd_envoy(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     from authz.envoy.binary import envoy_binary
+    from authz.statedir import state_dir
 
-    out = Path(args.output or Path(".run") / "envoy.yaml")
+    root = state_dir(args.config, args.state_dir, os.environ)
+    out = Path(args.output) if args.output else root / "envoy.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     binary = envoy_binary()
-    os.execv(binary, [binary, "-c", str(out), "--log-level", args.log_level])  # noqa: S606 - replaces this process by design
+    # A base id of its own, so several Envoys (several gateways) can share the host.
+    argv = [binary, "-c", str(out), "--log-level", args.log_level, "--use-dynamic-base-id"]
+    os.execv(binary, argv)  # noqa: S606 - replaces this process by design
     return 0  # pragma: no cover - execv does not return
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the gateway services and Envoy together."""
+    from authz.statedir import state_dir
     from authz.supervisor import run
 
-    return run(config_path=Path(args.config), root=Path(args.state_dir), environ=dict(os.environ))
+    root = state_dir(args.config, args.state_dir, os.environ)
+    return run(config_path=Path(args.config), root=root, environ=dict(os.environ))
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
@@ -384,6 +389,12 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     )
 
 
+_STATE_DIR_HELP = (
+    "where run state goes (rendered Envoy config, logs, the usage spool); default: a directory "
+    "derived from the config file's path under $XDG_STATE_HOME/claude-gateway/"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="authz", description=__doc__)
@@ -391,18 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway services (ext_authz, ext_proc, portal)")
     p.add_argument("--config", required=True)
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("envoy", help="run Envoy with the rendered configuration")
     p.add_argument("--config", required=True)
     p.add_argument("--render", action="store_true", help="print the bootstrap YAML and exit")
-    p.add_argument("--output", help="where to write the rendered bootstrap before starting Envoy")
+    p.add_argument("--output", help="where to write the rendered bootstrap (default: STATE_DIR/envoy.yaml)")
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_envoy)
 
     p = sub.add_parser("run", help="run the gateway services and Envoy together")
     p.add_argument("--config", required=True)
-    p.add_argument("--state-dir", default=".run", help="where the rendered Envoy config and logs go")
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -95,7 +95,7 @@ class Store:
     """PostgreSQL and the local spool used while it is unreachable."""
 
     url: str = ""
-    spool_dir: str = "./.run/spool"
+    spool_dir: str = ""
     batch_size: int = 200
     flush_interval: float = 0.2
     replay_interval: float = 5.0

@@ -1,20 +1,27 @@
 """Process wiring for ``authz serve``: the gRPC services, the portal and the usage ledger.
 
-Each worker process serves ext_authz and ext_proc on ``listen.grpc.port + index`` (Envoy's gRPC
-cluster lists every worker port and balances between them); worker 0 also serves the portal. On
-SIGTERM a worker fails its health check, waits for Envoy to stop sending new requests, lets
-in-flight streams finish within the grace period, and flushes the ledger so their usage is
-recorded (STYLE.md, habit 12).
+Each worker process serves ext_authz, ext_proc and the gRPC health protocol on
+``listen.grpc.port + index`` (Envoy's gRPC cluster lists every worker port, health-checks each and
+balances between the healthy ones); worker 0 also serves the portal (with ``/healthz`` and
+``/readyz``) and runs the retention pruner. On SIGTERM a worker reports NOT_SERVING, waits until
+Envoy has stopped sending it new requests, lets in-flight streams finish within the grace period,
+and flushes the ledger so their usage is recorded (STYLE.md, habit 12). SIGINT stops without the
+wait (still flushing). With several workers, the parent process stops them all and exits non-zero
+as soon as one dies, naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 
 import grpc
@@ -23,15 +30,18 @@ from aiohttp import web
 from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
+from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, HEALTH_CHECK_TIMEOUT, _connect_host
 from authz.errors import StoreError
 from authz.gateway.authorize import Authorizer
 from authz.gateway.backend_settings import backend_settings
 from authz.gateway.process import Deps
 from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
+from authz.ops.health import Readiness, WorkerHealth
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.tokens import KeySet, TokenVerifier
+from authz.statedir import state_dir, with_state_dir
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.migrate import migrate
@@ -40,8 +50,13 @@ from backends.factory import build_upstream
 
 log = logging.getLogger("authz.service")
 
-DRAIN_SECONDS = 2.0
+# How long a draining worker keeps serving after it reports NOT_SERVING: until Envoy's health
+# check has certainly noticed (authz.envoy.clusters), so no new request arrives after it stops.
+DRAIN_SECONDS = HEALTH_CHECK_DETECTION_SECONDS + HEALTH_CHECK_TIMEOUT
+# How long in-flight streams may take to finish once the worker stops accepting new ones.
 GRACE_SECONDS = 30.0
+# After SIGINT: no drain, and streams get this long.
+FAST_GRACE_SECONDS = 0.5
 
 
 @dataclass
@@ -54,16 +69,21 @@ class Worker:
     upstreams: dict[str, Upstream]
     grpc_server: grpc.aio.Server
     grpc_port: int
+    health: WorkerHealth = field(default_factory=WorkerHealth)
     watcher: RevocationWatcher | None = None
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
-    healthy: bool = True
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the worker started draining."""
+        return not self.health.draining
+
     async def stop(self, drain: float = DRAIN_SECONDS, grace: float = GRACE_SECONDS) -> None:
-        """Fail health checks, drain, stop the servers, then flush the ledger."""
-        self.healthy = False
+        """Report NOT_SERVING, drain, stop the servers, then flush the ledger."""
+        await self.health.drain()
         if drain:
             await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
@@ -94,13 +114,47 @@ async def _migrate_if_reachable(url: str, connect_timeout: float) -> None:
         await conn.close()
 
 
+def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
+    config = worker.config
+
+    async def ping() -> None:
+        try:
+            async with pool.acquire(timeout=config.store.connect_timeout) as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"PostgreSQL does not answer: {exc or type(exc).__name__}") from exc
+        except Exception as exc:  # asyncpg's own errors: their text says what went wrong
+            raise StoreError(f"PostgreSQL does not answer: {exc}") from exc
+
+    watcher = worker.watcher
+    grpc = config.listen.grpc
+    return Readiness(
+        ping_database=ping,
+        revocations_connected=lambda: watcher is not None and watcher.connected,
+        signing_kid=keyset.signing_kid,
+        signing_required=config.oidc is not None,
+        upstreams=list(worker.upstreams.values()),
+        draining=lambda: not worker.healthy,
+        worker_host=_connect_host(grpc.address),
+        worker_ports=[grpc.port + i for i in range(config.workers) if i != worker.index] if grpc.port else [],
+    )
+
+
 async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     config = worker.config
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
     oidc = OidcClient(config.oidc) if config.oidc is not None else None
+    readiness = _readiness(worker, keyset, pool)
     app = build_portal(
-        PortalDeps(config=config, pool=pool, keyset=keyset, oidc=oidc, healthy=lambda: worker.healthy)
+        PortalDeps(
+            config=config,
+            pool=pool,
+            keyset=keyset,
+            oidc=oidc,
+            healthy=lambda: worker.healthy,
+            readiness=readiness.report,
+        )
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -149,33 +203,51 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
         ExternalProcessorServicer(deps),
     )
+    health = WorkerHealth()
+    health.add_to(server)
     address = config.listen.grpc.address
     port = server.add_insecure_port(
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher)
+    worker = Worker(config, index, ledger, upstreams, server, port, health=health, watcher=watcher)
     if index == 0:
         await _start_portal(worker, keyset)
-    log.info("worker %d serving gRPC on %s:%d", index, address, port)
+    await health.serving()
+    log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker
 
 
 async def run_worker(config: GatewayConfig, index: int) -> None:
-    """Run one worker until SIGTERM or SIGINT."""
+    """Run one worker until SIGTERM (drain) or SIGINT (stop now)."""
     worker = await start_worker(config, index)
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    log.info("worker %d stopping", index)
-    await worker.stop()
+    if received[0] == signal.SIGINT:
+        log.info("worker %d stopping now (SIGINT)", index)
+        await worker.stop(drain=0, grace=FAST_GRACE_SECONDS)
+    else:
+        log.info(
+            "worker %d draining (SIGTERM): NOT_SERVING for %gs, then up to %gs for streams",
+            index,
+            DRAIN_SECONDS,
+            GRACE_SECONDS,
+        )
+        await worker.stop()
 
 
-def _worker_main(config_path: str, environ: Mapping[str, str], index: int) -> None:
+def _worker_main(config_path: str, environ: Mapping[str, str], index: int, root: str) -> None:
     configure_logging()
-    config = load(config_path, environ)
+    config = with_state_dir(load(config_path, environ), Path(root))
     asyncio.run(run_worker(config, index))
 
 
@@ -184,32 +256,58 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def serve(config_path: Path, environ: Mapping[str, str]) -> None:
-    """Run ``workers`` worker processes (or one in this process) until SIGTERM."""
+def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str | None = None) -> int:
+    """Run ``workers`` worker processes (or one in this process) until a signal; return the exit
+    status: 0 after a signal, 1 when a worker died on its own."""
     configure_logging()
-    config = load(config_path, environ)
+    root = state_dir(config_path, explicit_state_dir, environ)
+    config = with_state_dir(load(config_path, environ), root)
+    log.info("state directory %s (usage spool %s)", root, config.store.spool_dir)
     if config.workers == 1:
         asyncio.run(run_worker(config, 0))
-        return
+        return 0
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_worker_main, args=(str(config_path), dict(environ), i), daemon=False)
+        ctx.Process(
+            target=_worker_main,
+            args=(str(config_path), dict(environ), i, str(root)),
+            name=f"worker {i}",
+            daemon=False,
+        )
         for i in range(config.workers)
     ]
     for proc in procs:
         proc.start()
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                try:
-                    import os
-
-                    os.kill(proc.pid, signum)
-                except ProcessLookupError:
-                    pass
+        stopping.append(signum)
+        _signal_all(procs, signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    status = 0
+    running = list(procs)
+    while running:
+        finished = wait_for_exit([p.sentinel for p in running])
+        for proc in [p for p in running if p.sentinel in finished]:
+            proc.join()
+            running.remove(proc)
+            if not stopping:
+                print(
+                    f"authz serve: {proc.name} (pid {proc.pid}) exited with status {proc.exitcode}; "
+                    "stopping the other workers",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                status = 1
+                stopping.append(signal.SIGINT)
+                _signal_all(running, signal.SIGINT)
+    return status
+
+
+def _signal_all(procs: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:
     for proc in procs:
-        proc.join()
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
