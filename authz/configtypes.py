@@ -186,6 +186,24 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceTokens:
+    """Access tokens for service identities (``authz service-tokens``): CI jobs, batch agents."""
+
+    max_ttl: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long rows are kept, and how the pruner deletes them (in bounded batches, no long locks)."""
+
+    usage_days: int = 400
+    audit_days: int = 400
+    interval: float = 3600.0
+    batch_size: int = 5000
+    expired_session_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -199,6 +217,8 @@ class GatewayConfig:
     policies: tuple[Policy, ...] = ()
     pricing: Pricing = field(default_factory=Pricing)
     limits: Limits = field(default_factory=Limits)
+    service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
+    retention: Retention = field(default_factory=Retention)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""

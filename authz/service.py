@@ -30,13 +30,14 @@ from aiohttp import web
 from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
-from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, HEALTH_CHECK_TIMEOUT, _connect_host
+from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
 from authz.errors import StoreError
 from authz.gateway.authorize import Authorizer
 from authz.gateway.backend_settings import backend_settings
 from authz.gateway.process import Deps
 from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
 from authz.ops.health import Readiness, WorkerHealth
+from authz.ops.retention import Pruner
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
@@ -52,7 +53,7 @@ log = logging.getLogger("authz.service")
 
 # How long a draining worker keeps serving after it reports NOT_SERVING: until Envoy's health
 # check has certainly noticed (authz.envoy.clusters), so no new request arrives after it stops.
-DRAIN_SECONDS = HEALTH_CHECK_DETECTION_SECONDS + HEALTH_CHECK_TIMEOUT
+DRAIN_SECONDS = HEALTH_CHECK_DETECTION_SECONDS + 0.5
 # How long in-flight streams may take to finish once the worker stops accepting new ones.
 GRACE_SECONDS = 30.0
 # After SIGINT: no drain, and streams get this long.
@@ -74,6 +75,7 @@ class Worker:
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
+    pruner: Pruner | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -87,6 +89,8 @@ class Worker:
         if drain:
             await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
+        if self.pruner is not None:
+            await self.pruner.aclose()
         if self.portal is not None:
             await self.portal.cleanup()
         if self.portal_pool is not None:
@@ -163,6 +167,9 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     worker.portal = runner
     worker.portal_pool = pool
     worker.oidc = oidc
+    # One pruner per replica (worker 0); replicas take turns through an advisory lock.
+    worker.pruner = Pruner(pool, config.retention)
+    worker.pruner.start()
 
 
 async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:

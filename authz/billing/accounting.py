@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from authz.billing.usagerow import UsageRow
 from authz.gateway.context import RequestContext
+from authz.serviceid import service_identity
 from backends.usage import MeterResult
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def denied_row(
         cost_usd=Decimal(0),
         latency_ms=0.0,
         ttfb_ms=None,
+        service_identity=service_identity(claims.sub, claims.sid) if claims else None,
     )
 
 
@@ -153,4 +155,5 @@ def finished_row(
         cost_usd=cost,
         latency_ms=round((ended_at - ctx.started_at) * 1000.0, 3),
         ttfb_ms=round((first_byte_at - ctx.started_at) * 1000.0, 3) if first_byte_at else None,
+        service_identity=service_identity(ctx.sub, ctx.session_id),
     )

@@ -52,6 +52,8 @@ class UsageRow:
     cost_usd: Decimal
     latency_ms: float | None
     ttfb_ms: float | None
+    service_identity: str | None = None
+    """The service identity whose token made the request (``authz service-tokens``), else None."""
 
     def __post_init__(self) -> None:
         # A naive datetime would be read as local time by some consumers and as UTC by others;
@@ -78,6 +80,9 @@ class UsageRow:
         if not isinstance(data, dict):
             raise ValueError("usage row is not a JSON object")
         names = {f.name for f in fields(cls)}
+        # Rows spooled by a release before a field existed lack it; such fields have defaults.
+        for name in _ADDED_LATER:
+            data.setdefault(name, None)
         if set(data) != names:
             missing = sorted(names - set(data))
             extra = sorted(set(data) - names)
@@ -111,7 +116,13 @@ class UsageRow:
             cost_usd=_decimal(data, "cost_usd"),
             latency_ms=_opt_float(data, "latency_ms"),
             ttfb_ms=_opt_float(data, "ttfb_ms"),
+            service_identity=_opt_str(data, "service_identity"),
         )
+
+
+# Fields added after the first release, in the order they were added: a spool segment written
+# before one existed still replays (the field reads as None).
+_ADDED_LATER = ("service_identity",)
 
 
 def _str(data: dict[str, Any], key: str) -> str:

@@ -67,9 +67,9 @@ HEALTH_CHECK_INTERVAL = 1.0
 HEALTH_CHECK_TIMEOUT = 1.0
 HEALTH_CHECK_UNHEALTHY_THRESHOLD = 2
 HEALTH_CHECK_HEALTHY_THRESHOLD = 1
-# The longest a draining worker may keep receiving new requests: the check that just passed, then
-# `unhealthy_threshold` failing ones. authz.service waits this long before it stops serving.
-HEALTH_CHECK_DETECTION_SECONDS = HEALTH_CHECK_INTERVAL * (HEALTH_CHECK_UNHEALTHY_THRESHOLD + 1)
+# The longest a draining worker may keep receiving new requests: `unhealthy_threshold` checks, one
+# interval apart, each answered NOT_SERVING at once. authz.service waits at least this long.
+HEALTH_CHECK_DETECTION_SECONDS = HEALTH_CHECK_INTERVAL * HEALTH_CHECK_UNHEALTHY_THRESHOLD
 
 
 # --- clusters -----------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ class Authorizer:
             )
             return Deny(reply, denied_row(req, route, claims, reply.status, "body_too_large"))
 
-        identity = Identity(sub=claims.sub, email=claims.email, groups=claims.groups)
+        # Service tokens carry their own model patterns (authz.signin.service_tokens).
+        identity = Identity(sub=claims.sub, email=claims.email, groups=claims.groups, models=claims.models)
         decision = decide(identity, route, self._config)
         if not decision.allowed or decision.upstream is None:
             reason = decision.reason or "denied by policy"

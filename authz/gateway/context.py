@@ -32,7 +32,8 @@ _OPTIONAL = (
     "model",
     "model_segment",
 )
-_REQUIRED = ("request_id", "sub", "email", "ingress_format", "operation", "upstream")
+# email may be empty: service identities (authz.serviceid) have none.
+_REQUIRED = ("request_id", "sub", "ingress_format", "operation", "upstream")
 
 
 @dataclass(frozen=True, slots=True)

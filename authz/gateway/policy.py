@@ -20,6 +20,8 @@ class Identity:
     sub: str
     email: str
     groups: tuple[str, ...]
+    models: tuple[str, ...] | None = None
+    """The token's own model limit (a service token's ``--models``), applied on top of the policy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +64,9 @@ def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> 
        No matching policy: denied, "no policy admits this user".
     2. For invoke and stream, the canonical model id, or its family without the snapshot date,
        must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
-       denied, "model X is not allowed for your groups". ``list_profiles`` and ``count_tokens``
-       skip this check.
+       denied, "model X is not allowed for your groups". A token that carries its own model patterns
+       (a service token created with ``--models``) must match those too: the allowed models are the
+       intersection. ``list_profiles`` and ``count_tokens`` skip this check.
     3. The upstream is the first of the policy's ``upstreams`` whose kind equals the route's
        format; none: denied, "no upstream serves the <format> format for your policy".
     """
@@ -78,6 +81,10 @@ def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> 
         if not _model_allowed(policy.models, route.model):
             return PolicyDecision(
                 False, f"model {route.model} is not allowed for your groups", policy.name, None
+            )
+        if identity.models is not None and not _model_allowed(identity.models, route.model):
+            return PolicyDecision(
+                False, f"model {route.model} is not allowed for this service token", policy.name, None
             )
 
     for name in policy.upstreams:

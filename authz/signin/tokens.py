@@ -23,6 +23,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from authz.configtypes import Sessions, SigningKey
 from authz.errors import ConfigError, TokenError
+from authz.serviceid import service_identity
 
 Algorithm: TypeAlias = Literal["ES256", "EdDSA"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -238,6 +239,13 @@ class Claims:
     jti: str
     iss: str
     aud: str
+    models: tuple[str, ...] | None = None
+    """Model patterns the token is limited to (service tokens' ``--models``); None: no limit of its own."""
+
+    @property
+    def service(self) -> str | None:
+        """The service identity's name for a service token (:mod:`authz.serviceid`), else None."""
+        return service_identity(self.sub, self.sid)
 
 
 def mint(
@@ -252,12 +260,14 @@ def mint(
     ttl: int,
     now: float,
     jti: str | None = None,
+    models: Iterable[str] | None = None,
 ) -> str:
     """Sign a new access token with the key set's signing key.
 
     The header carries ``kid`` and ``alg`` of the signing key and ``typ: at+jwt`` (RFC 9068 §2.1).
     ``iat``/``exp`` are whole seconds (NumericDate, RFC 7519 §2); ``jti`` defaults to 128 random
-    bits so every token can be revoked individually (RFC 7519 §4.1.7).
+    bits so every token can be revoked individually (RFC 7519 §4.1.7). ``models`` (a private claim)
+    limits the token to those model patterns on top of the policy.
     """
     if ttl <= 0:
         raise ValueError("ttl must be positive")
@@ -274,6 +284,8 @@ def mint(
         "exp": iat + ttl,
         "jti": jti if jti is not None else secrets.token_urlsafe(16),
     }
+    if models is not None:
+        payload["models"] = list(models)
     return jwt.encode(payload, private, algorithm=algorithm, headers={"kid": kid, "typ": TOKEN_TYPE})
 
 
@@ -416,6 +428,11 @@ class TokenVerifier:
         groups = payload.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise TokenError("malformed")
+        models = payload.get("models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+        ):
+            raise TokenError("malformed")
         return Claims(
             sub=_string(payload, "sub"),
             email=_string(payload, "email", ""),
@@ -427,4 +444,5 @@ class TokenVerifier:
             iss=_string(payload, "iss"),
             # `aud` may be a list containing ours (RFC 7519 §4.1.3); record the audience we matched.
             aud=self._audience,
+            models=tuple(models) if models is not None else None,
         )

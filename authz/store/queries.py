@@ -44,6 +44,7 @@ _SEND_TYPES = {
     "cost_usd": "numeric",
     "latency_ms": "float8",
     "ttfb_ms": "float8",
+    "service_identity": "text",
 }
 
 # Column names are the field names; a field without a type above fails at import, not at 3 a.m.

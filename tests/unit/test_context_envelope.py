@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -107,7 +108,7 @@ def _without(name: str) -> dict[str, str]:
         _encoded(context_pb2.RequestContext()),
         _without("upstream"),
         _without("request_id"),
-        _without("email"),
+        _without("sub"),
     ],
     ids=[
         "absent",
@@ -121,12 +122,18 @@ def _without(name: str) -> dict[str, str]:
         "empty-message",
         "missing-upstream",
         "missing-request-id",
-        "missing-email",
+        "missing-sub",
     ],
 )
 def test_garbage_metadata_gives_none(fields: dict[str, Any]) -> None:
     """Absent, unreadable or incomplete metadata yields None (the caller fails closed), never raises."""
     assert RequestContext.from_metadata(fields) is None
+
+
+def test_a_context_without_email_round_trips() -> None:
+    """A service identity has no email: its context still travels (email reads back empty)."""
+    ctx = replace(CTX, email="", sub="service:ci-nightly", session_id="svc:tok-1")
+    assert RequestContext.from_metadata(ctx.to_metadata()) == ctx
 
 
 def test_context_fields_match_the_proto() -> None:
