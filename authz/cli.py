@@ -80,6 +80,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(config_path=Path(args.config), root=root, environ=dict(os.environ))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check a deployment's configuration, keys, database, IdP, upstreams and Envoy config."""
+    from authz.ops.doctor import doctor
+
+    return doctor(Path(args.config), os.environ, sys.stdout, envoy=not args.skip_envoy)
+
+
 def cmd_token_mint(args: argparse.Namespace) -> int:
     """Print an access token for ``--user`` signed with the configured signing key (development:
     such a token is not recorded anywhere and cannot be revoked, so its lifetime is capped)."""
@@ -459,6 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check what a first deployment gets wrong: config, keys, PostgreSQL, IdP, upstreams, Envoy",
+        description="One line per check, with the field it concerns and the fix; exit status 1 if any fails.",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument(
+        "--skip-envoy", action="store_true", help="skip validating Envoy's bootstrap with the binary"
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "token",
