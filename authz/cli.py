@@ -49,14 +49,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    """Print the rendered Envoy bootstrap, or run Envoy with it."""
-    from authz.envoy.render import render_yaml
+    """Print (or write) the rendered Envoy bootstrap, or run Envoy with it."""
+    from authz.envoy.render import load_for_render, render_yaml
 
-    config = _config(args)
-    text = render_yaml(config)
     if args.render:
-        sys.stdout.write(text)
+        # The bootstrap never contains the ${file:...} secrets, so they are not read (a Kubernetes
+        # init container renders it without the key Secret mounted).
+        text = render_yaml(load_for_render(args.config, os.environ))
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
         return 0
+    text = render_yaml(_config(args))
     from authz.envoy.binary import envoy_binary
     from authz.statedir import state_dir
 
@@ -456,7 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("envoy", help="run Envoy with the rendered configuration")
     p.add_argument("--config", required=True)
-    p.add_argument("--render", action="store_true", help="print the bootstrap YAML and exit")
+    p.add_argument(
+        "--render", action="store_true", help="print (with --output: write) the bootstrap, then exit"
+    )
     p.add_argument("--output", help="where to write the rendered bootstrap (default: STATE_DIR/envoy.yaml)")
     p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.add_argument("--log-level", default="warning")
