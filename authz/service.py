@@ -250,6 +250,7 @@ async def run_worker(config: GatewayConfig, index: int) -> None:
             GRACE_SECONDS,
         )
         await worker.stop()
+    log.info("worker %d stopped; usage rows flushed", index)
 
 
 def _worker_main(config_path: str, environ: Mapping[str, str], index: int, root: str) -> None:
@@ -302,7 +303,7 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
             running.remove(proc)
             if not stopping:
                 print(
-                    f"authz serve: {proc.name} (pid {proc.pid}) exited with status {proc.exitcode}; "
+                    f"authz serve: {proc.name} (pid {proc.pid}) {_exit_description(proc.exitcode)}; "
                     "stopping the other workers",
                     file=sys.stderr,
                     flush=True,
@@ -311,6 +312,15 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
                 stopping.append(signal.SIGINT)
                 _signal_all(running, signal.SIGINT)
     return status
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _signal_all(procs: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:

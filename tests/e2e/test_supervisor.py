@@ -221,3 +221,17 @@ def test_worker_failing_health_checks_gets_no_requests(pg_dsn: str, tmp_path: Pa
         wait_for(served_by_it_again, timeout=20)
     finally:
         stack.stop()
+
+
+def test_a_dead_worker_stops_the_gateway_naming_it(make_run: Any) -> None:
+    """With two workers, killing one makes `authz serve` stop the other and exit non-zero naming
+    the worker, and `authz run` then stops Envoy and exits non-zero naming the services."""
+    run = make_run("worker", workers=2)
+    run.wait_ready()
+    pids = _worker_pids(run.state / "logs" / "gateway.log")
+    assert len(pids) == 2
+    os.kill(pids[max(pids)], signal.SIGKILL)
+    assert run.proc.wait(30) != 0
+    output = run.output()
+    assert re.search(r"authz run: gateway services \(pid \d+\) exited with status 1", output), output
+    assert re.search(r"authz serve: worker 1 \(pid \d+\) was killed by SIGKILL", output), output
