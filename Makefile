@@ -5,10 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
-# Outside Python: Debian's chromium (Playwright drives it; never `playwright install`) and the test
-# IdP's npm packages (tests/idp, the real oidc-provider).
+BENCH_ARGS ?=
+# Outside Python: Debian's chromium (Playwright drives it; never `playwright install`), the test
+# IdP's npm packages (tests/idp, the real oidc-provider) and the pinned Claude Code CLI the
+# end-to-end tests drive (tests/claude_code; its native binary comes as a platform package from the
+# same registry, so the install needs no other download).
 CHROMIUM := /usr/bin/chromium
 IDP_MODULES := tests/idp/node_modules/.package-lock.json
+CLAUDE_CODE_MODULES := tests/claude_code/node_modules/.package-lock.json
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .DEFAULT_GOAL := help
@@ -27,7 +31,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the gateway with its development tools
 
 .PHONY: deps-system
-deps-system: $(CHROMIUM) $(IDP_MODULES) ## Install Debian's chromium and the test IdP's npm packages if missing
+deps-system: $(CHROMIUM) $(IDP_MODULES) $(CLAUDE_CODE_MODULES) ## Install Debian's chromium, the test IdP and Claude Code (npm) if missing
 	@:
 
 $(CHROMIUM):
@@ -43,6 +47,12 @@ $(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json
 	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20 or later for the test IdP"; exit 1; }
 	@echo "Installing the test IdP's npm packages (tests/idp)"
 	@cd tests/idp && npm ci --no-audit --no-fund --loglevel=error >/dev/null
+	@touch $@
+
+$(CLAUDE_CODE_MODULES): tests/claude_code/package.json tests/claude_code/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm not found: install Node.js 20 or later for the Claude Code tests"; exit 1; }
+	@echo "Installing the pinned Claude Code CLI for the end-to-end tests (tests/claude_code)"
+	@cd tests/claude_code && npm ci --no-audit --no-fund --loglevel=error >/dev/null
 	@touch $@
 
 .PHONY: run
@@ -74,8 +84,8 @@ typecheck: $(STAMP) ## mypy --strict on the packages
 	$(BIN)/mypy
 
 .PHONY: bench
-bench: $(STAMP) ## Envoy alone against the full gateway, side by side
-	$(BIN)/python -m tests.bench
+bench: $(STAMP) ## Envoy alone against the gateway on a canned upstream (BENCH_ARGS="--smoke", "--help")
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
 
 .PHONY: protos
 protos: $(STAMP) ## Compile protos/ into authz/_generated with grpcio-tools

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import GatewayError
-from backends.base import BackendError
 
 if TYPE_CHECKING:
     import httpx
@@ -596,7 +595,7 @@ def main(argv: Sequence[str] | None = None, *, deps: ClientDeps | None = None) -
     try:
         result: int = args.func(args)
         return result
-    except (GatewayError, BackendError) as exc:
+    except GatewayError as exc:
         print(f"authz: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

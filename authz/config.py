@@ -9,7 +9,6 @@ silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import re
 import types
@@ -23,6 +22,8 @@ import yaml
 
 from authz.configtypes import GatewayConfig, Price, Upstream
 from authz.errors import ConfigError
+from backends.base import is_loopback_host
+from backends.kinds import KINDS
 
 T = TypeVar("T")
 
@@ -143,6 +144,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(where, f"must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
+    if tp is Upstream:
+        return _upstream(value, where)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)  # type: ignore[arg-type]  # is_dataclass narrows to instance or type
     if origin is tuple:
@@ -188,16 +191,6 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(where, f"unsupported type {tp!r}")  # pragma: no cover - schema bug
 
 
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def validate(config: GatewayConfig) -> None:
     """Checks that involve more than one field."""
     if config.workers < 1:
@@ -212,8 +205,6 @@ def validate(config: GatewayConfig) -> None:
                     f"collides with the gRPC worker ports {grpc.port}-{grpc.port + config.workers - 1}",
                 )
     names = {name for name, _ in config.upstreams}
-    for name, upstream in config.upstreams:
-        _validate_upstream(f"upstreams.{name}", upstream)
     for i, policy in enumerate(config.policies):
         where = f"policies[{i}]"
         if not policy.upstreams:
@@ -287,36 +278,18 @@ def _validate_price(where: str, price: Price) -> None:
             raise ConfigError(f"{where}.{name}", "must not be negative")
 
 
-def _validate_upstream(where: str, upstream: Upstream) -> None:
-    creds = upstream.credentials
-    if upstream.kind == "bedrock":
-        if creds.source not in ("default", "static", "assume_role"):
-            raise ConfigError(f"{where}.credentials.source", "bedrock takes default, static or assume_role")
-        if creds.source == "static" and not (creds.access_key_id and creds.secret_access_key):
-            raise ConfigError(f"{where}.credentials", "static needs access_key_id and secret_access_key")
-        if creds.source == "assume_role" and not creds.role_arn:
-            raise ConfigError(f"{where}.credentials.role_arn", "is required for assume_role")
-    else:
-        if not upstream.project:
-            raise ConfigError(f"{where}.project", "is required for vertex")
-        if creds.source == "default":
-            pass  # treated as adc
-        elif creds.source not in ("adc", "service_account_file"):
-            raise ConfigError(f"{where}.credentials.source", "vertex takes adc or service_account_file")
-        if creds.source == "service_account_file" and not creds.path:
-            raise ConfigError(f"{where}.credentials.path", "is required for service_account_file")
-    if upstream.base_url is not None:
-        try:
-            parts = urlsplit(upstream.base_url)
-            parts.port  # noqa: B018 -- urlsplit checks the port only when it is read
-        except ValueError as exc:
-            raise ConfigError(f"{where}.base_url", f"is not a valid URL: {exc}") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"{where}.base_url", "must be an http(s) URL with a host")
-        if "@" in parts.netloc:
-            # backends.base.endpoint_from_url refuses it too; fail at load, not at start-up.
-            raise ConfigError(f"{where}.base_url", "must not carry user info (user:password@)")
-        if parts.scheme == "http" and not is_loopback_host(parts.hostname):
-            raise ConfigError(f"{where}.base_url", "plain http is allowed only to loopback; use https")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"{where}.base_url", "must not carry a path, query or fragment")
+def _upstream(data: Any, where: str) -> Upstream:
+    """``upstreams.<name>``: its ``kind`` picks the descriptor whose settings type the other keys
+    build into, and whose rules check them (backends/<kind>)."""
+    if not isinstance(data, dict):
+        raise ConfigError(where, f"expected a mapping, got {type(data).__name__}")
+    name = data.get("kind")
+    if name is None:
+        raise ConfigError(f"{where}.kind", f"is required (one of: {', '.join(sorted(KINDS))})")
+    kind = KINDS.get(name) if isinstance(name, str) else None
+    if kind is None:
+        choices = ", ".join(repr(k) for k in sorted(KINDS))
+        raise ConfigError(f"{where}.kind", f"must be one of {choices}, got {name!r}")
+    settings = build(kind.settings_type, {k: v for k, v in data.items() if k != "kind"}, where)
+    kind.validate(where, settings)
+    return Upstream(kind=kind.name, settings=settings)

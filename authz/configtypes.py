@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from backends.descriptor import UpstreamSettings
+
 
 @dataclass(frozen=True, slots=True)
 class Address:
@@ -96,6 +98,7 @@ class Store:
 
     url: str = ""
     spool_dir: str = ""
+    logout_spool_dir: str = ""
     batch_size: int = 200
     flush_interval: float = 0.2
     replay_interval: float = 5.0
@@ -103,39 +106,16 @@ class Store:
 
 
 @dataclass(frozen=True, slots=True)
-class Credentials:
-    """Where an upstream's cloud credential comes from.
+class Upstream:
+    """A named upstream: one Envoy cluster and one credential source.
 
-    Bedrock: ``default`` (the AWS default chain), ``static`` (access key id and secret, optional
-    session token) or ``assume_role`` (STS AssumeRole with ``role_arn``, optional ``external_id``;
-    the user is recorded as SourceIdentity and a session tag). Vertex: ``adc`` (Application Default
-    Credentials) or ``service_account_file`` (``path`` to a key file).
+    ``settings`` is the kind's own typed section: every key of ``upstreams.<name>`` but ``kind``,
+    built into the dataclass its descriptor names (``backends.bedrock.BedrockConfig``,
+    ``backends.vertex.VertexConfig``, ...; the table is ``backends.kinds.KINDS``).
     """
 
-    source: Literal["default", "static", "assume_role", "adc", "service_account_file"] = "default"
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
-    role_arn: str | None = None
-    external_id: str | None = None
-    duration_seconds: int = 3600
-    sts_endpoint_url: str | None = None
-    sts_region: str | None = None
-    path: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Upstream:
-    """A named upstream: one Envoy cluster and one credential source."""
-
-    kind: Literal["bedrock", "vertex"]
-    region: str
-    project: str | None = None
-    base_url: str | None = None
-    fips: bool = False
-    credentials: Credentials = field(default_factory=Credentials)
-    model_map: tuple[tuple[str, str], ...] = ()
-    connect_timeout: float = 5.0
+    kind: str
+    settings: UpstreamSettings
 
 
 @dataclass(frozen=True, slots=True)

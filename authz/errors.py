@@ -1,24 +1,22 @@
-"""The gateway's exception hierarchy.
+"""The gateway's exception hierarchy, documented whole.
 
 Every error the gateway raises on purpose derives from :class:`GatewayError`, so callers can catch
 one type at a boundary. Third-party errors are wrapped where they enter (``raise X(...) from exc``).
 Messages say what failed and what to do about it, and never carry a secret.
+
+    GatewayError                    (backends.errors: shared with backends/)
+    ├── ConfigError                 the configuration names a bad field
+    ├── BackendError                an upstream cannot be prepared for (credentials, settings)
+    ├── BadModelId                  a model id outside the upstream's exact id forms
+    ├── TokenError                  a gateway access token is missing, bad, expired or revoked
+    └── StoreError                  PostgreSQL could not be reached or refused a statement
 """
 
 from __future__ import annotations
 
+from backends.errors import BackendError, BadModelId, ConfigError, GatewayError
 
-class GatewayError(Exception):
-    """Base of every error the gateway raises on purpose."""
-
-
-class ConfigError(GatewayError):
-    """The configuration file is invalid; the message names the field (``upstreams.main.region``)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        self.problem = problem
-        super().__init__(f"{field}: {problem}" if field else problem)
+__all__ = ["BackendError", "BadModelId", "ConfigError", "GatewayError", "StoreError", "TokenError"]
 
 
 class TokenError(GatewayError):
@@ -31,7 +29,3 @@ class TokenError(GatewayError):
 
 class StoreError(GatewayError):
     """PostgreSQL could not be reached or refused a statement."""
-
-
-class UpstreamError(GatewayError):
-    """An upstream could not be prepared for (credentials, signing)."""

@@ -33,11 +33,11 @@ from authz.configtypes import GatewayConfig
 from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
 from authz.errors import StoreError
 from authz.gateway.authorize import Authorizer
-from authz.gateway.backend_settings import backend_settings
-from authz.gateway.process import Deps
+from authz.gateway.exchange import Deps
 from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
 from authz.ops.health import Readiness, WorkerHealth
 from authz.ops.retention import Pruner
+from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
@@ -45,9 +45,10 @@ from authz.signin.tokens import KeySet, TokenVerifier
 from authz.statedir import state_dir, with_state_dir
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
+from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
 from backends.base import Upstream
-from backends.factory import build_upstream
+from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
 
@@ -72,6 +73,7 @@ class Worker:
     grpc_port: int
     health: WorkerHealth = field(default_factory=WorkerHealth)
     watcher: RevocationWatcher | None = None
+    logouts: BackchannelLogouts | None = None
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
@@ -98,6 +100,8 @@ class Worker:
         if self.oidc is not None:
             await self.oidc.aclose()
         await self.ledger.aclose()
+        if self.logouts is not None:
+            await self.logouts.aclose()
         if self.watcher is not None:
             await self.watcher.aclose()
         for upstream in self.upstreams.values():
@@ -157,6 +161,7 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
             keyset=keyset,
             oidc=oidc,
             healthy=lambda: worker.healthy,
+            logouts=worker.logouts,
             readiness=readiness.report,
         )
     )
@@ -189,11 +194,22 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     # Revoked sessions reach this set within seconds (LISTEN/NOTIFY plus periodic resync); the
     # first sync is awaited briefly so a restarted worker does not forget recent revocations.
     await watcher.start(config.store.url, config.sessions.revocation_resync_interval)
-    upstreams = {name: build_upstream(backend_settings(name, up)) for name, up in config.upstreams}
+    # Back-channel logouts accepted while PostgreSQL was down wait in a journal that every worker
+    # sharing it enforces from memory (loaded before serving) and writes through when it answers.
+    logouts = BackchannelLogouts(
+        LogoutSpool(logout_spool_dir(config.store)),
+        revocations,
+        dsn=config.store.url,
+        hold=config.sessions.access_token_ttl + config.sessions.clock_skew,
+        replay_interval=config.store.replay_interval,
+        connect_timeout=config.store.connect_timeout,
+    )
+    await logouts.start()
+    upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
+    prices = PriceBook(config.pricing)
     deps = Deps(
         upstreams=upstreams,
-        model_maps={name: dict(up.model_map) for name, up in config.upstreams},
-        prices=PriceBook(config.pricing),
+        prices=prices,
         record=ledger.record,
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
@@ -207,7 +223,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     add_servicers(
         server,
-        AuthorizationServicer(Authorizer(config, verifier, is_revoked=revocations.is_revoked), ledger.record),
+        AuthorizationServicer(
+            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices), ledger.record
+        ),
         ExternalProcessorServicer(deps),
     )
     health = WorkerHealth()
@@ -217,7 +235,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port, health=health, watcher=watcher)
+    worker = Worker(
+        config, index, ledger, upstreams, server, port, health=health, watcher=watcher, logouts=logouts
+    )
     if index == 0:
         await _start_portal(worker, keyset)
     await health.serving()

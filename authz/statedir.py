@@ -33,9 +33,15 @@ def state_dir(config_path: str | Path, explicit: str | Path | None, environ: Map
 
 
 def with_state_dir(config: GatewayConfig, root: Path) -> GatewayConfig:
-    """``config`` with ``store.spool_dir`` resolved: empty means ``<root>/spool``, and a relative
-    path is taken relative to ``root``."""
-    spool = Path(config.store.spool_dir) if config.store.spool_dir else Path("spool")
-    if not spool.is_absolute():
-        spool = root / spool
-    return dataclasses.replace(config, store=dataclasses.replace(config.store, spool_dir=str(spool)))
+    """``config`` with the spool directories resolved: an empty ``store.spool_dir`` means
+    ``<root>/spool``; a relative ``spool_dir`` or ``logout_spool_dir`` is relative to ``root``
+    (an empty ``logout_spool_dir`` keeps meaning ``logouts`` under the spool directory)."""
+    store = config.store
+    spool = Path(store.spool_dir) if store.spool_dir else Path("spool")
+    logouts = Path(store.logout_spool_dir) if store.logout_spool_dir else None
+    resolved = dataclasses.replace(
+        store,
+        spool_dir=str(spool if spool.is_absolute() else root / spool),
+        logout_spool_dir="" if logouts is None else str(logouts if logouts.is_absolute() else root / logouts),
+    )
+    return dataclasses.replace(config, store=resolved)

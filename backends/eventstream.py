@@ -2,13 +2,15 @@
 
 Frame layout: 4-byte total length, 4-byte headers length, 4-byte CRC32 of those eight bytes,
 headers, payload, 4-byte CRC32 of everything before it. botocore parses frames but has no
-encoder, so the writer lives here; decoding always goes through botocore, which checks the CRCs.
+encoder, so the writer lives here. The meter checks both CRCs of every frame itself (it counts most
+frames without decoding them); decoding always goes through botocore.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import zlib
 from collections.abc import Mapping
@@ -20,11 +22,17 @@ from backends.messages import BEDROCK_METRICS_KEY, StreamAccumulator
 from backends.usage import MeterResult
 
 _U32 = struct.Struct(">I")
+_PRELUDE = struct.Struct(">III")  # total length, headers length, prelude CRC
 _PRELUDE_LENGTH = 12
 _MIN_FRAME_LENGTH = _PRELUDE_LENGTH + 4
-# botocore refuses headers over 128 KiB and payloads over 24 MiB; a longer prelude is corruption,
-# and failing at once keeps a bad length from making us buffer gigabytes.
-_MAX_FRAME_LENGTH = _MIN_FRAME_LENGTH + 128 * 1024 + 24 * 1024 * 1024
+# botocore refuses headers over 128 KiB and payloads over 24 MiB; a prelude claiming more is
+# corruption, and refusing it at once keeps a bad length from making us buffer gigabytes.
+_MAX_HEADERS_LENGTH = 128 * 1024
+_MAX_PAYLOAD_LENGTH = 24 * 1024 * 1024
+# A byte that can begin a frame: sane total lengths are below 2**25 (big-endian, first byte 0 or 1).
+_FRAME_START = re.compile(rb"[\x00\x01]")
+# Lost frame boundaries tolerated in one stream before the meter stops (see EventStreamMeter).
+_MAX_FRAMING_ERRORS = 8
 _STRING_HEADER = 7
 
 
@@ -81,17 +89,22 @@ def exception_frame(exception_type: str, message: str) -> bytes:
 def _type_prefixes(*names: str) -> tuple[bytes, ...]:
     # Base64 maps each 3 input bytes to 4 characters independently of what follows, so the
     # characters fully fixed by the known JSON prefix (floor(8n/6)) match every event of that type.
+    # The prefix runs past the type's closing quote, so a longer type name that merely starts with
+    # a known one ("content_block_delta_v2") is decoded, never counted as the known one.
     prefixes = []
     for name in names:
         for spacing in ("", " "):
-            head = f'{{"type":{spacing}"{name}"'.encode()
-            encoded = base64.b64encode(head)[: len(head) * 8 // 6]
-            prefixes.append(b'{"bytes":"' + encoded)
+            for after in (",", "}"):
+                head = f'{{"type":{spacing}"{name}"{after}'.encode()
+                encoded = base64.b64encode(head)[: len(head) * 8 // 6]
+                prefixes.append(b'{"bytes":"' + encoded)
     return tuple(prefixes)
 
 
-# Payload prefixes of chunk frames that carry no usage. Anything else (message_start,
-# message_delta, message_stop, error, exceptions, unknown shapes) is decoded in full.
+# Payload prefixes of chunk frames that carry no usage, in Bedrock's compact form (and with a space
+# after the colon). Anything else (message_start, message_delta, message_stop, error, exceptions,
+# other spacing or key orders, unknown shapes) is decoded in full, so the prefixes only decide how
+# cheaply a frame is counted, never whether it is.
 COUNTED_PREFIXES = _type_prefixes("content_block_delta")
 SKIPPED_PREFIXES = _type_prefixes("content_block_start", "content_block_stop", "ping")
 
@@ -104,20 +117,38 @@ def _decode_frame(frame: bytes) -> tuple[dict[str, Any], bytes]:
     return message.headers, message.payload
 
 
+def _sane_prelude(total: int, headers_length: int) -> bool:
+    """Whether a prelude's lengths are within what botocore accepts (headers, then payload)."""
+    return headers_length <= _MAX_HEADERS_LENGTH and 0 <= total - headers_length - _MIN_FRAME_LENGTH <= (
+        _MAX_PAYLOAD_LENGTH
+    )
+
+
 class EventStreamMeter:
     """Counts usage in a Bedrock ``invoke-with-response-stream`` body fed in arbitrary chunks.
 
-    Frames are delimited with the total-length prelude alone and classified by the fixed base64
-    prefix of their event type, so ``content_block_delta`` frames cost a couple of slice
-    comparisons; only frames that can carry usage or errors are decoded (by botocore).
+    Every frame's prelude CRC and message CRC are checked (zlib over views of the buffer, no copy).
+    Frames are then classified by the fixed base64 prefix of their event type, so a compact
+    ``content_block_delta`` costs two CRCs and a prefix comparison; only frames that can carry
+    usage or errors, or that are not in the compact form, are decoded (by botocore).
+
+    Malformed data is recorded in ``MeterResult.malformed`` and counting goes on. A frame whose CRCs
+    check but whose payload is not a Bedrock chunk is skipped. A frame that fails a CRC or claims an
+    impossible length means the frame boundary is lost: the meter scans forward for the next offset
+    holding a whole frame whose prelude CRC and message CRC both check (64 bits of evidence, so
+    resynchronising on a false boundary is vanishingly unlikely) and counts on from there. After
+    ``_MAX_FRAMING_ERRORS`` lost boundaries in one stream it stops, which bounds the CRC work a
+    corrupt stream can cause.
     """
 
-    __slots__ = ("_acc", "_buffer", "_bytes_seen", "_stopped")
+    __slots__ = ("_acc", "_buffer", "_bytes_seen", "_framing_errors", "_resyncing", "_stopped")
 
     def __init__(self) -> None:
         self._acc = StreamAccumulator()
         self._buffer = bytearray()
         self._bytes_seen = 0
+        self._framing_errors = 0
+        self._resyncing = False
         self._stopped = False
 
     def feed(self, chunk: bytes) -> None:
@@ -127,58 +158,101 @@ class EventStreamMeter:
             return
         buffer = self._buffer
         buffer += chunk
-        available = len(buffer)
-        offset = 0
-        while available - offset >= 4:
-            (total,) = _U32.unpack_from(buffer, offset)
-            if not _MIN_FRAME_LENGTH <= total <= _MAX_FRAME_LENGTH:
-                self._fail(f"event-stream frame at byte {self._frame_position(offset)} claims {total} bytes")
-                return
-            end = offset + total
-            if end > available:
-                break
-            (headers_length,) = _U32.unpack_from(buffer, offset + 4)
-            payload_start = offset + _PRELUDE_LENGTH + headers_length
-            if payload_start > end - 4:
-                position = self._frame_position(offset)
-                self._fail(f"event-stream frame at byte {position} has headers longer than the frame")
-                return
-            if buffer.startswith(COUNTED_PREFIXES, payload_start, end):
-                self._acc.count_delta()
-            elif not buffer.startswith(SKIPPED_PREFIXES, payload_start, end):
-                self._decode(bytes(buffer[offset:end]), self._frame_position(offset))
-                if self._stopped:
-                    return
-            offset = end
+        with memoryview(buffer) as view:
+            offset = self._consume(buffer, view)
         # One compaction per feed: what is left is less than one frame, and CPython's bytearray
         # drops a leading slice without moving the rest.
-        if offset:
+        if offset and not self._stopped:
             del buffer[:offset]
 
     def result(self) -> MeterResult:
         """What has been learned so far; may be called at any time, including mid-stream."""
         return self._acc.result(self._bytes_seen)
 
-    def _frame_position(self, offset: int) -> int:
-        # Position in the whole body, for the operator reading the error.
-        return self._bytes_seen - len(self._buffer) + offset
+    def _consume(self, buffer: bytearray, view: memoryview) -> int:
+        """Handle every whole frame in the buffer; returns the offset of the first byte still needed."""
+        crc32, unpack, unpack_u32 = zlib.crc32, _PRELUDE.unpack_from, _U32.unpack_from
+        counted, skipped, count_delta = COUNTED_PREFIXES, SKIPPED_PREFIXES, self._acc.count_delta
+        available = len(buffer)
+        offset = 0
+        while available - offset >= _PRELUDE_LENGTH:
+            total, headers_length, prelude_crc = unpack(buffer, offset)
+            # _sane_prelude inlined (this loop runs once per frame), then the prelude CRC.
+            if not (
+                headers_length <= _MAX_HEADERS_LENGTH
+                and 0 <= total - headers_length - _MIN_FRAME_LENGTH <= _MAX_PAYLOAD_LENGTH
+                and crc32(view[offset : offset + 8]) == prelude_crc
+            ):
+                offset = self._lost_boundary(buffer, view, offset, counts=False)
+                continue
+            end = offset + total
+            if end > available:
+                break
+            # The message CRC covers everything before it, prelude CRC included, so it continues
+            # from the prelude CRC just checked rather than re-reading the first eight bytes.
+            if crc32(view[offset + 8 : end - 4], prelude_crc) != unpack_u32(buffer, end - 4)[0]:
+                offset = self._lost_boundary(buffer, view, offset, counts=True)
+                continue
+            if self._resyncing:
+                self._resyncing = False
+            payload_start = offset + _PRELUDE_LENGTH + headers_length
+            if buffer.startswith(counted, payload_start, end - 4):
+                count_delta()
+            elif not buffer.startswith(skipped, payload_start, end - 4):
+                self._decode(bytes(view[offset:end]), self._bytes_seen - available + offset)
+            offset = end
+        return offset
 
-    def _fail(self, message: str) -> None:
-        self._acc.set_error("malformed_stream", message)
-        self._stopped = True
-        self._buffer = bytearray()
+    def _lost_boundary(self, buffer: bytearray, view: memoryview, offset: int, *, counts: bool) -> int:
+        """The frame at ``offset`` cannot be trusted: record why, and return where to look next.
+
+        Outside a resynchronisation the first failure is recorded and counts as a framing error.
+        While resynchronising, candidates that fail the prelude checks cost nothing (most offsets
+        do), but a candidate that passes them and then fails its message CRC costs a CRC over up
+        to one maximal frame, so it counts too.
+        """
+        if not self._resyncing:
+            self._resyncing = True
+            self._framing_errors += 1
+            position = self._bytes_seen - len(buffer) + offset
+            total, headers_length, prelude_crc = _PRELUDE.unpack_from(buffer, offset)
+            if not _sane_prelude(total, headers_length):
+                problem = f"claims {total} bytes with {headers_length} bytes of headers"
+            elif zlib.crc32(view[offset : offset + 8]) != prelude_crc:
+                problem = "fails its prelude CRC"
+            else:
+                problem = "fails its message CRC"
+            self._acc.set_malformed(f"event-stream frame at byte {position} {problem}")
+        elif counts:
+            self._framing_errors += 1
+        if self._framing_errors > _MAX_FRAMING_ERRORS:
+            self._stopped = True
+            self._buffer = bytearray()
+            return len(buffer)
+        # Every sane total length is below 2**25, so a frame can only start at a 0x00 or 0x01 byte;
+        # the search skips JSON and base64 text at C speed.
+        found = _FRAME_START.search(buffer, offset + 1)
+        return found.start() if found else len(buffer)
 
     def _decode(self, frame: bytes, position: int) -> None:
-        # The meter sits on the relay path: whatever the upstream sends, understanding it may
-        # fail but must not raise into the proxy, so every failure becomes "malformed_stream".
+        # The frame's CRCs check, so its boundary is sound: whatever is wrong inside it is recorded
+        # and the frames after it are still counted. Nothing here may raise into the proxy.
+        stage = "headers"
         try:
             headers, payload = _decode_frame(frame)
             message_type = headers.get(":message-type")
             if message_type == "event":
                 if headers.get(":event-type") == "chunk":
+                    stage = "chunk payload JSON"
                     envelope = json.loads(payload)
-                    self._acc.apply_event(json.loads(base64.b64decode(envelope["bytes"], validate=True)))
+                    stage = "chunk bytes field"
+                    event_bytes = base64.b64decode(envelope["bytes"], validate=True)
+                    stage = "event JSON"
+                    event = json.loads(event_bytes)
+                    stage = "event"
+                    self._acc.apply_event(event)
             elif message_type == "exception":
+                stage = "exception payload"
                 self._acc.set_error(str(headers.get(":exception-type") or "exception"), _error_text(payload))
             elif message_type == "error":
                 # Service-level errors put their code and text in headers instead of the payload.
@@ -186,13 +260,17 @@ class EventStreamMeter:
                     str(headers.get(":error-code") or "error"), str(headers.get(":error-message") or "")
                 )
         except Exception as exc:
-            self._fail(f"event-stream frame at byte {position} could not be decoded: {exc!r}")
+            # Only the stage and the exception's type: the messages of some (UnicodeDecodeError,
+            # KeyError) quote payload bytes, which must not reach logs or usage rows.
+            self._acc.set_malformed(
+                f"event-stream frame at byte {position}: {stage} could not be decoded ({type(exc).__name__})"
+            )
 
 
 def _error_text(payload: bytes) -> str:
     try:
         body = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):
         return payload.decode("utf-8", "replace")
     if isinstance(body, Mapping):
         for key in ("message", "Message"):

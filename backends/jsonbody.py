@@ -27,8 +27,9 @@ def _count(value: object) -> int | None:
 class JsonMeter:
     """Buffers a whole JSON body (up to ``MAX_BODY_BYTES``) and reads usage from it on ``result()``.
 
-    Until the body parses, the result is ``complete=False`` with no error: the meter cannot tell
-    a body still arriving from one that will never parse.
+    Until the body parses, the result is ``complete=False`` and ``malformed`` says the bytes so far
+    are not JSON: the meter cannot tell a body still arriving from one that will never parse, so
+    callers read the result once the whole body is in.
     """
 
     __slots__ = ("_body", "_bytes_seen", "_cached", "_max_bytes", "_overflowed")
@@ -65,7 +66,9 @@ class JsonMeter:
             return acc.result(self._bytes_seen)
         try:
             body = json.loads(self._body)
-        except ValueError:
+        except (ValueError, RecursionError) as exc:
+            # Only the exception's type: its message can quote the body.
+            acc.set_malformed(f"response body is not JSON ({type(exc).__name__})")
             return acc.result(self._bytes_seen)
         acc.mark_complete()
         if isinstance(body, list) and len(body) == 1:

@@ -1,14 +1,13 @@
-"""Anthropic Messages API data: canned responses to emit, and the usage reader every meter shares.
+"""Anthropic Messages API usage: the reader every meter shares.
 
-The builders produce exactly what the Anthropic API sends, so the upstream emulator and the tests
-exercise the same shapes the clouds return. ``StreamAccumulator`` folds decoded Anthropic events
-into a ``MeterResult``; the event-stream, SSE and JSON meters differ only in how they frame bytes.
+``StreamAccumulator`` folds decoded Anthropic events into a ``MeterResult``; the event-stream, SSE
+and JSON meters differ only in how they frame bytes. (The canned answers the emulator sends live
+in ``backends/emulator/canned.py``.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 from backends.usage import MeterResult, Usage
 
@@ -23,80 +22,6 @@ _METRIC_FIELDS = (
     "cacheReadInputTokenCount",
     "cacheWriteInputTokenCount",
 )
-
-
-def _usage_dict(usage: Usage, *, output_tokens: int) -> dict[str, Any]:
-    return {
-        "input_tokens": usage.input_tokens,
-        "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-        "cache_read_input_tokens": usage.cache_read_input_tokens,
-        "cache_creation": {
-            "ephemeral_5m_input_tokens": usage.cache_creation_5m_input_tokens,
-            "ephemeral_1h_input_tokens": usage.cache_creation_1h_input_tokens,
-        },
-        "output_tokens": output_tokens,
-    }
-
-
-def canned_events(
-    *, model: str, text_chunks: Sequence[str], usage: Usage, message_id: str = "msg_emulator"
-) -> list[dict[str, Any]]:
-    """The event sequence the Messages API streams for a one-block text answer.
-
-    ``message_start`` reports ``output_tokens: 1`` as the real API does; ``message_delta`` carries
-    the cumulative final counts, including the input and cache fields.
-    """
-    events: list[dict[str, Any]] = [
-        {
-            "type": "message_start",
-            "message": {
-                "id": message_id,
-                "type": "message",
-                "role": "assistant",
-                "model": model,
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": _usage_dict(usage, output_tokens=1),
-            },
-        },
-        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-    ]
-    events.extend(
-        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": chunk}}
-        for chunk in text_chunks
-    )
-    events.append({"type": "content_block_stop", "index": 0})
-    events.append(
-        {
-            "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-            "usage": {
-                "input_tokens": usage.input_tokens,
-                "cache_creation_input_tokens": usage.cache_creation_input_tokens,
-                "cache_read_input_tokens": usage.cache_read_input_tokens,
-                "output_tokens": usage.output_tokens,
-            },
-        }
-    )
-    events.append({"type": "message_stop"})
-    return events
-
-
-def canned_message(
-    *, model: str, text: str, usage: Usage, message_id: str = "msg_emulator"
-) -> dict[str, Any]:
-    """The non-streaming Messages API response body for a one-block text answer."""
-    return {
-        "id": message_id,
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": [{"type": "text", "text": text}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": _usage_dict(usage, output_tokens=usage.output_tokens),
-    }
 
 
 def _count(value: object) -> int | None:
@@ -117,7 +42,7 @@ class StreamAccumulator:
     carries and leaves the others alone, so nothing is ever summed across events.
     """
 
-    __slots__ = ("_complete", "_deltas", "_error_message", "_error_type", "_fields", "_metrics")
+    __slots__ = ("_complete", "_deltas", "_error_message", "_error_type", "_fields", "_malformed", "_metrics")
 
     def __init__(self) -> None:
         self._fields: dict[str, int] = {}
@@ -126,11 +51,7 @@ class StreamAccumulator:
         self._deltas = 0
         self._error_type: str | None = None
         self._error_message: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Whether an error (in-stream or malformed input) has been recorded."""
-        return self._error_type is not None
+        self._malformed: str | None = None
 
     def count_delta(self) -> None:
         """Count one ``content_block_delta`` without decoding it (the output estimate)."""
@@ -141,10 +62,18 @@ class StreamAccumulator:
         self._complete = True
 
     def set_error(self, error_type: str, message: str | None) -> None:
-        """Record an in-stream error, or malformed input; the first one recorded wins."""
+        """Record an in-stream error (exception frame, ``error`` event); the first one recorded wins."""
         if self._error_type is None:
             self._error_type = error_type
             self._error_message = message
+
+    def set_malformed(self, description: str) -> None:
+        """Record upstream data the meter could not understand; the first description wins.
+
+        The description must not quote payload bytes: it ends up in logs and usage rows.
+        """
+        if self._malformed is None:
+            self._malformed = description
 
     def apply_usage(self, usage: object) -> None:
         """Take the latest value of each count present in an Anthropic ``usage`` object."""
@@ -228,6 +157,7 @@ class StreamAccumulator:
             complete=self._complete,
             error_type=self._error_type,
             error_message=self._error_message,
+            malformed=self._malformed,
             estimated_output_tokens=self._deltas,
             bytes_seen=bytes_seen,
         )

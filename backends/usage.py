@@ -33,14 +33,18 @@ class MeterResult:
 
     ``complete`` is true once the terminal event (``message_stop``, or a whole JSON body) was seen.
     ``error_type``/``error_message`` hold an in-stream error (a Bedrock exception frame or an SSE
-    ``error`` event). ``estimated_output_tokens`` is a lower-bound estimate from the content relayed,
-    used when a stream is cut before the final usage arrives.
+    ``error`` event). ``malformed`` describes the first piece of upstream data the meter could not
+    understand (a bad CRC, a lost frame boundary, an event that is not JSON); it names positions and
+    stages, never payload bytes, so it is safe to log. The usage is still what the meter counted
+    around it. ``estimated_output_tokens`` is a lower-bound estimate from the content relayed, used
+    when a stream is cut before the final usage arrives.
     """
 
     usage: Usage = field(default_factory=Usage)
     complete: bool = False
     error_type: str | None = None
     error_message: str | None = None
+    malformed: str | None = None
     estimated_output_tokens: int = 0
     bytes_seen: int = 0
 

@@ -10,12 +10,17 @@ Protocol (``python -m tests.bench_load``): one JSON job per line on stdin, one J
 on stdout; the process exits when stdin closes. A job::
 
     {"host": "127.0.0.1", "port": 8080, "requests": ["<base64 request bytes>", ...],
-     "concurrency": 16, "warmup": 0.5, "seconds": 3.0, "timeout": 60.0, "per_worker": 0}
+     "expect_bytes": [67731, ...], "concurrency": 16, "warmup": 0.5, "seconds": 3.0,
+     "timeout": 60.0, "per_worker": 0}
 
-Worker *i* sends ``requests[i % len(requests)]``. Requests started during the warm-up are sent
-and read but not measured; requests started in the ``seconds`` after it are measured; workers
-start nothing new after that and finish what they have in flight. ``per_worker`` (0: no limit)
-caps how many requests each worker sends.
+Worker *i* sends ``requests[i % len(requests)]``; a 200 answer whose body length differs from
+``expect_bytes[i % len(requests)]`` (when given and not null) counts as an error. Requests
+started during the warm-up are sent and read but not measured; requests started in the
+``seconds`` after it are measured; workers start nothing new after that and finish what they have
+in flight. ``per_worker`` (0: no limit) caps how many requests each worker sends.
+
+The driver may run several of these processes and split the connections among them
+(``tests/bench.py --loadgen-procs``), when one process cannot keep Envoy alone busy.
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class _Tally:
     per_worker: int = 0  # 0: no limit
 
 
-async def _worker(host: str, port: int, request: bytes, tally: _Tally) -> None:
+async def _worker(host: str, port: int, request: bytes, expect: int | None, tally: _Tally) -> None:
     perf = time.perf_counter
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
@@ -127,12 +132,14 @@ async def _worker(host: str, port: int, request: bytes, tally: _Tally) -> None:
                 if status == 200:
                     tally.latencies.append(end - start)
                     tally.body_bytes += length
-            if status == 200:
+            if status == 200 and (expect is None or length == expect):
                 tally.ok += 1
             else:
                 tally.error_count += 1
                 if len(tally.errors) < 5:
-                    tally.errors.append(f"HTTP {status}")
+                    tally.errors.append(
+                        f"HTTP {status}" if status != 200 else f"body of {length} bytes, expected {expect}"
+                    )
             if close:
                 writer.close()
                 writer = None
@@ -152,6 +159,7 @@ async def run_job(
     seconds: float,
     grace: float = 60.0,
     per_worker: int = 0,
+    expect_bytes: Sequence[int | None] = (),
 ) -> dict[str, Any]:
     """Run one closed-loop load and return its measurements (latencies in milliseconds).
 
@@ -161,7 +169,15 @@ async def run_job(
     begin = time.perf_counter()
     tally = _Tally(t0=begin + warmup, t1=begin + warmup + seconds, per_worker=per_worker)
     tasks = [
-        asyncio.create_task(_worker(host, port, requests[i % len(requests)], tally))
+        asyncio.create_task(
+            _worker(
+                host,
+                port,
+                requests[i % len(requests)],
+                expect_bytes[i % len(requests)] if expect_bytes else None,
+                tally,
+            )
+        )
         for i in range(concurrency)
     ]
     await asyncio.sleep(max(0.0, tally.t0 - time.perf_counter()))
@@ -205,6 +221,7 @@ def _job(line: str) -> dict[str, Any]:
             seconds=float(spec["seconds"]),
             grace=float(spec.get("timeout", 60.0)),
             per_worker=int(spec.get("per_worker", 0)),
+            expect_bytes=spec.get("expect_bytes") or (),
         )
     )
 

@@ -1,159 +1,99 @@
-"""Build usage rows from what ext_authz and ext_proc learned. Pure functions."""
+"""The one builder of usage rows, from the request identity and what was measured. Pure.
+
+Every row, allowed or refused, complete or cut, comes from :func:`usage_row`, so who made a
+request is copied from :class:`~authz.identity.RequestIdentity` in exactly one place.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Protocol
 
+from authz.billing.pricing import PriceBook
 from authz.billing.usagerow import UsageRow
-from authz.gateway.context import RequestContext
+from authz.identity import RequestIdentity
 from authz.serviceid import service_identity
-from backends.usage import MeterResult
+from backends.usage import MeterResult, Usage
 
-if TYPE_CHECKING:
-    from authz.billing.pricing import PriceBook
-
-
-class AskedFor(Protocol):
-    """The request as ext_authz saw it (``CheckInput`` satisfies this)."""
-
-    @property
-    def request_id(self) -> str: ...
-    @property
-    def now(self) -> float: ...
-    @property
-    def headers(self) -> Mapping[str, str]: ...
+# Anthropic models average about four bytes of JSON request body per input token (text is about
+# 3.5-4 characters per token; JSON framing adds a little). An estimate is used only when the
+# upstream received a prompt but its usage report never came back; the row says so.
+BYTES_PER_INPUT_TOKEN = 4
 
 
-class RouteAsked(Protocol):
-    """The inference route the request named (``InferenceRoute`` satisfies this)."""
-
-    @property
-    def format(self) -> str: ...
-    @property
-    def operation(self) -> str: ...
-    @property
-    def model_raw(self) -> str | None: ...
+def estimate_input_tokens(request_bytes: int) -> int:
+    """A rough input-token count for a request body of ``request_bytes`` bytes."""
+    return max(0, request_bytes) // BYTES_PER_INPUT_TOKEN
 
 
-class Caller(Protocol):
-    """Who asked, from a verified token (``Claims`` satisfies this)."""
-
-    @property
-    def sub(self) -> str: ...
-    @property
-    def email(self) -> str: ...
-    @property
-    def groups(self) -> tuple[str, ...]: ...
-    @property
-    def sid(self) -> str | None: ...
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, tz=UTC)
-
-
-def denied_row(
-    req: AskedFor,
-    route: RouteAsked | None,
-    claims: Caller | None,
-    status: int,
-    reason: str,
-) -> UsageRow:
-    """The row for a request ext_authz refused: who (when known), what, and why."""
-    h = req.headers
-    return UsageRow(
-        request_id=req.request_id,
-        started_at=_utc(req.now),
-        user_sub=claims.sub if claims else None,
-        user_email=claims.email if claims else None,
-        groups=claims.groups if claims else (),
-        session_id=claims.sid if claims else None,
-        cc_session_id=h.get("x-claude-code-session-id"),
-        agent_id=h.get("x-claude-code-agent-id"),
-        parent_agent_id=h.get("x-claude-code-parent-agent-id"),
-        user_agent=h.get("user-agent"),
-        ingress_format=route.format if route else "unknown",
-        operation=route.operation if route else "unknown",
-        upstream=None,
-        requested_model=route.model_raw if route else None,
-        upstream_model=None,
-        status=status,
-        outcome="denied",
-        reason=reason,
-        input_tokens=0,
-        output_tokens=0,
-        output_tokens_estimated=False,
-        cache_write_tokens=0,
-        cache_write_5m_tokens=0,
-        cache_write_1h_tokens=0,
-        cache_read_tokens=0,
-        cost_usd=Decimal(0),
-        latency_ms=0.0,
-        ttfb_ms=None,
-        service_identity=service_identity(claims.sub, claims.sid) if claims else None,
-    )
-
-
-def finished_row(
-    ctx: RequestContext,
+def usage_row(
+    identity: RequestIdentity,
     *,
     status: int,
     outcome: str,
     reason: str | None,
-    meter: MeterResult | None,
     prices: PriceBook,
-    upstream_model: str | None,
     ended_at: float,
-    first_byte_at: float | None,
+    meter: MeterResult | None = None,
+    first_byte_at: float | None = None,
+    estimate_input: bool = False,
 ) -> UsageRow:
-    """The row for a request that reached ext_proc, priced from the usage the meter counted.
+    """The row for one request, priced from the usage the meter counted.
 
-    When a stream was cut before its final usage arrived, output tokens fall back to the estimate
-    from what was relayed (and the row says the figure is estimated).
+    When a response was cut before its final usage arrived, output tokens fall back to the
+    estimate from what was relayed; with ``estimate_input`` (the upstream received the prompt but
+    reported nothing), input tokens fall back to the estimate from the request body size. Either
+    way the row says the figure is estimated.
     """
     result = meter or MeterResult()
     usage = result.usage
-    output = usage.output_tokens
-    estimated = False
+    output, output_estimated = usage.output_tokens, False
     if not result.complete and result.estimated_output_tokens > output:
-        output = result.estimated_output_tokens
-        estimated = True
-    priced_usage = usage if output == usage.output_tokens else replace(usage, output_tokens=output)
-    # No model (count-tokens, inference profiles) carries no tokens; any that do appear are priced
-    # at the fallback rate rather than treated as free.
-    cost = prices.cost_usd(ctx.model or "unknown", priced_usage, regional=ctx.regional)
+        output, output_estimated = result.estimated_output_tokens, True
+    input_tokens, input_estimated = usage.input_tokens, False
+    if estimate_input and usage.total_input_tokens == 0:
+        input_tokens = estimate_input_tokens(identity.request_bytes)
+        input_estimated = input_tokens > 0
+    if (output, input_tokens) != (usage.output_tokens, usage.input_tokens):
+        usage = replace(usage, output_tokens=output, input_tokens=input_tokens)
+    caller, client = identity.caller, identity.client
     return UsageRow(
-        request_id=ctx.request_id,
-        started_at=_utc(ctx.started_at),
-        user_sub=ctx.sub,
-        user_email=ctx.email,
-        groups=ctx.groups,
-        session_id=ctx.session_id,
-        cc_session_id=ctx.cc_session_id,
-        agent_id=ctx.agent_id,
-        parent_agent_id=ctx.parent_agent_id,
-        user_agent=ctx.user_agent,
-        ingress_format=ctx.ingress_format,
-        operation=ctx.operation,
-        upstream=ctx.upstream,
-        requested_model=ctx.model_raw,
-        upstream_model=upstream_model,
+        request_id=identity.request_id,
+        started_at=datetime.fromtimestamp(identity.started_at, tz=UTC),
+        user_sub=caller.sub if caller else None,
+        user_email=caller.email if caller else None,
+        groups=caller.groups if caller else (),
+        session_id=caller.session_id if caller else None,
+        cc_session_id=client.cc_session_id,
+        agent_id=client.agent_id,
+        parent_agent_id=client.parent_agent_id,
+        user_agent=client.user_agent,
+        ingress_format=identity.client_format,
+        operation=identity.operation,
+        upstream=identity.upstream,
+        policy=identity.policy,
+        requested_model=identity.requested_model,
+        upstream_model=identity.upstream_model,
         status=status,
         outcome=outcome,
         reason=reason,
         input_tokens=usage.input_tokens,
-        output_tokens=output,
-        output_tokens_estimated=estimated,
+        input_tokens_estimated=input_estimated,
+        output_tokens=usage.output_tokens,
+        output_tokens_estimated=output_estimated,
         cache_write_tokens=usage.cache_creation_input_tokens,
         cache_write_5m_tokens=usage.cache_creation_5m_input_tokens,
         cache_write_1h_tokens=usage.cache_creation_1h_input_tokens,
         cache_read_tokens=usage.cache_read_input_tokens,
-        cost_usd=cost,
-        latency_ms=round((ended_at - ctx.started_at) * 1000.0, 3),
-        ttfb_ms=round((first_byte_at - ctx.started_at) * 1000.0, 3) if first_byte_at else None,
-        service_identity=service_identity(ctx.sub, ctx.session_id),
+        # No model (count-tokens, listings) carries no tokens; any that do appear are priced at the
+        # fallback rate rather than treated as free.
+        cost_usd=_cost(prices, identity, usage),
+        latency_ms=round((ended_at - identity.started_at) * 1000.0, 3),
+        ttfb_ms=round((first_byte_at - identity.started_at) * 1000.0, 3) if first_byte_at else None,
+        service_identity=service_identity(caller.sub, caller.session_id) if caller else None,
     )
+
+
+def _cost(prices: PriceBook, identity: RequestIdentity, usage: Usage) -> Decimal:
+    return prices.cost_usd(identity.model or "unknown", usage, regional=identity.regional)

@@ -13,6 +13,9 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+# Fields added after the first release, with the value older spooled rows stand for.
+_ADDED_FIELDS: dict[str, Any] = {"policy": None, "input_tokens_estimated": False, "service_identity": None}
+
 
 @dataclass(frozen=True, slots=True)
 class UsageRow:
@@ -35,14 +38,18 @@ class UsageRow:
     operation: str
     """``invoke``, ``stream``, ``count_tokens``, ``list_profiles``, ..."""
     upstream: str | None
+    policy: str | None
+    """The policy that admitted (or refused) the request."""
     requested_model: str | None
     upstream_model: str | None
     status: int
     """The HTTP status sent to the client."""
     outcome: str
-    """``complete``, ``client_aborted``, ``upstream_error``, ``denied`` or ``error``."""
+    """``complete``, ``client_aborted``, ``upstream_error``, ``unmetered``, ``denied`` or ``error``."""
     reason: str | None
     input_tokens: int
+    input_tokens_estimated: bool
+    """The input count is an estimate from the request body size (no usage report arrived)."""
     output_tokens: int
     output_tokens_estimated: bool
     cache_write_tokens: int
@@ -80,9 +87,9 @@ class UsageRow:
         if not isinstance(data, dict):
             raise ValueError("usage row is not a JSON object")
         names = {f.name for f in fields(cls)}
-        # Rows spooled by a release before a field existed lack it; such fields have defaults.
-        for name in _ADDED_LATER:
-            data.setdefault(name, None)
+        # Spool segments written before these fields existed still replay (nothing is lost).
+        for name, default in _ADDED_FIELDS.items():
+            data.setdefault(name, default)
         if set(data) != names:
             missing = sorted(names - set(data))
             extra = sorted(set(data) - names)
@@ -101,12 +108,14 @@ class UsageRow:
             ingress_format=_str(data, "ingress_format"),
             operation=_str(data, "operation"),
             upstream=_opt_str(data, "upstream"),
+            policy=_opt_str(data, "policy"),
             requested_model=_opt_str(data, "requested_model"),
             upstream_model=_opt_str(data, "upstream_model"),
             status=_int(data, "status"),
             outcome=_str(data, "outcome"),
             reason=_opt_str(data, "reason"),
             input_tokens=_int(data, "input_tokens"),
+            input_tokens_estimated=_bool(data, "input_tokens_estimated"),
             output_tokens=_int(data, "output_tokens"),
             output_tokens_estimated=_bool(data, "output_tokens_estimated"),
             cache_write_tokens=_int(data, "cache_write_tokens"),
@@ -118,11 +127,6 @@ class UsageRow:
             ttfb_ms=_opt_float(data, "ttfb_ms"),
             service_identity=_opt_str(data, "service_identity"),
         )
-
-
-# Fields added after the first release, in the order they were added: a spool segment written
-# before one existed still replays (the field reads as None).
-_ADDED_LATER = ("service_identity",)
 
 
 def _str(data: dict[str, Any], key: str) -> str:

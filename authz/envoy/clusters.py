@@ -134,7 +134,7 @@ def _upstream_clusters(config: GatewayConfig, ca_bundle: str) -> list[Cluster]:
         ep = upstreams.endpoint(upstream)
         if ep.tls:
             protocol = HttpProtocolOptions(
-                # SNI and certificate SAN follow the :authority that gateway.sign sets, which is
+                # SNI and certificate SAN follow the :authority that gateway.ext_proc sets, which is
                 # the same host as the cluster's fixed sni below
                 # (UpstreamHttpProtocolOptions.auto_sni, auto_san_validation).
                 upstream_http_protocol_options=UpstreamHttpProtocolOptions(
@@ -160,7 +160,7 @@ def _upstream_clusters(config: GatewayConfig, ca_bundle: str) -> list[Cluster]:
                 cluster,
                 ep.host,
                 [ep.port],
-                connect_timeout=upstream.connect_timeout,
+                connect_timeout=upstream.settings.connect_timeout,
                 protocol=protocol,
                 transport=transport,
             )

@@ -20,12 +20,8 @@ BUFFER_FILTER = "envoy.filters.http.buffer"
 """Holds each request body, up to limits.max_request_body_bytes, before any service sees it."""
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 """Filter name, and so the dynamic-metadata namespace ext_authz's ``dynamic_metadata`` lands in."""
-SIGN_FILTER = "gateway.sign"
-"""ext_proc that buffers, signs and rewrites requests; also a metadata namespace it may write."""
-METER_FILTER = "gateway.meter"
-"""ext_proc in observability mode that counts tokens in the relayed response."""
-FILTER_METADATA_KEY = "x-gateway-filter"
-"""gRPC request metadata naming the filter (one of the three names above) that opened a call."""
+EXT_PROC_FILTER = "gateway.ext_proc"
+"""The ext_proc filter that translates, signs and meters each inference request."""
 
 # The body as given (a literal, so no %-operators are interpreted), sent as application/json.
 _JSON_BODY = SubstitutionFormatString(

@@ -1,11 +1,9 @@
-"""The listener's HTTP filters for :mod:`authz.envoy.render`: buffer, ext_authz, the two ext_procs
-(``gateway.sign`` and ``gateway.meter``) with their processing modes, the router, the early header
-strip, and the local-reply mappers that put Envoy's own errors in the Anthropic envelope.
+"""The listener's HTTP filters for :mod:`authz.envoy.render`: buffer, ext_authz, the ext_proc
+(``gateway.ext_proc``) with its processing modes, the router, the early header strip, and the
+local-reply mappers that put Envoy's own errors in the Anthropic envelope.
 """
 
 from __future__ import annotations
-
-import datetime
 
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
@@ -26,7 +24,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
-    HeaderValue,
     RuntimeUInt32,
     TypedExtensionConfig,
 )
@@ -37,6 +34,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     ExternalProcessorRouteCacheAction,
+    HeaderForwardingRules,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
@@ -52,7 +50,7 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 from envoy_data_plane.envoy.extensions.http.early_header_mutation.header_mutation.v3 import (
     HeaderMutation as EarlyHeaderMutation,
 )
-from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 
 from authz.configtypes import Limits
@@ -60,30 +58,34 @@ from authz.envoy.common import (
     _JSON_BODY,
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
-    FILTER_METADATA_KEY,
+    EXT_PROC_FILTER,
     GRPC_CLUSTER,
-    METER_FILTER,
-    SIGN_FILTER,
     _envelope,
     _pack,
     _seconds,
 )
 
-# Client-sent headers that only the gateway itself may set. Removed before routing and before any
-# filter runs (HttpConnectionManager.early_header_mutation_extensions), so neither ext_authz, the
-# route table nor the upstream ever sees a forged one.
+# Client-sent headers that only the gateway itself may set, and client forwarding headers the
+# cloud has no use for (they would tell it about the client's network, as the client claims it).
+# Removed before routing and before any filter runs
+# (HttpConnectionManager.early_header_mutation_extensions), so neither ext_authz, the route table
+# nor the upstream ever sees a forged one. Envoy appends its own X-Forwarded-For afterwards
+# (use_remote_address); the inference routes drop that too.
 _STRIPPED_PREFIXES = ("x-gateway-", "x-envoy-")
+_STRIPPED_EXACT = ("x-forwarded-host", "forwarded", "x-real-ip", "x-forwarded-port", "x-forwarded-proto")
 
-# Headers gateway.sign may set beyond ext_proc's defaults. ``:authority``/``host`` are "routing"
+# Headers gateway.ext_proc may set beyond ext_proc's defaults. ``:authority``/``host`` are "routing"
 # headers that ext_proc may not touch unless allowed (HeaderMutationRules.allow_all_routing), and
 # allow_expression widens just these instead of also opening ``:method`` and ``:scheme``.
-_SIGN_MUTABLE = r"^(:authority|host|:path|authorization|x-amz-.*|x-goog-.*)$"
+_MUTABLE = r"^(:authority|host|:path|authorization|content-length|x-api-key|x-amz-.*|x-goog-.*)$"
 
 
 def _strip_internal_headers() -> TypedExtensionConfig:
+    matchers = [StringMatcher(prefix=prefix) for prefix in _STRIPPED_PREFIXES]
+    matchers += [StringMatcher(exact=name) for name in _STRIPPED_EXACT]
     mutations = [
-        HeaderMutation(remove_on_match=HeaderMutationRemoveOnMatch(key_matcher=StringMatcher(prefix=prefix)))
-        for prefix in _STRIPPED_PREFIXES
+        HeaderMutation(remove_on_match=HeaderMutationRemoveOnMatch(key_matcher=matcher))
+        for matcher in matchers
     ]
     return TypedExtensionConfig(
         name="envoy.http.early_header_mutation.header_mutation",
@@ -91,20 +93,17 @@ def _strip_internal_headers() -> TypedExtensionConfig:
     )
 
 
-def _grpc(filter_name: str, timeout: float | None = None) -> GrpcService:
+def _grpc(timeout: float | None = None) -> GrpcService:
     return GrpcService(
         envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=GRPC_CLUSTER),
         timeout=_seconds(timeout) if timeout is not None else None,
-        # Both ext_procs call the same Process method on the same port; this gRPC request header
-        # tells the service which one opened the stream (GrpcService.initial_metadata).
-        initial_metadata=[HeaderValue(key=FILTER_METADATA_KEY, value=filter_name)],
     )
 
 
 def _buffer(limits: Limits) -> HttpFilter:
     # The whole body is in memory before ext_authz is asked, and a body over the limit gets 413,
     # with or without Content-Length (Buffer.max_request_bytes, which also sets the stream's buffer
-    # limit for gateway.sign's BUFFERED mode). Without it, a body still arriving while ext_authz
+    # limit for gateway.ext_proc's BUFFERED mode). Without it, a body still arriving while ext_authz
     # checks is held by flow-control watermarks instead: seen with the binary, a body over the
     # limit then stalls until the idle timeout or, racing, passes whole, and a body over the
     # 1 MiB connection buffer can stall even under the limit.
@@ -115,7 +114,7 @@ def _buffer(limits: Limits) -> HttpFilter:
 
 def _ext_authz(limits: Limits) -> HttpFilter:
     authz = ExtAuthz(
-        grpc_service=_grpc(EXT_AUTHZ_FILTER, limits.ext_authz_timeout),
+        grpc_service=_grpc(limits.ext_authz_timeout),
         transport_api_version=ApiVersion.V3,
         # Fail closed: an unreachable or failing service denies with 503 (ExtAuthz.status_on_error).
         failure_mode_allow=False,
@@ -125,32 +124,56 @@ def _ext_authz(limits: Limits) -> HttpFilter:
         clear_route_cache=True,
         # Reject malformed header values from the service with a 500 instead of forwarding them.
         validate_mutations=True,
+        # Header values as raw bytes, one entry per header line, so a repeated credential header
+        # or a value that is not UTF-8 can be refused rather than joined or mangled
+        # (ExtAuthz.encode_raw_headers).
+        encode_raw_headers=True,
         # with_request_body unset: the token and the path are all ext_authz needs.
     )
     return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=_pack(authz))
 
 
 # Processing modes as (request headers, request body, response headers, response body); trailers
-# are never sent. Both ext_procs are idle at filter level and each inference route switches its
-# mode on (ExtProcPerRoute.overrides.processing_mode). Why: a request that Envoy rejects in the
-# codec (a header name with an underscore, say) matches no route, yet its 400 still runs through the
-# encoder filters; a sign filter waiting there for the service kept the 400 from being written before
+# are never sent. The ext_proc is idle at filter level and each inference route switches its mode
+# on (ExtProcPerRoute.overrides.processing_mode). Why: a request that Envoy rejects in the codec (a
+# header name with an underscore, say) matches no route, yet its 400 still runs through the
+# encoder filters; a filter waiting there for the service kept the 400 from being written before
 # Envoy closed the connection, and the client saw an empty reply.
-_Mode = tuple[bool, ProcessingModeBodySendMode, bool, ProcessingModeBodySendMode]
-_IDLE: _Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
-# The whole request body at once (SigV4 signs its hash; the buffer filter has already bounded it);
-# response headers, so the service can switch error and non-streaming bodies to BUFFERED with
-# mode_override.
-_SIGN: _Mode = (True, ProcessingModeBodySendMode.BUFFERED, True, ProcessingModeBodySendMode.NONE)
-# (Skipping the request headers and mutating them from the body response does not work: with
-# request_header_mode SKIP Envoy has already passed the headers on, and the mutation is dropped.)
-# Vertex: a bearer token does not cover the body, so the service never needs to see it.
-_SIGN_HEADERS: _Mode = (True, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.NONE)
-# Copies of the response as it streams (observability mode supports STREAMED, not BUFFERED).
-_METER: _Mode = (False, ProcessingModeBodySendMode.NONE, True, ProcessingModeBodySendMode.STREAMED)
+Mode = tuple[bool, ProcessingModeBodySendMode, bool, ProcessingModeBodySendMode]
+_IDLE: Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
 
 
-def _mode(mode: _Mode) -> ProcessingMode:
+# The only headers the service reads (the exchange and the translators): every other header Envoy
+# would serialize into each message, and the service parse, for nothing
+# (ExternalProcessor.forward_rules). Header mutations are not limited by this list.
+FORWARDED_HEADERS = (
+    ":method",
+    ":status",
+    "content-type",
+    "retry-after",
+    "anthropic-beta",
+    "anthropic-version",
+)
+
+
+def route_mode(*, request_body: bool, streaming: bool) -> Mode:
+    """The processing mode of one inference route.
+
+    Request headers always (the request is held there until it is prepared; skipping them and
+    mutating headers from the body response does not work: with request_header_mode SKIP Envoy has
+    already passed the headers on). The request body whole (BUFFERED; the buffer filter has
+    bounded it) when the translator rewrites it or the upstream signs over it. Response headers
+    always (an error is switched to BUFFERED with mode_override and rewritten). The response body
+    whole for non-streaming answers, chunk by chunk for streams (STREAMED: Envoy waits for each
+    chunk's answer, so nothing reaches the client uncounted).
+    """
+    body = ProcessingModeBodySendMode.BUFFERED if request_body else ProcessingModeBodySendMode.NONE
+    response = ProcessingModeBodySendMode.STREAMED if streaming else ProcessingModeBodySendMode.BUFFERED
+    return (True, body, True, response)
+
+
+def mode(mode: Mode) -> ProcessingMode:
+    """The ProcessingMode message for a mode tuple."""
     request_headers, request_body, response_headers, response_body = mode
 
     def header(send: bool) -> ProcessingModeHeaderSendMode:
@@ -166,54 +189,36 @@ def _mode(mode: _Mode) -> ProcessingMode:
     )
 
 
-def _sign(limits: Limits) -> HttpFilter:
-    sign = ExternalProcessor(
-        grpc_service=_grpc(SIGN_FILTER),
+def _ext_proc(limits: Limits) -> HttpFilter:
+    ext_proc = ExternalProcessor(
+        grpc_service=_grpc(),
         failure_mode_allow=False,
         # 503 like ext_authz, rather than 500/504, for an unreachable or failing service; it also
         # covers ext_authz's own 503, which passes through this filter's response path.
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
         # Idle unless the route switches it on (see _IDLE).
-        processing_mode=_mode(_IDLE),
-        # The service answers response headers with mode_override BUFFERED for errors and
-        # non-streaming responses, so it can rewrite them (ExternalProcessor.allow_mode_override).
+        processing_mode=mode(_IDLE),
+        # The service answers an error's response headers with mode_override BUFFERED, so it can
+        # rewrite the error whole (ExternalProcessor.allow_mode_override).
         allow_mode_override=True,
         message_timeout=_seconds(limits.ext_proc_timeout),
         metadata_options=MetadataOptions(
             # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context.
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
-            # What the signer decided (upstream, resolved model) for the meter to read.
-            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[SIGN_FILTER]),
+        ),
+        forward_rules=HeaderForwardingRules(
+            allowed_headers=ListStringMatcher(patterns=[StringMatcher(exact=h) for h in FORWARDED_HEADERS])
         ),
         # Rewriting :path or :authority must not re-run route matching: the route (and so the
         # per-route filter settings and body limit) was chosen on the client's path.
         route_cache_action=ExternalProcessorRouteCacheAction.RETAIN,
         mutation_rules=HeaderMutationRules(
-            allow_expression=RegexMatcher(regex=_SIGN_MUTABLE),
+            allow_expression=RegexMatcher(regex=_MUTABLE),
             # A refused mutation would send an unsigned request upstream: fail it with 500 instead.
             disallow_is_error=True,
         ),
     )
-    return HttpFilter(name=SIGN_FILTER, typed_config=_pack(sign))
-
-
-def _meter() -> HttpFilter:
-    meter = ExternalProcessor(
-        grpc_service=_grpc(METER_FILTER),
-        failure_mode_allow=False,
-        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
-        # Envoy sends copies and never waits for an answer, so the stream is relayed unchanged at
-        # full speed while the service counts tokens (ExternalProcessor.observability_mode).
-        observability_mode=True,
-        processing_mode=_mode(_IDLE),
-        metadata_options=MetadataOptions(
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER, SIGN_FILTER]),
-        ),
-        # Keeps the side stream open after the client's stream ends so the last chunks (with the
-        # final usage) still reach the meter (ExternalProcessor.deferred_close_timeout).
-        deferred_close_timeout=datetime.timedelta(seconds=5),
-    )
-    return HttpFilter(name=METER_FILTER, typed_config=_pack(meter))
+    return HttpFilter(name=EXT_PROC_FILTER, typed_config=_pack(ext_proc))
 
 
 def _router() -> HttpFilter:

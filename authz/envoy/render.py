@@ -4,9 +4,8 @@ The bootstrap is built from envoy-data-plane's typed messages, so a misspelt fie
 not in production, then converted to the plain proto-JSON shape (snake_case keys) Envoy reads as
 YAML. Layout (DESIGN.md, "Envoy" and "Inference path"):
 
-* one listener; filters buffer -> ext_authz -> ``gateway.sign`` (ext_proc) -> ``gateway.meter``
-  (ext_proc, observability mode) -> router, all failing closed; the ext_procs act only where a
-  route switches them on;
+* one listener; filters buffer -> ext_authz -> ``gateway.ext_proc`` -> router, all failing
+  closed; the ext_proc acts only where a route switches it on;
 * inference routes by path and method only, each sending to the cluster that ext_authz names in
   ``x-gateway-upstream``; ``/healthz`` to the portal; bodies over the limit get a 413 envelope and
   every other path a 404 envelope;
@@ -42,11 +41,9 @@ from authz.envoy.clusters import _grpc_cluster, _portal_cluster, _upstream_clust
 from authz.envoy.common import (
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
-    FILTER_METADATA_KEY,
+    EXT_PROC_FILTER,
     GRPC_CLUSTER,
-    METER_FILTER,
     PORTAL_CLUSTER,
-    SIGN_FILTER,
     UPSTREAM_HEADER,
     _address,
     _pack,
@@ -55,10 +52,9 @@ from authz.envoy.common import (
 from authz.envoy.filters import (
     _buffer,
     _ext_authz,
+    _ext_proc,
     _local_reply_config,
-    _meter,
     _router,
-    _sign,
     _stdout_access_log,
     _strip_internal_headers,
 )
@@ -69,11 +65,9 @@ __all__ = [
     "BUFFER_FILTER",
     "DEFAULT_CA_BUNDLE",
     "EXT_AUTHZ_FILTER",
-    "FILTER_METADATA_KEY",
+    "EXT_PROC_FILTER",
     "GRPC_CLUSTER",
-    "METER_FILTER",
     "PORTAL_CLUSTER",
-    "SIGN_FILTER",
     "UPSTREAM_HEADER",
     "load_for_render",
     "main",
@@ -176,7 +170,7 @@ def _listener(config: GatewayConfig, access_log: bool) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
         route_config=_route_config(limits),
-        http_filters=[_buffer(limits), _ext_authz(limits), _sign(limits), _meter(), _router()],
+        http_filters=[_buffer(limits), _ext_authz(limits), _ext_proc(limits), _router()],
         # Some servers read x_api_key as x-api-key, so such names could slip past header checks;
         # refuse them with 400 rather than drop them silently
         # (HttpProtocolOptions.headers_with_underscores_action).
@@ -224,7 +218,7 @@ def _spell_out_fail_closed(rendered: dict[str, Any]) -> None:
         for chain in listener["filter_chains"]:
             for network_filter in chain["filters"]:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
-                    if http_filter["name"] in (EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER):
+                    if http_filter["name"] in (EXT_AUTHZ_FILTER, EXT_PROC_FILTER):
                         http_filter["typed_config"].setdefault("failure_mode_allow", False)
 
 

@@ -30,28 +30,42 @@ from authz.envoy.common import (
     _JSON_BODY,
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
-    METER_FILTER,
+    EXT_PROC_FILTER,
     PORTAL_CLUSTER,
-    SIGN_FILTER,
     UPSTREAM_HEADER,
     _envelope,
     _pack,
     _seconds,
 )
-from authz.envoy.filters import _METER, _SIGN, _SIGN_HEADERS, _Mode, _mode
+from authz.envoy.filters import Mode, mode, route_mode
+from backends.kinds import PASS_THROUGH
 
 _NOT_FOUND_MESSAGE = "Not found: this gateway serves the Bedrock and Vertex inference routes."
 
 # Envoy adds these to say who the client is (use_remote_address); they go to no cloud.
 _CLIENT_ADDRESS_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-external-address")
 
-# Inference paths (Client contracts in DESIGN.md); the meter runs on the streaming ones only.
-_BEDROCK_STREAM = r"^/model/[^/]+/invoke-with-response-stream$"
-_BEDROCK_INVOKE = r"^/model/[^/]+/(invoke|count-tokens)$"
-_VERTEX_MODEL = r"^/v1/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/[^/:]+"
-_VERTEX_STREAM = _VERTEX_MODEL + r":streamRawPredict$"
-_VERTEX_INVOKE = _VERTEX_MODEL + r":rawPredict$"
 _INT64_MAX = 2**63 - 1
+
+
+def _inference_routes(limits: Limits) -> list[Route]:
+    """One route per pass-through path of each client format (the kinds' route grammars)."""
+    routes = []
+    for kind in PASS_THROUGH.values():
+        assert kind.passthrough is not None
+        for spec in kind.passthrough.routes:
+            # The request body reaches ext_proc only when the upstream signs over it.
+            routes.append(
+                _inference(
+                    spec.name,
+                    _match(spec.method, regex=spec.regex),
+                    limits,
+                    route_mode(
+                        request_body=kind.signs_body and spec.method == "POST", streaming=spec.streaming
+                    ),
+                )
+            )
+    return routes
 
 
 # --- routes -------------------------------------------------------------------------------------
@@ -64,7 +78,7 @@ def _route_config(limits: Limits) -> RouteConfiguration:
             name="healthz",
             match=RouteMatch(path="/healthz"),
             route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=5)),
-            typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+            typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
         ),
         # The sign-in portal: discovery, JWKS, the OAuth endpoints and the verification pages. They
         # authenticate by their own means (device codes, refresh tokens, the IdP), so ext_authz and
@@ -76,7 +90,7 @@ def _route_config(limits: Limits) -> RouteConfiguration:
                 if prefix != "/device"
                 else RouteMatch(prefix=prefix),
                 route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
-                typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+                typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
             )
             for name, prefix in (("well_known", "/.well-known"), ("oauth", "/oauth"), ("device", "/device"))
         ),
@@ -95,17 +109,7 @@ def _route_config(limits: Limits) -> RouteConfiguration:
             "request_too_large",
             f"Request body exceeds the gateway's limit of {body_limit} bytes.",
         ),
-        _inference("bedrock_stream", _match("POST", regex=_BEDROCK_STREAM), True, limits, _SIGN),
-        _inference("bedrock_invoke", _match("POST", regex=_BEDROCK_INVOKE), False, limits, _SIGN),
-        _inference(
-            "bedrock_inference_profiles",
-            _match("GET", path_prefix="/inference-profiles"),
-            False,
-            limits,
-            _SIGN_HEADERS,
-        ),
-        _inference("vertex_stream", _match("POST", regex=_VERTEX_STREAM), True, limits, _SIGN_HEADERS),
-        _inference("vertex_invoke", _match("POST", regex=_VERTEX_INVOKE), False, limits, _SIGN_HEADERS),
+        *_inference_routes(limits),
         _direct("not_found", RouteMatch(prefix="/"), 404, "not_found_error", _NOT_FOUND_MESSAGE),
     ]
     return RouteConfiguration(
@@ -125,7 +129,7 @@ def _direct(name: str, match: RouteMatch, status: int, kind: str, message: str) 
             body_format=_JSON_BODY,
         ),
         # Nothing is forwarded, so there is nothing to hold, authorise or sign.
-        typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, SIGN_FILTER, METER_FILTER),
+        typed_per_filter_config=_filters_off(BUFFER_FILTER, EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
     )
 
 
@@ -140,7 +144,7 @@ def _match(method: str, *, regex: str | None = None, path_prefix: str | None = N
     return RouteMatch(path_separated_prefix=path_prefix, headers=headers)
 
 
-def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits, sign: _Mode) -> Route:
+def _inference(name: str, match: RouteMatch, limits: Limits, proc: Mode) -> Route:
     return Route(
         name=name,
         match=match,
@@ -152,18 +156,13 @@ def _inference(name: str, match: RouteMatch, streaming: bool, limits: Limits, si
             # No overall deadline: streams run as long as the model writes; idleness is bounded.
             timeout=datetime.timedelta(0),
             idle_timeout=_seconds(limits.stream_idle_timeout),
-            # gateway.sign sets :authority to the upstream's own host when it signs.
+            # gateway.ext_proc sets :authority to the upstream's own host when it signs.
             auto_host_rewrite=False,
         ),
         # The routing header, and the client's address, which the cloud has no use for.
         request_headers_to_remove=[UPSTREAM_HEADER, *_CLIENT_ADDRESS_HEADERS],
         typed_per_filter_config={
-            SIGN_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(sign)))),
-            METER_FILTER: _pack(
-                ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=_mode(_METER)))
-                if streaming
-                else ExtProcPerRoute(disabled=True)
-            ),
+            EXT_PROC_FILTER: _pack(ExtProcPerRoute(overrides=ExtProcOverrides(processing_mode=mode(proc)))),
         },
     )
 

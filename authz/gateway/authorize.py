@@ -1,32 +1,33 @@
 """The ext_authz decision, as plain code over plain data.
 
-:func:`Authorizer.check` takes the request's method, path and headers and returns either an
-:class:`Allow` (headers to set and remove, and the context for ext_proc) or a :class:`Deny` (the
-Anthropic-envelope reply and the usage row recording why). No protobuf, no I/O: the gRPC servicer in
-:mod:`authz.authz_server` converts at the edges.
+:meth:`Authorizer.check` takes the request's method, path and headers and returns either an
+:class:`Allow` (headers to set and remove, and the request identity for ext_proc) or a
+:class:`Deny` (the Anthropic-envelope reply, and the usage row recording why when the caller is
+known). No protobuf, no I/O: :mod:`authz.gateway.servicer` converts at the edges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from authz.billing.accounting import denied_row
+from authz.billing.accounting import usage_row
+from authz.billing.pricing import PriceBook
 from authz.billing.usagerow import UsageRow
 from authz.configtypes import GatewayConfig
+from authz.envoy.common import UPSTREAM_HEADER
 from authz.envoy.upstreams import cluster_name
-from authz.errors import TokenError
-from authz.gateway.context import RequestContext
-from authz.gateway.envelope import ErrorReply, error_reply
-from authz.gateway.models import InferenceRoute, parse_route
-from authz.gateway.policy import Identity, decide
+from authz.errors import BadModelId, TokenError
+from authz.gateway.policy import decide
+from authz.identity import Caller, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, TokenVerifier
+from authz.translate.envelope import ErrorReply, error_reply
+from backends.descriptor import PassThroughRoute
+from backends.kinds import KINDS, PASS_THROUGH
 
-# The header ext_authz sets to pick the upstream cluster (the route's `cluster_header`). Clients
-# can never choose it: it is removed from every request and set only here, after policy.
-UPSTREAM_HEADER = "x-gateway-upstream"
-
-# Credentials and internal headers that must never travel past the gateway.
+# Credentials and internal headers that must never travel past the gateway. The early header
+# mutation strips x-gateway-* and x-envoy-* before routing; the rest is removed here, after the
+# token was read.
 _STRIP_EXACT = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
 _STRIP_PREFIXES = ("x-amz-", "x-goog-", "x-gateway-", "x-envoy-")
 
@@ -34,35 +35,45 @@ _TOKEN_MESSAGES = {
     "missing": "Missing gateway access token. Run `authz login` and configure apiKeyHelper.",
     "expired": "The gateway access token has expired. Fetch a new one (apiKeyHelper: `authz token`).",
     "revoked": "The gateway session was revoked. Sign in again with `authz login`.",
+    "ambiguous": "Send exactly one gateway access token (one Authorization: Bearer header or x-api-key).",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class CheckInput:
-    """What ext_authz knows about a request: method, path and lower-cased headers."""
+    """What ext_authz knows about a request: method, path and lower-cased headers.
+
+    ``repeated`` names headers the client sent more than once; ``malformed`` describes a header
+    value no client may send (control characters, invalid UTF-8), None when all are clean.
+    """
 
     method: str
     path: str
     headers: Mapping[str, str]
     request_id: str
     now: float
+    repeated: frozenset[str] = frozenset()
+    malformed: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Allow:
-    """Let the request through with these header changes and this context for ext_proc."""
+    """Let the request through with these header changes and this identity for ext_proc."""
 
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
-    context: RequestContext
+    identity: RequestIdentity
 
 
 @dataclass(frozen=True, slots=True)
 class Deny:
-    """Refuse the request with ``reply``; ``row`` records the refusal in the usage ledger."""
+    """Refuse the request with ``reply``; ``row`` records the refusal in the usage ledger, or is
+    None for an anonymous refusal (counted in aggregate, so a token flood cannot load the
+    database). ``reason`` is the refusal's short machine-readable cause."""
 
     reply: ErrorReply
-    row: UsageRow
+    reason: str
+    row: UsageRow | None = field(default=None)
 
 
 def headers_to_strip(headers: Mapping[str, str]) -> tuple[str, ...]:
@@ -70,14 +81,42 @@ def headers_to_strip(headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted(name for name in headers if name in _STRIP_EXACT or name.startswith(_STRIP_PREFIXES)))
 
 
-def bearer_token(headers: Mapping[str, str]) -> str | None:
-    """The gateway token from ``Authorization: Bearer`` (Bedrock, Vertex) or ``x-api-key``."""
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
+def bearer_token(headers: Mapping[str, str], repeated: frozenset[str] = frozenset()) -> str | None:
+    """The gateway token: ``Authorization: Bearer`` (Bedrock, Vertex, the SDKs) or ``x-api-key``
+    (Claude Code's native mode sends both, with the same value); None when neither is sent.
+
+    Raises :class:`TokenError` ("ambiguous") when a credential header is repeated, an
+    ``Authorization`` header is not one non-empty bearer token, or the two headers carry different
+    tokens: the gateway judges exactly one credential, never picks among several.
+    """
+    if "authorization" in repeated or "x-api-key" in repeated:
+        raise TokenError("ambiguous")
+    tokens = set()
+    if "authorization" in headers:
+        scheme, _, value = headers["authorization"].strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value or " " in value:
+            raise TokenError("ambiguous")
+        tokens.add(value)
     api_key = headers.get("x-api-key", "").strip()
-    return api_key or None
+    if api_key:
+        tokens.add(api_key)
+    if len(tokens) > 1:
+        raise TokenError("ambiguous")
+    return tokens.pop() if tokens else None
+
+
+def parse_route(method: str, path: str) -> tuple[str, PassThroughRoute] | None:
+    """``(client format, route)`` for an inference path; None for any other path.
+
+    Raises :class:`BadModelId` when a route names a model id outside its kind's exact forms.
+    """
+    for name, kind in PASS_THROUGH.items():
+        assert kind.passthrough is not None
+        route = kind.passthrough.parse(method, path)
+        if route is not None:
+            return name, route
+    return None
 
 
 class Authorizer:
@@ -88,100 +127,135 @@ class Authorizer:
         config: GatewayConfig,
         verifier: TokenVerifier,
         *,
-        is_revoked: Callable[[str], bool] | None = None,
+        is_revoked: Callable[[Claims], bool] | None = None,
+        prices: PriceBook | None = None,
     ) -> None:
         self._config = config
         self._verifier = verifier
-        self._is_revoked = is_revoked or (lambda _sid: False)
+        self._is_revoked = is_revoked or (lambda _claims: False)
         self._max_body = config.limits.max_request_body_bytes
-        self._regions = {name: up.region for name, up in config.upstreams}
+        self._prices = prices or PriceBook(config.pricing)
+        self._model_maps = {name: dict(up.settings.model_map) for name, up in config.upstreams}
 
     def check(self, req: CheckInput) -> Allow | Deny:
         """Decide one request."""
-        route = parse_route(req.method, req.path)
-        if route is None:
-            reply = error_reply(
-                "not_found_error", f"No inference route for {req.method} {req.path.split('?')[0]}"
-            )
-            # The answer is 404 whatever the token; the row still says who asked when it can.
-            try:
-                caller: Claims | None = self._claims(req)
-            except TokenError:
-                caller = None
-            return Deny(reply, denied_row(req, None, caller, reply.status, "unknown_route"))
-
+        headers = req.headers
+        client = ClientFacts.from_headers(headers)
+        if req.malformed is not None:
+            reply = error_reply("invalid_request_error", f"Malformed request header: {req.malformed}.")
+            return Deny(reply, "malformed_header")
         try:
-            claims = self._claims(req)
+            parsed = parse_route(req.method, req.path)
+        except BadModelId as exc:
+            parsed = None
+            bad_model: str | None = str(exc)
+        else:
+            bad_model = None
+        try:
+            caller: Caller | None = self._caller(req)
         except TokenError as exc:
-            message = _TOKEN_MESSAGES.get(exc.reason, "The gateway access token is not valid.")
-            reply = error_reply("authentication_error", message, should_retry=False)
-            return Deny(reply, denied_row(req, route, None, reply.status, f"token_{exc.reason}"))
+            if parsed is None and bad_model is None:
+                caller = None  # an unknown route is a 404 whatever the token
+            else:
+                message = _TOKEN_MESSAGES.get(exc.reason, "The gateway access token is not valid.")
+                # Anonymous refusals write no row each (a token flood must not load the
+                # database); the servicer counts them.
+                reply = error_reply("authentication_error", message, should_retry=False)
+                return Deny(reply, f"token_{exc.reason}")
 
-        length = req.headers.get("content-length", "")
-        if length.isdigit() and int(length) > self._max_body:
+        client_format, route = parsed if parsed is not None else ("unknown", None)
+        identity = RequestIdentity(
+            request_id=req.request_id,
+            started_at=req.now,
+            client_format=client_format,
+            operation=route.operation if route else "unknown",
+            streaming=route.streaming if route else False,
+            caller=caller,
+            client=client,
+            requested_model=route.model.upstream_id if route and route.model else None,
+            model=route.model.canonical if route and route.model else None,
+            request_bytes=_content_length(headers),
+        )
+        if bad_model is not None:
+            reply = error_reply("invalid_request_error", f"Invalid model id: {bad_model}.")
+            return self._deny(identity, reply, "bad_model_id")
+        if route is None:
+            path = req.path.split("?")[0]
+            reply = error_reply("not_found_error", f"No inference route for {req.method} {path}")
+            return self._deny(identity, reply, "unknown_route") if caller else Deny(reply, "unknown_route")
+        if identity.request_bytes > self._max_body:
             reply = error_reply(
                 "request_too_large",
-                f"Request body is {length} bytes; this gateway accepts at most {self._max_body}.",
+                f"Request body is {identity.request_bytes} bytes; "
+                f"this gateway accepts at most {self._max_body}.",
             )
-            return Deny(reply, denied_row(req, route, claims, reply.status, "body_too_large"))
+            return self._deny(identity, reply, "body_too_large")
 
-        # Service tokens carry their own model patterns (authz.signin.service_tokens).
-        identity = Identity(sub=claims.sub, email=claims.email, groups=claims.groups, models=claims.models)
-        decision = decide(identity, route, self._config)
-        if not decision.allowed or decision.upstream is None:
+        assert caller is not None  # every route but an unknown one needed a verified token
+        decision = decide(caller, route, client_format, self._config)
+        if decision.upstream is None:
+            identity = replace(identity, policy=decision.policy)
             reason = decision.reason or "denied by policy"
-            if route.model is not None and "model" in reason:
-                reply = error_reply("invalid_request_error", reason)
-            else:
-                reply = error_reply("permission_error", reason)
-            return Deny(reply, denied_row(req, route, claims, reply.status, f"policy: {reason}"))
+            kind = (
+                "invalid_request_error"
+                if route.model is not None and "model" in reason
+                else "permission_error"
+            )
+            return self._deny(identity, error_reply(kind, reason), f"policy: {reason}")
 
-        regional = route.regional
-        if route.format == "vertex":
-            # Vertex serves from the configured region, whatever location the client's path names.
-            regional = self._regions.get(decision.upstream, "global") != "global"
-        context = _context(req, route, claims, decision.upstream, regional)
+        upstream = self._config.upstream(decision.upstream)
+        model = route.model
+        upstream_model = None
+        if model is not None:
+            upstream_model = self._model_maps[decision.upstream].get(model.canonical, model.upstream_id)
+        identity = replace(
+            identity,
+            policy=decision.policy,
+            upstream=decision.upstream,
+            upstream_kind=upstream.kind,
+            upstream_model=upstream_model,
+            regional=KINDS[upstream.kind].regional(upstream.settings, model),
+            upstream_query=route.query,
+        )
         return Allow(
             set_headers=((UPSTREAM_HEADER, cluster_name(decision.upstream)),),
             # Envoy applies headers_to_remove after the headers it sets (ext_authz.cc, onComplete),
             # so listing a client's forged x-gateway-upstream would delete ours too; the set
             # (OVERWRITE_IF_EXISTS_OR_ADD) already replaces the forged value.
-            remove_headers=tuple(n for n in headers_to_strip(req.headers) if n != UPSTREAM_HEADER),
-            context=context,
+            remove_headers=tuple(n for n in headers_to_strip(headers) if n != UPSTREAM_HEADER),
+            identity=identity,
         )
 
-    def _claims(self, req: CheckInput) -> Claims:
-        """The verified, unrevoked claims of the request's token; TokenError otherwise."""
-        token = bearer_token(req.headers)
+    def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
+        row = usage_row(
+            identity,
+            status=reply.status,
+            outcome="denied",
+            reason=reason,
+            prices=self._prices,
+            ended_at=identity.started_at,
+        )
+        return Deny(reply, reason, row)
+
+    def _caller(self, req: CheckInput) -> Caller:
+        """The verified, unrevoked caller of the request's token; TokenError otherwise."""
+        token = bearer_token(req.headers, req.repeated)
         if token is None:
             raise TokenError("missing")
         claims = self._verifier.verify(token, req.now)
-        if self._is_revoked(claims.sid):
+        # By session id, or by the IdP subject/session a back-channel logout named (RevocationSet.blocks).
+        if self._is_revoked(claims):
             raise TokenError("revoked")
-        return claims
+        # A service token's own model patterns (authz.signin.service_tokens) narrow the policy.
+        return Caller(
+            sub=claims.sub,
+            email=claims.email,
+            groups=claims.groups,
+            session_id=claims.sid,
+            models=claims.models,
+        )
 
 
-def _context(
-    req: CheckInput, route: InferenceRoute, claims: Claims, upstream: str, regional: bool
-) -> RequestContext:
-    h = req.headers
-    return RequestContext(
-        request_id=req.request_id,
-        started_at=req.now,
-        sub=claims.sub,
-        email=claims.email,
-        groups=claims.groups,
-        session_id=claims.sid,
-        cc_session_id=h.get("x-claude-code-session-id"),
-        agent_id=h.get("x-claude-code-agent-id"),
-        parent_agent_id=h.get("x-claude-code-parent-agent-id"),
-        user_agent=h.get("user-agent"),
-        ingress_format=route.format,
-        operation=route.operation,
-        streaming=route.streaming,
-        upstream=upstream,
-        model_raw=route.model_raw,
-        model=route.model,
-        model_segment=route.model_segment,
-        regional=regional,
-    )
+def _content_length(headers: Mapping[str, str]) -> int:
+    value = headers.get("content-length", "")
+    return int(value) if value.isdigit() and len(value) < 19 else 0

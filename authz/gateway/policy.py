@@ -6,22 +6,14 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from authz.configtypes import GatewayConfig, Policy
-from authz.gateway.models import InferenceRoute, model_family
+from authz.identity import Caller
+from backends.base import model_family
+from backends.descriptor import PassThroughRoute
+from backends.kinds import PASS_THROUGH
 
 # Operations that name no billable model choice: listing profiles, and counting tokens (free on
 # every upstream). They still need an upstream of the right kind to be answered.
 _NO_MODEL_CHECK = frozenset({"list_profiles", "count_tokens"})
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """Who is asking, from the verified access token."""
-
-    sub: str
-    email: str
-    groups: tuple[str, ...]
-    models: tuple[str, ...] | None = None
-    """The token's own model limit (a service token's ``--models``), applied on top of the policy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +33,7 @@ def _email_domain(email: str) -> str | None:
     return domain.lower()
 
 
-def _matches_user(policy: Policy, identity: Identity, domain: str | None) -> bool:
+def _matches_user(policy: Policy, identity: Caller, domain: str | None) -> bool:
     if set(policy.groups).intersection(identity.groups):
         return True
     return domain is not None and domain in {d.lower() for d in policy.email_domains}
@@ -53,7 +45,9 @@ def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
     return any(fnmatchcase(c, p.lower()) for p in patterns for c in candidates)
 
 
-def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> PolicyDecision:
+def decide(
+    identity: Caller, route: PassThroughRoute, client_format: str, config: GatewayConfig
+) -> PolicyDecision:
     """Apply the configured policies to one request.
 
     Precedence, deterministic and first-match:
@@ -67,8 +61,8 @@ def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> 
        denied, "model X is not allowed for your groups". A token that carries its own model patterns
        (a service token created with ``--models``) must match those too: the allowed models are the
        intersection. ``list_profiles`` and ``count_tokens`` skip this check.
-    3. The upstream is the first of the policy's ``upstreams`` whose kind equals the route's
-       format; none: denied, "no upstream serves the <format> format for your policy".
+    3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
+       format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
     """
     domain = _email_domain(identity.email)
     policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
@@ -76,16 +70,21 @@ def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> 
         return PolicyDecision(False, "no policy admits this user", None, None)
 
     if route.operation not in _NO_MODEL_CHECK:
-        if not route.model:
+        if route.model is None:
             return PolicyDecision(False, "the request names no model", policy.name, None)
-        if not _model_allowed(policy.models, route.model):
+        if not _model_allowed(policy.models, route.model.canonical):
             return PolicyDecision(
-                False, f"model {route.model} is not allowed for your groups", policy.name, None
+                False, f"model {route.model.canonical} is not allowed for your groups", policy.name, None
             )
-        if identity.models is not None and not _model_allowed(identity.models, route.model):
+        if identity.models is not None and not _model_allowed(identity.models, route.model.canonical):
             return PolicyDecision(
-                False, f"model {route.model} is not allowed for this service token", policy.name, None
+                False,
+                f"model {route.model.canonical} is not allowed for this service token",
+                policy.name,
+                None,
             )
+
+    serving = PASS_THROUGH.get(client_format)
 
     for name in policy.upstreams:
         try:
@@ -93,8 +92,8 @@ def decide(identity: Identity, route: InferenceRoute, config: GatewayConfig) -> 
         except KeyError:
             # Config validation rejects unknown names; skipping keeps a bad reload fail-closed.
             continue
-        if upstream.kind == route.format:
+        if serving is not None and upstream.kind == serving.name:
             return PolicyDecision(True, None, policy.name, name)
     return PolicyDecision(
-        False, f"no upstream serves the {route.format} format for your policy", policy.name, None
+        False, f"no upstream serves the {client_format} format for your policy", policy.name, None
     )

@@ -1,9 +1,9 @@
 """The gRPC edge: Envoy's ext_authz ``Check`` and ext_proc ``Process`` services.
 
 Thin servicers (STYLE.md, habit 1): protobuf is turned into plain data at the top, the decision
-is made by :mod:`authz.gateway.authorize` or :mod:`authz.gateway.process`, and the answer is
+is made by :mod:`authz.gateway.authorize` or :mod:`authz.gateway.exchange`, and the answer is
 turned back into protobuf at the bottom. A deny is a response; a fault is an error, and Envoy
-fails closed on errors.
+fails closed on errors. This is the only module that imports Envoy's generated protobuf.
 """
 
 from __future__ import annotations
@@ -25,13 +25,18 @@ from google.rpc import code_pb2, status_pb2
 
 from authz.billing.usagerow import UsageRow
 from authz.gateway.authorize import Allow, Authorizer, CheckInput
-from authz.gateway.context import METADATA_NAMESPACE, RequestContext
-from authz.gateway.envelope import ErrorReply
-from authz.gateway.process import Action, Continue, Deps, MeterHandler, Reply, SignHandler
+from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
+from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
+from authz.identity import RequestIdentity
+from authz.translate.envelope import ErrorReply
 
 log = logging.getLogger("authz.grpc")
 
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+# Bytes no header value may hold (RFC 9110 section 5.5: field values are visible characters,
+# spaces and tabs; CR, LF and NUL are never allowed, and obs-fold is refused, section 5.2 of
+# RFC 9112).
+_FORBIDDEN_IN_VALUES = frozenset(range(0x00, 0x09)) | frozenset(range(0x0A, 0x20)) | {0x7F}
 
 
 def _header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
@@ -48,6 +53,36 @@ def _authz_header_option(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
+def check_headers(
+    entries: Any,
+) -> tuple[dict[str, str], frozenset[str], str | None]:
+    """``(headers, repeated names, problem)`` from ext_authz's raw header list
+    (``encode_raw_headers``: one entry per header line, values as bytes).
+
+    The first value of a repeated header is kept and its name reported; a value with control
+    characters or invalid UTF-8 is reported as the problem (the request is refused, never
+    normalised).
+    """
+    headers: dict[str, str] = {}
+    repeated: set[str] = set()
+    problem: str | None = None
+    for entry in entries:
+        name = entry.key
+        raw: bytes = entry.raw_value
+        if problem is None and not _FORBIDDEN_IN_VALUES.isdisjoint(raw):
+            problem = f"{name} holds a control character"
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problem = problem or f"{name} is not valid UTF-8"
+            value = raw.decode("utf-8", "replace")
+        if name in headers:
+            repeated.add(name)
+        else:
+            headers[name] = value
+    return headers, frozenset(repeated), problem
+
+
 class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """ext_authz: one unary ``Check`` per request."""
 
@@ -56,17 +91,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         authorizer: Authorizer,
         record: Callable[[UsageRow], None],
         clock: Callable[[], float] = time.time,
+        count_refusal: Callable[[str], None] = lambda _reason: None,
     ) -> None:
         self._authorizer = authorizer
         self._record = record
         self._clock = clock
+        self._count_refusal = count_refusal
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         """Decide one request."""
         http = request.attributes.request.http
-        headers = dict(http.headers)
+        if http.header_map.headers:
+            headers, repeated, problem = check_headers(http.header_map.headers)
+        else:
+            headers, repeated, problem = dict(http.headers), frozenset(), None
         decision = self._authorizer.check(
             CheckInput(
                 method=http.method,
@@ -74,17 +114,22 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 headers=headers,
                 request_id=headers.get("x-request-id") or http.id,
                 now=self._clock(),
+                repeated=repeated,
+                malformed=problem,
             )
         )
         if isinstance(decision, Allow):
             return _allow_response(decision)
-        self._record(decision.row)
+        if decision.row is not None:
+            self._record(decision.row)
+        else:
+            self._count_refusal(decision.reason)
         return _deny_response(decision.reply)
 
 
 def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
     metadata = struct_pb2.Struct()
-    metadata.update(decision.context.to_metadata())
+    metadata.update(to_metadata(decision.identity))
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.OK),
         ok_response=external_auth_pb2.OkHttpResponse(
@@ -114,22 +159,25 @@ def _headers(msg: ep.HttpHeaders) -> dict[str, str]:
     }
 
 
-def _context(request: ep.ProcessingRequest) -> RequestContext | None:
+def _identity(request: ep.ProcessingRequest) -> RequestIdentity | None:
     ns = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
     if ns is None:
         return None
-    return RequestContext.from_metadata({k: v.string_value for k, v in ns.fields.items()})
+    return from_metadata({k: v.string_value for k, v in ns.fields.items()})
 
 
 def _common(action: Continue) -> ep.CommonResponse:
-    if not action.set_headers and not action.remove_headers:
-        return ep.CommonResponse()
-    return ep.CommonResponse(
-        header_mutation=ep.HeaderMutation(
-            set_headers=[_header_option(k, v) for k, v in action.set_headers],
-            remove_headers=list(action.remove_headers),
+    common = ep.CommonResponse()
+    if action.set_headers or action.remove_headers:
+        common.header_mutation.CopyFrom(
+            ep.HeaderMutation(
+                set_headers=[_header_option(k, v) for k, v in action.set_headers],
+                remove_headers=list(action.remove_headers),
+            )
         )
-    )
+    if action.body is not None:
+        common.body_mutation.CopyFrom(ep.BodyMutation(body=action.body))
+    return common
 
 
 def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
@@ -144,10 +192,22 @@ def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
 
 _BUFFERED = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
 
+# The unchanged answer to each message kind, built once: most messages get one of these.
+_UNCHANGED = {
+    "request_headers": ep.ProcessingResponse(request_headers=ep.HeadersResponse()),
+    "request_body": ep.ProcessingResponse(request_body=ep.BodyResponse()),
+    "response_headers": ep.ProcessingResponse(response_headers=ep.HeadersResponse()),
+    "response_body": ep.ProcessingResponse(response_body=ep.BodyResponse()),
+}
+
 
 def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
     if isinstance(action, Reply):
         return _immediate(action.reply)
+    if not (
+        action.set_headers or action.remove_headers or action.body is not None or action.buffer_response_body
+    ):
+        return _UNCHANGED.get(kind) or ep.ProcessingResponse()
     common = _common(action)
     if kind == "request_headers":
         return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
@@ -163,7 +223,7 @@ def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
-    """ext_proc: one bidirectional stream per request and filter."""
+    """ext_proc: one bidirectional stream per request."""
 
     def __init__(self, deps: Deps) -> None:
         self._deps = deps
@@ -173,41 +233,30 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """Serve one request's messages for either filter."""
-        sign: SignHandler | None = None
-        meter: MeterHandler | None = None
+        """Serve one request's messages."""
+        exchange = Exchange(self._deps)
         try:
             async for request in request_iterator:
                 kind = request.WhichOneof("request")
-                if request.observability_mode or meter is not None:
-                    meter = meter or MeterHandler(self._deps)
-                    if kind == "response_headers":
-                        meter.on_response_headers(_headers(request.response_headers), _context(request))
-                    elif kind == "response_body":
-                        body = request.response_body
-                        meter.on_response_body(body.body, body.end_of_stream)
-                    continue
-                sign = sign or SignHandler(self._deps)
-                if kind == "request_headers":
-                    action: Action = await sign.on_request_headers(
-                        _headers(request.request_headers),
-                        request.request_headers.end_of_stream,
-                        _context(request),
+                action: Action
+                if kind == "response_body":
+                    body = request.response_body
+                    action = exchange.on_response_body(body.body, body.end_of_stream)
+                elif kind == "request_headers":
+                    message = request.request_headers
+                    action = await exchange.on_request_headers(
+                        _headers(message), message.end_of_stream, _identity(request)
                     )
                 elif kind == "request_body":
-                    action = await sign.on_request_body(request.request_body.body)
+                    action = await exchange.on_request_body(request.request_body.body)
                 elif kind == "response_headers":
-                    action = sign.on_response_headers(_headers(request.response_headers))
-                elif kind == "response_body":
-                    action = sign.on_response_body(request.response_body.body)
+                    headers = _headers(request.response_headers)
+                    action = exchange.on_response_headers(int(headers.get(":status") or 0), headers)
                 else:
                     action = Continue()
                 yield _to_response(kind or "", action)
         finally:
-            if sign is not None:
-                sign.on_close()
-            if meter is not None:
-                meter.on_close()
+            exchange.on_close()
 
 
 def add_servicers(

@@ -214,16 +214,15 @@ async def check_idp(config: GatewayConfig) -> list[Finding]:
 
 async def check_upstreams(config: GatewayConfig) -> list[Finding]:
     """Each upstream's credential can be obtained now."""
-    from authz.gateway.backend_settings import backend_settings
     from authz.ops.health import check_upstream
-    from backends.base import BackendError
-    from backends.factory import build_upstream
+    from backends.errors import BackendError
+    from backends.kinds import KINDS
 
     findings: list[Finding] = []
     for name, up in config.upstreams:
         field = f"upstreams.{name}.credentials"
         try:
-            upstream = build_upstream(backend_settings(name, up))
+            upstream = KINDS[up.kind].build(name, up.settings)
         except BackendError as exc:
             findings.append(
                 _fail(f"upstream {name}", f"upstreams.{name}", str(exc), "correct the upstream's settings")
@@ -238,10 +237,15 @@ async def check_upstreams(config: GatewayConfig) -> list[Finding]:
         else:
             findings.append(
                 _fail(
-                    f"upstream {name}", field, result.detail, _credential_fix(up.kind, up.credentials.source)
+                    f"upstream {name}", field, result.detail, _credential_fix(up.kind, _source(up.settings))
                 )
             )
     return findings
+
+
+def _source(settings: object) -> str:
+    credentials = getattr(settings, "credentials", None)
+    return str(getattr(credentials, "source", ""))
 
 
 def _credential_fix(kind: str, source: str) -> str:

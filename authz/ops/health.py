@@ -27,7 +27,8 @@ from grpc_health.v1 import _async as health_aio  # `health.aio` at run time; myp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authz.errors import GatewayError, StoreError
-from backends.base import BackendError, Caller, Upstream
+from backends.base import Caller, Upstream
+from backends.errors import BackendError
 
 # The service names Envoy may ask about: "" (the whole server, what the gateway_grpc cluster's
 # health check asks for) and the two services each worker serves.

@@ -183,6 +183,16 @@ def _token_set(body: Mapping[str, Any]) -> TokenSet:
     )
 
 
+def check_response_issuer(iss: str | None, *, issuer: str, required: bool) -> None:
+    """RFC 9207 §2.4 over plain values: see :meth:`OidcClient.check_authorization_response_issuer`."""
+    if iss is None:
+        if required:
+            raise OidcError("iss_missing", "the authorization response has no iss, which the IdP promises")
+        return
+    if iss != issuer:
+        raise OidcError("iss_mismatch", "the authorization response names another issuer")
+
+
 def _unverified_kid(token: str) -> str | None:
     try:
         kid = jwt.get_unverified_header(token).get("kid")
@@ -342,6 +352,21 @@ class OidcClient:
             await self._refetch_jwks(jwks_uri)
 
     # --- authorization code flow ---------------------------------------------------------------
+
+    async def check_authorization_response_issuer(self, iss: str | None) -> None:
+        """Apply RFC 9207 §2.4 to the ``iss`` parameter of an authorization response (the callback).
+
+        Raises OidcError ``iss_mismatch`` when it names another issuer than the configured one
+        (simple string comparison), and ``iss_missing`` when it is absent although the IdP's
+        metadata says ``authorization_response_iss_parameter_supported``; IdpUnavailable if the
+        metadata cannot be read. Check it before acting on anything in the response, errors too.
+        """
+        metadata = await self._ensure_discovered()
+        check_response_issuer(
+            iss,
+            issuer=self._config.issuer,
+            required=metadata.get("authorization_response_iss_parameter_supported") is True,
+        )
 
     def start_authorization(self, redirect_uri: str) -> AuthorizationStart:
         """Build the authentication request (OIDC Core §3.1.2.1) for the browser.

@@ -1,7 +1,9 @@
 """The revocation set every replica's ext_authz consults, and the watcher that keeps it current.
 
-:class:`RevocationSet` is plain data: ``is_revoked`` is a set lookup, synchronous and O(1), since
-ext_authz calls it on every request. :class:`RevocationWatcher` fills it from PostgreSQL
+:class:`RevocationSet` is plain data: ``blocks`` is a few dictionary lookups, synchronous and O(1),
+since ext_authz calls it on every request. Besides revoked gateway sessions it holds back-channel
+logouts accepted while PostgreSQL was unreachable (:mod:`authz.signin.backchannel`), matched on the
+token's IdP claims. :class:`RevocationWatcher` fills it from PostgreSQL
 (DESIGN.md, Sessions): one dedicated connection LISTENs on ``gateway_revocations``, where every
 revoking transaction notifies the session id as it commits, so a revocation reaches every replica
 in milliseconds. A full resync (the revoked, unexpired sessions) runs once LISTEN is in place, every
@@ -17,9 +19,11 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from authz.errors import GatewayError, StoreError
+from authz.signin.tokens import Claims
 from authz.store.listen import Listener, listen
 from authz.store.service_tokens import revoked_service_token_sids
 from authz.store.sessions import REVOCATION_CHANNEL, revoked_session_ids
@@ -27,26 +31,119 @@ from authz.store.sessions import REVOCATION_CHANNEL, revoked_session_ids
 log = logging.getLogger("authz.signin.revocation")
 
 
-class RevocationSet:
-    """The ids of revoked gateway sessions and service tokens (the access token's ``sid`` claim)."""
+@dataclass(frozen=True, slots=True)
+class IdpLogout:
+    """A back-channel logout enforced from memory: it names the IdP's ``sub`` and/or ``sid``
+    (Back-Channel Logout 1.0 §2.4) rather than gateway sessions, since mapping one to the other
+    needs PostgreSQL. By ``sid`` it ends every session of that IdP session; by ``sub`` alone, the
+    subject's sessions signed in at or before ``at`` (Unix seconds), not later sign-ins.
 
-    __slots__ = ("_sids",)
+    ``pending`` while its journal entry waits for PostgreSQL; once written through it is kept
+    until ``hold_until``, when every access token minted before ``at`` has expired (and later
+    ones need a refresh, which PostgreSQL refuses for the revoked sessions).
+    """
+
+    entry: str
+    sub: str | None
+    sid: str | None
+    at: float
+    hold_until: float
+    pending: bool = True
+
+    def matches(self, sub: str, idp_sid: str | None, signed_in_at: float) -> bool:
+        """Whether a session of IdP subject ``sub`` and IdP session ``idp_sid``, signed in at
+        ``signed_in_at``, is one this logout ends (the rule of
+        :func:`authz.store.sessions.revoke_sessions_by_idp`)."""
+        if self.sid is not None:
+            return idp_sid == self.sid and (self.sub is None or self.sub == sub)
+        return self.sub == sub and signed_in_at <= self.at
+
+
+class RevocationSet:
+    """The ids of revoked gateway sessions and service tokens (the access token's ``sid`` claim;
+    a service token's is ``svc:<id>``, :mod:`authz.serviceid`), plus the
+    back-channel logouts not yet resolved to session ids (:class:`IdpLogout`)."""
+
+    __slots__ = ("_by_idp_sid", "_by_sub", "_logouts", "_sids")
 
     def __init__(self, sids: Iterable[str] = ()) -> None:
         self._sids: set[str] = set(sids)
+        self._logouts: dict[str, IdpLogout] = {}
+        # Indexes over _logouts, rebuilt whole on every change: lookups never see one half-built.
+        self._by_sub: dict[str, tuple[IdpLogout, ...]] = {}
+        self._by_idp_sid: dict[str, tuple[IdpLogout, ...]] = {}
 
     def is_revoked(self, sid: str) -> bool:
         """Whether the session ``sid`` is known to be revoked."""
         return sid in self._sids
+
+    def blocks(self, claims: Claims) -> bool:
+        """Whether an access token with these verified claims must be refused: its session is
+        revoked, or a back-channel logout names its IdP subject or IdP session."""
+        if claims.sid in self._sids:
+            return True
+        if not self._logouts:
+            return False
+        # Tokens minted before auth_time existed fall back to iat, which is no later.
+        signed_in_at = claims.auth_time if claims.auth_time is not None else claims.iat
+        return self.logged_out(claims.sub, claims.idp_sid, signed_in_at)
+
+    def logged_out(self, sub: str, idp_sid: str | None, signed_in_at: float) -> bool:
+        """Whether a back-channel logout held here ends the session of IdP subject ``sub`` and IdP
+        session ``idp_sid`` signed in at ``signed_in_at`` (Unix seconds)."""
+        for logout in self._by_sub.get(sub, ()):
+            if logout.matches(sub, idp_sid, signed_in_at):
+                return True
+        if idp_sid is not None:
+            for logout in self._by_idp_sid.get(idp_sid, ()):
+                if logout.matches(sub, idp_sid, signed_in_at):
+                    return True
+        return False
 
     def add(self, sid: str) -> None:
         """Mark one session revoked."""
         self._sids.add(sid)
 
     def replace(self, sids: Iterable[str]) -> None:
-        """Make ``sids`` the whole set (a full resync); ids no longer listed are forgotten."""
+        """Make ``sids`` the whole set of revoked sessions (a full resync); ids no longer listed are
+        forgotten. Back-channel logouts are kept: they are not in PostgreSQL until replayed."""
         # A new set swapped in whole: a lookup never sees one half-rebuilt.
         self._sids = set(sids)
+
+    def add_logout(self, logout: IdpLogout) -> None:
+        """Enforce a back-channel logout (or update the one with the same entry id)."""
+        self._logouts[logout.entry] = logout
+        self._reindex()
+
+    def settle_logouts(self, pending: Iterable[str], now: float) -> None:
+        """Mark the logouts whose entries are in ``pending`` as waiting and the others as written
+        through, and forget those written through whose ``hold_until`` has passed."""
+        waiting = set(pending)
+        kept: dict[str, IdpLogout] = {}
+        for entry, logout in self._logouts.items():
+            is_pending = entry in waiting
+            if not is_pending and now >= logout.hold_until:
+                continue
+            kept[entry] = logout if logout.pending == is_pending else replace(logout, pending=is_pending)
+        if kept != self._logouts:
+            self._logouts = kept
+            self._reindex()
+
+    @property
+    def logouts(self) -> tuple[IdpLogout, ...]:
+        """The back-channel logouts enforced from memory."""
+        return tuple(self._logouts.values())
+
+    def _reindex(self) -> None:
+        by_sub: dict[str, list[IdpLogout]] = {}
+        by_idp_sid: dict[str, list[IdpLogout]] = {}
+        for logout in self._logouts.values():
+            if logout.sid is not None:
+                by_idp_sid.setdefault(logout.sid, []).append(logout)
+            elif logout.sub is not None:
+                by_sub.setdefault(logout.sub, []).append(logout)
+        self._by_sub = {k: tuple(v) for k, v in by_sub.items()}
+        self._by_idp_sid = {k: tuple(v) for k, v in by_idp_sid.items()}
 
     def __len__(self) -> int:
         return len(self._sids)

@@ -228,7 +228,12 @@ class KeySet:
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """The verified claims of a gateway access token."""
+    """The verified claims of a gateway access token.
+
+    ``sub`` is the IdP's subject. ``auth_time`` (when the session was signed in) and ``idp_sid``
+    (the IdP's session id) let a back-channel logout be enforced from the token alone while
+    PostgreSQL cannot map IdP sessions to gateway sessions; tokens minted without them carry None.
+    """
 
     sub: str
     email: str
@@ -239,6 +244,8 @@ class Claims:
     jti: str
     iss: str
     aud: str
+    auth_time: int | None = None
+    idp_sid: str | None = None
     models: tuple[str, ...] | None = None
     """Model patterns the token is limited to (service tokens' ``--models``); None: no limit of its own."""
 
@@ -260,14 +267,18 @@ def mint(
     ttl: int,
     now: float,
     jti: str | None = None,
+    auth_time: float | None = None,
+    idp_sid: str | None = None,
     models: Iterable[str] | None = None,
 ) -> str:
     """Sign a new access token with the key set's signing key.
 
     The header carries ``kid`` and ``alg`` of the signing key and ``typ: at+jwt`` (RFC 9068 §2.1).
     ``iat``/``exp`` are whole seconds (NumericDate, RFC 7519 §2); ``jti`` defaults to 128 random
-    bits so every token can be revoked individually (RFC 7519 §4.1.7). ``models`` (a private claim)
-    limits the token to those model patterns on top of the policy.
+    bits so every token can be revoked individually (RFC 7519 §4.1.7). ``auth_time`` (RFC 9068
+    §2.2.1: when the user signed in, here the session's creation) and ``idp_sid`` (the IdP's
+    session id) are written when given. ``models`` (a private claim) limits the token to those
+    model patterns on top of the policy (service tokens).
     """
     if ttl <= 0:
         raise ValueError("ttl must be positive")
@@ -284,6 +295,10 @@ def mint(
         "exp": iat + ttl,
         "jti": jti if jti is not None else secrets.token_urlsafe(16),
     }
+    if auth_time is not None:
+        payload["auth_time"] = int(auth_time)
+    if idp_sid is not None:
+        payload["idp_sid"] = idp_sid
     if models is not None:
         payload["models"] = list(models)
     return jwt.encode(payload, private, algorithm=algorithm, headers={"kid": kid, "typ": TOKEN_TYPE})
@@ -428,6 +443,8 @@ class TokenVerifier:
         groups = payload.get("groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise TokenError("malformed")
+        auth_time = _numeric(payload, "auth_time") if "auth_time" in payload else None
+        idp_sid = _string(payload, "idp_sid") if "idp_sid" in payload else None
         models = payload.get("models")
         if models is not None and (
             not isinstance(models, list) or not all(isinstance(m, str) for m in models)
@@ -444,5 +461,7 @@ class TokenVerifier:
             iss=_string(payload, "iss"),
             # `aud` may be a list containing ours (RFC 7519 §4.1.3); record the audience we matched.
             aud=self._audience,
+            auth_time=auth_time,
+            idp_sid=idp_sid,
             models=tuple(models) if models is not None else None,
         )

@@ -1,4 +1,4 @@
-"""SQL over ``service_tokens`` (migration ``0003_service_tokens``): create, list, revoke, and the
+"""SQL over ``service_tokens`` (migration ``0005_service_tokens``): create, list, revoke, and the
 revoked ids every replica's revocation set holds.
 
 A revocation notifies :data:`~authz.store.sessions.REVOCATION_CHANNEL` with the token's ``sid``

@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, unquote
 from aiohttp import web
 
 from backends.emulator import google, sigv4
+from backends.emulator.canned import canned_events, canned_message
 from backends.emulator.state import (
     ACCOUNT_ID,
     DEFAULT_ROLE_ARN,
@@ -35,7 +36,6 @@ from backends.emulator.state import (
     Scenario,
 )
 from backends.eventstream import chunk_frame, exception_frame
-from backends.messages import canned_events, canned_message
 from backends.sse import sse_event
 
 STATE_KEY = web.AppKey("emulator_state", EmulatorState)
@@ -267,8 +267,9 @@ async def _bedrock_model(request: web.Request) -> web.StreamResponse:
         )
     if streaming:
         prepared = _prepared(request.app, "bedrock.stream", model, _bedrock_stream)
-        return _finish(record, await _stream(request, record, prepared, state.delay))
+        return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "bedrock.invoke", model, _bedrock_message)
+    record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
 
@@ -581,8 +582,9 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
         return _finish(record, _google_error(500, "INTERNAL", message))
     if streaming:
         prepared = _prepared(request.app, "vertex.stream", model, _vertex_stream)
-        return _finish(record, await _stream(request, record, prepared, state.delay))
+        return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "vertex.message", model, _vertex_message)
+    record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
 
@@ -622,11 +624,16 @@ def _prepared(
 
 
 async def _stream(
-    request: web.Request, record: RecordedRequest, prepared: _Prepared, delay: float
+    request: web.Request, record: RecordedRequest, prepared: _Prepared, state: EmulatorState
 ) -> web.StreamResponse:
-    """Write a prepared stream with ``delay`` seconds between events, noting a client that left."""
+    """Write a prepared stream with ``state.delay`` seconds between events, noting a client that left.
+
+    A stream written to the end in the normal scenario served a whole message: its usage is recorded.
+    """
     response = web.StreamResponse(headers=prepared.headers)
     response.enable_chunked_encoding()
+    delay, usage = state.delay, state.usage
+    complete = state.scenario is Scenario.NORMAL
     try:
         await response.prepare(request)
         if delay <= 0:
@@ -638,6 +645,8 @@ async def _stream(
                 # write() waits for the transport to drain (StreamResponse.drain is deprecated).
                 await response.write(part)
         await response.write_eof()
+        if complete:
+            record.usage = usage
     except ConnectionError:
         record.stream_cut = True
     except asyncio.CancelledError:

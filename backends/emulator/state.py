@@ -52,7 +52,12 @@ class Scenario(enum.StrEnum):
 
 @dataclass(slots=True)
 class RecordedRequest:
-    """One request as the emulator received it; ``verdict`` is ``ok``, ``skipped`` or the refusal."""
+    """One request as the emulator received it; ``verdict`` is ``ok``, ``skipped`` or the refusal.
+
+    ``usage`` is what the answer reported when the emulator served a whole message (None for
+    errors, count-tokens and cut-short streams), so a test can compare the gateway's accounting
+    with what the upstream really said.
+    """
 
     method: str
     raw_path: str
@@ -65,6 +70,7 @@ class RecordedRequest:
     verdict: str = "n/a"
     status: int = 0
     stream_cut: bool = False
+    usage: Usage | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form served by ``GET /_emulator/requests``."""

@@ -226,7 +226,8 @@ def test_client_credentials_never_reach_upstream(usage: Stack, unique_user: str)
         f"{usage.envoy_url}/model/{urllib.parse.quote(SONNET_PROFILE, safe=':')}/invoke",
         headers={
             "authorization": f"Bearer {token}",
-            "x-api-key": "sk-client-secret",
+            # Claude Code's native mode sends the same token in both headers.
+            "x-api-key": token,
             "x-amz-security-token": "client-session-token",
             "x-amz-date": "20200101T000000Z",
             "x-goog-user-project": "client-project",

@@ -83,7 +83,7 @@ def test_ext_proc_down_fails_closed(own_stack: Stack, unique_user: str, tmp_path
     bootstrap["static_resources"]["clusters"].append(dead)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for f in hcm["http_filters"]:
-        if f["name"] in ("gateway.sign", "gateway.meter"):
+        if f["name"] == "gateway.ext_proc":
             f["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] = "dead_grpc"
     path = tmp_path / "envoy-dead-ext-proc.yaml"
     path.write_text(yaml.safe_dump(bootstrap), encoding="utf-8")

@@ -544,6 +544,32 @@ async def test_recorded_requests_show_headers(emulator: Emulator) -> None:
     assert not emulator.state.requests
 
 
+async def test_recorded_usage_is_what_each_answer_reported(
+    emulator: Emulator, service_account_file: Path
+) -> None:
+    """Each record carries the usage its whole answer reported, and none when no whole message was served."""
+    token = await google_token(emulator, service_account_file)
+    usage = {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 5}
+    emulator.state.apply_patch({"usage": usage})
+    stream = decode_eventstream(await (await invoke(emulator, "invoke-with-response-stream")).read())
+    message = await (await invoke(emulator, "invoke")).json()
+    sse = decode_sse(await (await vertex(emulator, token)).read())
+    emulator.state.apply_patch({"scenario": "exception_midstream"})
+    await (await invoke(emulator, "invoke-with-response-stream")).read()
+    await (await vertex(emulator, token)).read()
+    async with emulator.http.get(f"{emulator.url}/_emulator/requests") as response:
+        records = [r for r in await response.json() if r["route"] != "google.token"]
+    served = [r["usage"] for r in records]
+    stream_delta = next(p["event"]["usage"] for _, p in stream if p["event"]["type"] == "message_delta")
+    sse_delta = next(e["usage"] for t, e in sse if t == "message_delta")
+    assert served[0]["output_tokens"] == stream_delta["output_tokens"] == 4
+    assert served[1]["input_tokens"] == message["usage"]["input_tokens"] == 3
+    assert served[2]["output_tokens"] == sse_delta["output_tokens"] == 4
+    assert served[0] == served[1] == served[2]
+    assert served[0]["cache_read_input_tokens"] == 5
+    assert served[3:] == [None, None]
+
+
 async def test_control_state_patch_and_reset(emulator: Emulator) -> None:
     """POST /_emulator/state changes usage and deltas, refuses unknown fields, and reset restores defaults."""
     patch = {"usage": {"output_tokens": 7}, "deltas": 2, "text": "ab"}

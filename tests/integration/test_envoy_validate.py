@@ -195,7 +195,7 @@ def test_body_limits_enforced_before_any_service(lone_envoy: str) -> None:
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body)["error"]["type"] == "request_too_large"
     # A chunked body over the limit is the buffer filter's 413, which (like every local reply) also
-    # passes gateway.sign's response path; with no service there it fails closed as a 503, so that
+    # passes gateway.ext_proc's response path; with no service there it fails closed as a 503, so that
     # case is covered where the services run (tests/e2e/test_inference.py).
 
 

@@ -10,17 +10,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
-from authz.configtypes import (
-    Address,
-    Credentials,
-    GatewayConfig,
-    Listen,
-    Policy,
-    Sessions,
-    Store,
-    Upstream,
-)
+from authz.config import loads
+from authz.configtypes import Address, GatewayConfig
 from authz.dev.ports import free_port
 from authz.ops.health import grpc_serving_async
 from authz.service import Worker, start_worker
@@ -30,23 +23,23 @@ pytestmark = pytest.mark.integration
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
-
-def _config(dsn: str, spool: Path, **upstreams: Upstream) -> GatewayConfig:
-    return GatewayConfig(
-        listen=Listen(grpc=Address(port=0), portal=Address(port=free_port())),
-        sessions=Sessions(signing_key=generate_signing_key("k1")),
-        store=Store(url=dsn, spool_dir=str(spool)),
-        upstreams=tuple(upstreams.items()),
-        policies=(Policy(name="all", email_domains=("example.com",), upstreams=tuple(upstreams)),),
-    )
+BEDROCK = {
+    "kind": "bedrock",
+    "region": "us-east-1",
+    "base_url": "http://127.0.0.1:9",
+    "credentials": {"source": "static", "access_key_id": "AKIDEXAMPLE", "secret_access_key": "x" * 40},
+}
 
 
-BEDROCK = Upstream(
-    kind="bedrock",
-    region="us-east-1",
-    base_url="http://127.0.0.1:9",
-    credentials=Credentials(source="static", access_key_id="AKIDEXAMPLE", secret_access_key="x" * 40),
-)
+def _config(dsn: str, spool: Path, **upstreams: dict[str, Any]) -> GatewayConfig:
+    raw = {
+        "listen": {"grpc": {"port": 0}, "portal": {"port": free_port()}},
+        "sessions": {"signing_key": {"kid": "k1", "private_key": generate_signing_key("k1").private_key}},
+        "store": {"url": dsn, "spool_dir": str(spool)},
+        "upstreams": upstreams,
+        "policies": [{"name": "all", "email_domains": ["example.com"], "upstreams": list(upstreams)}],
+    }
+    return loads(yaml.safe_dump(raw), {})
 
 
 @pytest.fixture
@@ -95,13 +88,13 @@ async def test_readyz_names_the_broken_parts(clean_db: str, tmp_path: Path, star
     """An unobtainable upstream credential and an unreachable PostgreSQL each fail their own
     /readyz check with the reason, while the gRPC health stays SERVING (Envoy keeps using it)."""
     missing = tmp_path / "no-such-key.json"
-    vertex = Upstream(
-        kind="vertex",
-        region="us-east5",
-        project="acme-project",
-        base_url="http://127.0.0.1:9",
-        credentials=Credentials(source="service_account_file", path=str(missing)),
-    )
+    vertex = {
+        "kind": "vertex",
+        "region": "us-east5",
+        "project": "acme-project",
+        "base_url": "http://127.0.0.1:9",
+        "credentials": {"source": "service_account_file", "path": str(missing)},
+    }
     config = _config(clean_db, tmp_path / "spool", bedrock=BEDROCK, vertex=vertex)
     worker = await start(config)
     status, body = await _get(worker, "/readyz")
@@ -116,7 +109,7 @@ async def test_readyz_names_the_broken_parts(clean_db: str, tmp_path: Path, star
             config.store, url=f"postgresql://nobody@127.0.0.1:{free_port()}/x", connect_timeout=1
         ),
         listen=dataclasses.replace(config.listen, portal=Address(port=free_port())),
-        upstreams=(("bedrock", BEDROCK),),
+        upstreams=tuple((n, u) for n, u in config.upstreams if n == "bedrock"),
     )
     worker = await start(down)
     assert await grpc_serving_async("127.0.0.1", worker.grpc_port, timeout=5)

@@ -7,27 +7,46 @@ tests live with the end-to-end suite.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from authz.configtypes import GatewayConfig, Oidc, Portal, Sessions, Store
+from authz.errors import StoreError
 from authz.signin import admission
-from authz.signin.oidc import AuthorizationStart, IdpRefused, IdpUnavailable, OidcError, TokenSet
+from authz.signin.backchannel import BackchannelLogouts, write_logout
+from authz.signin.oidc import (
+    AuthorizationStart,
+    IdpRefused,
+    IdpUnavailable,
+    OidcError,
+    TokenSet,
+    check_response_issuer,
+)
 from authz.signin.portal import IdentityProvider, PortalDeps, build_portal
 from authz.signin.portal.device import USER_CODE_ALPHABET, secret_hash
+from authz.signin.portal.http import origin_of
+from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.secretbox import generate_key
 from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key
 from authz.store import sessions as store
 from authz.store.db import Pool, connect, connect_pool
+from authz.store.embedded import EmbeddedPostgres
+from authz.store.logout_spool import LogoutSpool, SpooledLogout, new_entry_id
 from authz.store.migrate import migrate
 
 pytestmark = pytest.mark.integration
@@ -38,6 +57,8 @@ IDP = "https://idp.example"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 UA = "claude-cli/2.1.0 (external, cli)"
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64) HeadlessChrome"
+# Browser.post's default Origin: the portal's own (that of its public URL).
+OUR_ORIGIN = "<the portal's origin>"
 
 ADA = {
     "sub": "00u-ada",
@@ -67,6 +88,8 @@ class StubIdp:
     refresh_tokens: dict[str, str] = field(default_factory=dict)
     logout_tokens: dict[str, dict[str, Any]] = field(default_factory=dict)
     refresh_calls: int = 0
+    # Whether the metadata says authorization_response_iss_parameter_supported (RFC 9207 §3).
+    iss_supported: bool = False
 
     async def discover(self) -> None:
         self.discovered = True
@@ -92,6 +115,9 @@ class StubIdp:
         token = "idt." + secrets.token_urlsafe(8)
         self.id_tokens[token] = {**claims, **({"nonce": nonce} if nonce else {})}
         return token
+
+    async def check_authorization_response_issuer(self, iss: str | None) -> None:
+        check_response_issuer(iss, issuer=IDP, required=self.iss_supported)
 
     async def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenSet:
         if code in self.used_codes or code not in self.codes:
@@ -170,10 +196,14 @@ class Portal_:
     clock: Clock
     config: GatewayConfig
     keyset: KeySet
+    logouts: BackchannelLogouts
     sessions: list[aiohttp.ClientSession] = field(default_factory=list)
 
-    def browser(self, ip: str = "198.51.100.7") -> Browser:
-        http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+    def browser(self, ip: str = "198.51.100.7", *, tls: bool = False) -> Browser:
+        """A browser with a cookie jar; with ``tls`` it behaves as if it reached the portal over
+        https (it sends Secure cookies), as a real browser behind an https public URL does."""
+        secure = [self.url("/")] if tls else None
+        http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True, treat_as_secure_origin=secure))
         self.sessions.append(http)
         return Browser(self, http, ip)
 
@@ -221,8 +251,10 @@ class Browser:
     http: aiohttp.ClientSession
     ip: str
 
-    def headers(self, origin: str | None = PUBLIC) -> dict[str, str]:
+    def headers(self, origin: str | None = OUR_ORIGIN) -> dict[str, str]:
         headers = {"User-Agent": BROWSER_UA, "X-Forwarded-For": f"203.0.113.1, {self.ip}"}
+        if origin == OUR_ORIGIN:
+            origin = origin_of(self.portal.config.portal.public_url)
         if origin is not None:
             headers["Origin"] = origin
         return headers
@@ -234,12 +266,21 @@ class Browser:
         return response, await response.text()
 
     async def post(
-        self, path: str, data: dict[str, str], origin: str | None = PUBLIC, **extra: str
+        self, path: str, data: dict[str, str], origin: str | None = OUR_ORIGIN, **extra: str
     ) -> tuple[aiohttp.ClientResponse, str]:
         response = await self.http.post(
             self.portal.url(path), data=data, headers={**self.headers(origin), **extra}, allow_redirects=False
         )
         return response, await response.text()
+
+    def cookie_header(self) -> str:
+        """The cookies this browser holds for the portal, as a Cookie header value."""
+        jar = self.http.cookie_jar.filter_cookies(URL(self.portal.url("/")))
+        return "; ".join(f"{name}={morsel.value}" for name, morsel in sorted(jar.items()))
+
+    def plant(self, **cookies: str) -> None:
+        """Put cookies in this browser's jar, as an attacker controlling a sibling host could."""
+        self.http.cookie_jar.update_cookies(cookies, URL(self.portal.url("/")))
 
     async def csrf(self, path: str = "/device") -> str:
         response, text = await self.get(path)
@@ -282,7 +323,15 @@ class Browser:
 PortalFactory = Callable[..., Awaitable[Portal_]]
 
 
-def _config(dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC) -> GatewayConfig:
+def csrf_in(page: str) -> str | None:
+    """The CSRF token a page's form carries."""
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    return match.group(1) if match else None
+
+
+def _config(
+    dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC, spool: Path | None = None
+) -> GatewayConfig:
     return GatewayConfig(
         sessions=Sessions(
             issuer=ISSUER,
@@ -291,12 +340,43 @@ def _config(dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC
         ),
         oidc=Oidc(issuer=IDP, client_id="gw", client_secret="s3cret", refresh_grace=grace) if oidc else None,
         portal=Portal(public_url=public, user_code_attempts_per_minute=5),
-        store=Store(url=dsn),
+        store=Store(url=dsn, spool_dir=str(spool or ""), replay_interval=0.2, connect_timeout=2.0),
     )
 
 
+def _logouts(config: GatewayConfig, clock: Callable[[], datetime]) -> BackchannelLogouts:
+    """The journal the portal accepts back-channel logouts into, as a worker builds it."""
+    return BackchannelLogouts(
+        LogoutSpool(Path(config.store.spool_dir) / "logouts"),
+        RevocationSet(),
+        dsn=config.store.url,
+        hold=config.sessions.access_token_ttl + config.sessions.clock_skew,
+        replay_interval=config.store.replay_interval,
+        connect_timeout=config.store.connect_timeout,
+        scan_interval=0.05,
+        clock=lambda: clock().timestamp(),
+    )
+
+
+async def _serve(config: GatewayConfig, pool: Pool, stub: StubIdp | None, clock: Clock) -> Portal_:
+    keyset = KeySet.from_config(config.sessions)
+    logouts = _logouts(config, clock)
+    provider: IdentityProvider | None = stub
+    deps = PortalDeps(config=config, pool=pool, keyset=keyset, oidc=provider, clock=clock, logouts=logouts)
+    server = TestServer(build_portal(deps), port=0)
+    await server.start_server()
+    return Portal_(server, pool, stub or StubIdp(), clock, config, keyset, logouts)
+
+
+async def _close(portal: Portal_) -> None:
+    for http in portal.sessions:
+        await http.close()
+    await portal.server.close()
+    await portal.logouts.aclose()
+
+
 @pytest.fixture
-async def make_portal(clean_db: str) -> AsyncIterator[PortalFactory]:
+async def make_portal(clean_db: str, tmp_path: Path) -> AsyncIterator[PortalFactory]:
     conn = await connect(clean_db, timeout=10)
     try:
         await migrate(conn)
@@ -312,23 +392,15 @@ async def make_portal(clean_db: str) -> AsyncIterator[PortalFactory]:
     async def factory(
         *, oidc: bool = True, grace: int = 0, idp: StubIdp | None = None, public: str = PUBLIC
     ) -> Portal_:
-        config = _config(clean_db, oidc=oidc, grace=grace, public=public)
-        keyset = KeySet.from_config(config.sessions)
-        stub = idp or StubIdp()
-        provider: IdentityProvider | None = stub if oidc else None
-        clock = Clock()
-        app = build_portal(PortalDeps(config=config, pool=pool, keyset=keyset, oidc=provider, clock=clock))
-        server = TestServer(app, port=0)
-        await server.start_server()
-        portal = Portal_(server, pool, stub, clock, config, keyset)
+        spool = tmp_path / f"spool-{len(made)}"
+        config = _config(clean_db, oidc=oidc, grace=grace, public=public, spool=spool)
+        portal = await _serve(config, pool, (idp or StubIdp()) if oidc else None, Clock())
         made.append(portal)
         return portal
 
     yield factory
     for portal in made:
-        for http in portal.sessions:
-            await http.close()
-        await portal.server.close()
+        await _close(portal)
     await pool.close()
 
 
@@ -626,7 +698,8 @@ async def test_state_mismatch_and_reuse(portal: Portal_) -> None:
 
 
 async def test_approval_bound_to_browser(portal: Portal_) -> None:
-    """The approval id only works in the browser that signed in, and only once."""
+    """The approval id only works in the browser that signed in, and only once: the approval ends
+    the sign-in's cookies, and sending the old ones again finds the approval used."""
     grant = await portal.authorize()
     alice = portal.browser()
     approval_id, csrf = await alice.sign_in(grant["user_code"])
@@ -634,8 +707,13 @@ async def test_approval_bound_to_browser(portal: Portal_) -> None:
     mallory_csrf = await mallory.csrf()
     status, _ = await mallory.decide(approval_id, mallory_csrf)
     assert status == 400
+    old = alice.cookie_header()
     assert (await alice.decide(approval_id, csrf))[0] == 200
-    assert (await alice.decide(approval_id, csrf))[0] == 400
+    assert alice.cookie_header() == ""
+    response, _ = await alice.post(
+        "/device/approve", {"approval_id": approval_id, "csrf": csrf, "decision": "approve"}, Cookie=old
+    )
+    assert response.status == 400
     assert {"approval_mismatch", "approval_reused"} <= set(await portal.reasons("approval"))
 
 
@@ -659,6 +737,100 @@ async def test_code_replay_and_nonce_mismatch(portal: Portal_) -> None:
     assert {"code_exchange_refused", "nonce_mismatch"} <= set(reasons)
 
 
+# --- cookies and the callback's issuer ----------------------------------------------------------
+
+
+def set_cookies(response: aiohttp.ClientResponse) -> dict[str, str]:
+    """name -> value of the cookies a response sets (an expired one as "")."""
+    cookies = response.cookies.items()
+    return {name: ("" if morsel["max-age"] == "0" else morsel.value) for name, morsel in cookies}
+
+
+async def test_planted_cookies_are_never_used_and_every_step_mints_new_ones(portal: Portal_) -> None:
+    """Cookie values the server did not mint are ignored, never set back: the form page, the code
+    entry and the callback each mint fresh ones, the approval ends them; a planted browser value
+    known to an attacker does not get them past the browser binding."""
+    grant = await portal.authorize()
+    alice, mallory = portal.browser(), portal.browser("192.0.2.66")
+    planted_csrf, planted_browser = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    alice.plant(gw_csrf=planted_csrf, gw_browser=planted_browser)
+
+    response, page = await alice.get(f"/device?user_code={grant['user_code']}")
+    form_step = set_cookies(response)
+    assert set(form_step) == {"gw_csrf"} and form_step["gw_csrf"] not in ("", planted_csrf)
+    assert csrf_in(page) == form_step["gw_csrf"]
+
+    response, _ = await alice.post("/device", {"user_code": grant["user_code"], "csrf": form_step["gw_csrf"]})
+    assert response.status == 303
+    entry_step = set_cookies(response)
+    assert set(entry_step) == {"gw_csrf", "gw_browser"}
+    assert entry_step["gw_browser"] not in ("", planted_browser)
+    assert entry_step["gw_csrf"] != form_step["gw_csrf"]
+    state = parse_qs(urlsplit(response.headers["Location"]).query)["state"][0]
+
+    # The planted binding value is worth nothing to the attacker who chose it.
+    code = portal.idp.login(state, ADA)
+    mallory.plant(gw_browser=planted_browser)
+    response, _ = await mallory.callback(f"code={code}&state={state}")
+    assert response.status == 400
+
+    response, page = await alice.callback(f"code={code}&state={state}")
+    assert response.status == 200, page
+    callback_step = set_cookies(response)
+    assert set(callback_step) == {"gw_csrf", "gw_browser"}
+    assert callback_step["gw_browser"] not in ("", entry_step["gw_browser"])
+    assert callback_step["gw_csrf"] not in ("", entry_step["gw_csrf"])
+    assert csrf_in(page) == callback_step["gw_csrf"]
+    approval = re.search(r'name="approval_id" value="([^"]+)"', page)
+    assert approval
+
+    # The approval is bound to the new browser value: the previous one no longer takes it.
+    stale = f"gw_csrf={callback_step['gw_csrf']}; gw_browser={entry_step['gw_browser']}"
+    form = {"approval_id": approval.group(1), "csrf": callback_step["gw_csrf"], "decision": "approve"}
+    response, _ = await mallory.post("/device/approve", form, Cookie=stale)
+    assert response.status == 400
+    response, _ = await alice.post("/device/approve", form)
+    assert response.status == 200
+    assert set_cookies(response) == {"gw_csrf": "", "gw_browser": ""}
+    assert (await portal.poll(grant["device_code"]))[0] == 200
+    assert await portal.reasons("callback") == [None, "state_mismatch"]
+    assert await portal.reasons("approval") == [None, "approval_mismatch"]
+
+
+async def test_callback_naming_another_issuer_is_refused(portal: Portal_) -> None:
+    """RFC 9207: a callback whose iss is not the IdP's is refused before its code or error is acted
+    on, and audited; the right iss passes; a missing iss is refused once the IdP promises it."""
+    grant = await portal.authorize()
+    browser = portal.browser()
+    state = await browser.start(grant["user_code"])
+    code = portal.idp.login(state, ADA)
+    response, page = await browser.callback(f"code={code}&state={state}&iss=https%3A%2F%2Fevil.example")
+    assert response.status == 400 and "did not come from your identity provider" in page
+    assert code not in portal.idp.used_codes
+    events = await portal.audits("callback")
+    assert (events[0].outcome, events[0].reason, events[0].detail) == (
+        "denied",
+        "iss_mismatch",
+        {"iss": "https://evil.example"},
+    )
+    # An error response from another issuer does not deny the user's device code either.
+    state = await browser.start(grant["user_code"])
+    response, _ = await browser.callback(f"error=access_denied&state={state}&iss=https://evil.example")
+    assert response.status == 400
+    assert await portal.poll(grant["device_code"]) == (400, {"error": "authorization_pending"})
+
+    portal.idp.iss_supported = True
+    state = await browser.start(grant["user_code"])
+    code = portal.idp.login(state, ADA)
+    response, _ = await browser.callback(f"code={code}&state={state}")
+    assert response.status == 400
+    assert (await portal.audits("callback"))[0].reason == "iss_missing"
+    state = await browser.start(grant["user_code"])
+    code = portal.idp.login(state, ADA)
+    response, page = await browser.callback(f"code={code}&state={state}&iss={quote(IDP, safe='')}")
+    assert response.status == 200 and "Approve sign-in" in page
+
+
 # --- rate limiting --------------------------------------------------------------------------------
 
 
@@ -668,8 +840,10 @@ async def test_user_code_guessing_is_rate_limited(portal: Portal_) -> None:
     csrf = await browser.csrf()
     statuses = []
     for _ in range(6):
-        response, _ = await browser.post("/device", {"user_code": "BCDF-GHJK", "csrf": csrf})
+        response, page = await browser.post("/device", {"user_code": "BCDF-GHJK", "csrf": csrf})
         statuses.append(response.status)
+        # Each form page carries a freshly minted token (the 429 page has no form: keep the last).
+        csrf = csrf_in(page) or csrf
     assert statuses == [400, 400, 400, 400, 400, 429]
     response, page = await browser.post("/device", {"user_code": "BCDF-GHJK", "csrf": csrf})
     assert response.status == 429 and "Too many attempts" in page
@@ -868,6 +1042,180 @@ async def test_backchannel_logout_by_sub(portal: Portal_) -> None:
         assert session is not None and session.revoked_reason == "backchannel_logout"
 
 
+def logout_token(portal: Portal_, name: str, jti: str, **names: str) -> str:
+    """Register a logout token ``name`` with the stub IdP, naming ``sub`` and/or ``sid``."""
+    portal.idp.logout_tokens[name] = {
+        "iss": IDP,
+        "aud": "gw",
+        "iat": portal.clock().timestamp(),
+        "jti": jti,
+        **names,
+        "events": {"http://schemas.openid.net/event/backchannel-logout": {}},
+    }
+    return name
+
+
+def spooled(portal: Portal_, jti: str, **names: str) -> SpooledLogout:
+    """A validated logout as the endpoint would journal it."""
+    now = portal.clock().timestamp()
+    return SpooledLogout(
+        entry=new_entry_id(),
+        issuer=IDP,
+        jti=jti,
+        sub=names.get("sub"),
+        sid=names.get("sid"),
+        accepted_at=now,
+        jti_expires_at=now + 300,
+    )
+
+
+async def test_a_journal_entry_whose_write_committed_is_not_a_replay_of_itself(portal: Portal_) -> None:
+    """An entry already in PostgreSQL whose file outlived the write is recognised as applied on
+    replay (no replay refusal, the file goes); the logout token itself is still refused as a replay."""
+    tokens = await signed_in(portal)
+    logout = spooled(portal, "j-crash", sid="idp-s1")
+    await write_logout(portal.pool, logout, now=logout.accepted_at)
+    spool = LogoutSpool(Path(portal.config.store.spool_dir) / "logouts")
+    assert spool.add(logout)
+
+    assert await portal.logouts.replay() == 1
+    assert spool.entries() == []
+    assert "logout_jti_replay" not in await portal.reasons("backchannel_logout")
+    session = await store.get_session(portal.pool, portal.verify(tokens["access_token"]).sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    name = logout_token(portal, "lt", "j-crash", sid="idp-s1")
+    response = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+    assert (response.status, await response.json()) == (400, {"error": "invalid_request"})
+
+
+async def test_refresh_is_refused_while_a_logout_waits_in_the_journal(portal: Portal_) -> None:
+    """A session named by a journalled logout not yet written through cannot be refreshed, and is
+    revoked on the spot; a later sign-in of the same subject is not affected."""
+    tokens = await signed_in(portal)
+    portal.clock.advance(10)
+    spool = LogoutSpool(Path(portal.config.store.spool_dir) / "logouts")
+    assert spool.add(spooled(portal, "j-wait", sub="00u-ada"))
+    assert await portal.logouts.scan() == 1
+    portal.clock.advance(10)
+    later = await signed_in(portal, {**ADA, "sid": "idp-s9"})
+
+    assert await portal.refresh(tokens["refresh_token"]) == (401, {"error": "invalid_grant"})
+    session = await store.get_session(portal.pool, portal.verify(tokens["access_token"]).sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    assert "backchannel_logout" in await portal.reasons("refresh")
+    status, _ = await portal.refresh(later["refresh_token"])
+    assert status == 200
+
+
+async def wait_until(check: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll ``check`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def own_pg() -> Iterator[EmbeddedPostgres]:
+    """A PostgreSQL server of this module's own, which the outage test stops and starts again."""
+    # Outside pytest's basetemp for the reason given in conftest.pg_dsn.
+    base = Path(tempfile.mkdtemp(prefix="authz-pg-"))
+    server = EmbeddedPostgres()
+    try:
+        server.start(base / "data")
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def outage_portal(own_pg: EmbeddedPostgres, tmp_path: Path) -> AsyncIterator[Portal_]:
+    """A portal on the stoppable server, its journal's loops running as in a worker."""
+    conn = await connect(own_pg.dsn, timeout=10)
+    try:
+        await migrate(conn)
+        await conn.execute(
+            "TRUNCATE sessions, refresh_tokens, device_codes, auth_requests, audit_events, logout_jtis"
+        )
+    finally:
+        await conn.close()
+    pool = await connect_pool(own_pg.dsn, timeout=10)
+    portal = await _serve(_config(own_pg.dsn, spool=tmp_path / "spool"), pool, StubIdp(), Clock())
+    await portal.logouts.start()
+    try:
+        yield portal
+    finally:
+        await _close(portal)
+        await pool.close()
+        try:
+            await (await connect(own_pg.dsn, timeout=2)).close()
+        except StoreError:
+            own_pg.start_again()
+
+
+async def test_backchannel_logout_while_postgres_is_down(
+    outage_portal: Portal_, own_pg: EmbeddedPostgres, tmp_path: Path
+) -> None:
+    """With PostgreSQL stopped the logout is answered 200 and enforced at once here, by a sibling
+    worker sharing the journal and by a worker started afterwards; a replica with a journal of its
+    own learns it once PostgreSQL is back and the journal is written through, which revokes the
+    session for good; the token replayed during or after the outage is refused."""
+    portal = outage_portal
+    tokens = await signed_in(portal)
+    other = await signed_in(portal, {**ADA, "sid": "idp-s2"})
+    claims, other_claims = portal.verify(tokens["access_token"]), portal.verify(other["access_token"])
+    assert (claims.sub, claims.idp_sid) == ("00u-ada", "idp-s1")
+
+    # A sibling worker sharing the journal, and a replica with its own journal, watching PostgreSQL.
+    journal = Path(portal.config.store.spool_dir) / "logouts"
+    sibling = _logouts(portal.config, portal.clock)
+    await sibling.start()
+    elsewhere = RevocationWatcher(RevocationSet(), timeout=2.0, keepalive_interval=0.5, backoff_max=0.5)
+    assert await elsewhere.start(own_pg.dsn, resync_interval=3600)
+    restarted: BackchannelLogouts | None = None
+    try:
+        own_pg.stop_server()
+        name = logout_token(portal, "lt", "j-outage", sid="idp-s1", sub="00u-ada")
+        response = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+        assert response.status == 200
+        assert response.headers["Cache-Control"] == "no-store"
+        assert portal.logouts.revocations.blocks(claims)
+        assert not portal.logouts.revocations.blocks(other_claims)
+        await wait_until(lambda: sibling.revocations.blocks(claims))
+        restarted = _logouts(portal.config, portal.clock)
+        await restarted.start()
+        assert restarted.revocations.blocks(claims)
+        assert not elsewhere.revocations.blocks(claims)
+        assert len(LogoutSpool(journal).entries()) == 1
+
+        again = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+        assert (again.status, await again.json()) == (400, {"error": "invalid_request"})
+        status, _ = await portal.refresh(tokens["refresh_token"])
+        assert status == 503
+
+        own_pg.start_again()
+        await wait_until(lambda: not LogoutSpool(journal).entries(), within=30)
+        await wait_until(lambda: elsewhere.revocations.blocks(claims), within=10)
+        assert not elsewhere.revocations.blocks(other_claims)
+    finally:
+        await sibling.aclose()
+        await elsewhere.aclose()
+        if restarted is not None:
+            await restarted.aclose()
+
+    session = await store.get_session(portal.pool, claims.sid)
+    assert session is not None and session.revoked_reason == "backchannel_logout"
+    other_session = await store.get_session(portal.pool, other_claims.sid)
+    assert other_session is not None and other_session.revoked_at is None
+    rows = [e for e in await portal.audits("backchannel_logout") if e.outcome == "ok"]
+    assert len(rows) == 1 and rows[0].session_id == claims.sid
+    assert rows[0].detail is not None and rows[0].detail["spooled"] is True
+    assert await portal.refresh(tokens["refresh_token"]) == (401, {"error": "invalid_grant"})
+    again = await portal.post("/oauth/backchannel-logout", {"logout_token": name})
+    assert (again.status, await again.json()) == (400, {"error": "invalid_request"})
+
+
 # --- open redirects -------------------------------------------------------------------------------
 
 
@@ -912,23 +1260,56 @@ async def test_without_oidc(make_portal: PortalFactory) -> None:
             assert (await http.get(portal.url(path))).status == 200
 
 
-async def test_cookies_are_secure_behind_https(make_portal: PortalFactory) -> None:
-    """With an https public URL the cookies carry Secure and only that origin may post."""
+async def test_cookies_are_host_prefixed_and_secure_behind_https(make_portal: PortalFactory) -> None:
+    """With an https public URL the cookies are __Host- ones (Secure, Path=/, no Domain); a plain
+    gw_csrf cookie, as a sibling host or a plain-http answer could plant, is not read."""
     portal = await make_portal(public="https://gateway.test")
     browser = portal.browser()
-    response, _ = await browser.get("/device")
-    assert "secure" in response.cookies["gw_csrf"].output().lower()
-    csrf = response.cookies["gw_csrf"].value
-    response, _ = await browser.post("/device", {"user_code": "BCDF-GHJK", "csrf": csrf})
+    response, page = await browser.get("/device")
+    assert "gw_csrf" not in response.cookies
+    cookie = response.cookies["__Host-gw_csrf"]
+    assert (cookie["secure"], cookie["path"], cookie["domain"], cookie["httponly"]) == (True, "/", "", True)
+    csrf = cookie.value
+    assert csrf_in(page) == csrf
+    form = {"user_code": "BCDF-GHJK", "csrf": csrf}
+    # This jar keeps Secure cookies off plain http; send them by hand, as a browser would over TLS.
+    response, _ = await browser.post("/device", form)
     assert response.status == 403
-    # The jar keeps Secure cookies off plain http: send it by hand, as a browser would over TLS.
     response, _ = await browser.post(
-        "/device",
-        {"user_code": "BCDF-GHJK", "csrf": csrf},
-        origin="https://gateway.test:443",
-        Cookie=f"gw_csrf={csrf}",
+        "/device", form, origin="https://gateway.test:443", Cookie=f"gw_csrf={csrf}"
     )
-    assert response.status == 400
+    assert response.status == 403
+    response, page = await browser.post(
+        "/device", form, origin="https://gateway.test:443", Cookie=f"__Host-gw_csrf={csrf}"
+    )
+    assert response.status == 400 and "unknown, expired or already used" in page
+    assert await portal.reasons("device_verify") == ["unknown_code", "csrf_mismatch", "csrf_mismatch"]
+
+
+async def test_a_sign_in_behind_https_uses_host_prefixed_cookies_throughout(
+    make_portal: PortalFactory,
+) -> None:
+    """Behind an https public URL every step sets only __Host- cookies, Secure, host-only on Path=/,
+    and the approval expires them with the attributes the prefix needs (else a browser ignores it)."""
+    portal = await make_portal(public="https://gateway.test")
+    grant = await portal.authorize()
+    browser = portal.browser(tls=True)
+    approval_id, csrf = await browser.sign_in(grant["user_code"])
+    assert browser.cookie_header().count("__Host-") == 2 and " gw_" not in f" {browser.cookie_header()}"
+    response, _ = await browser.post(
+        "/device/approve", {"approval_id": approval_id, "csrf": csrf, "decision": "approve"}
+    )
+    assert response.status == 200
+    assert sorted(response.cookies) == ["__Host-gw_browser", "__Host-gw_csrf"]
+    for morsel in response.cookies.values():
+        assert (morsel.value, morsel["max-age"], morsel["secure"], morsel["path"], morsel["domain"]) == (
+            "",
+            "0",
+            True,
+            "/",
+            "",
+        )
+    assert (await portal.poll(grant["device_code"]))[0] == 200
 
 
 async def test_draining_fails_readyz_but_not_healthz(make_portal: PortalFactory, clean_db: str) -> None:

@@ -21,6 +21,7 @@ TTL = timedelta(minutes=10)
 LIFETIME = timedelta(days=7)
 BROWSER = hash_token("browser-cookie-value")
 OTHER_BROWSER = hash_token("someone-else's-cookie")
+NEXT_BROWSER = hash_token("the-browser-cookie-minted-at-the-callback")
 
 
 def at(seconds: float) -> datetime:
@@ -87,6 +88,7 @@ async def new_session(
     idp_sid: str | None = "idp-sid-1",
     refresh: str | None = "refresh-1",
     lifetime: timedelta = LIFETIME,
+    created: datetime = NOW,
 ) -> store.Session:
     return await store.create_session(
         pool,
@@ -99,7 +101,7 @@ async def new_session(
         surface="claude_code",
         user_agent="claude-cli/2.1.0",
         lifetime=lifetime,
-        now=NOW,
+        now=created,
         refresh_token_hash=None if refresh is None else hash_token(refresh),
     )
 
@@ -292,9 +294,16 @@ IDENTITY = VerifiedIdentity(
 
 
 async def test_an_approval_round_trips_once_to_the_browser_that_signed_in(pool: Pool) -> None:
-    """The identity parked at the callback comes back once, byte for byte, to the same browser only."""
+    """The identity parked at the callback comes back once, byte for byte, only to the browser holding
+    the binding value the callback minted."""
     await new_auth_request(pool)
-    store_args: dict[str, Any] = {"approval_id": "appr-1", "identity": IDENTITY, "ttl": TTL}
+    # The callback rotates the browser's binding cookie: the approval is bound to the new one.
+    store_args: dict[str, Any] = {
+        "approval_id": "appr-1",
+        "identity": IDENTITY,
+        "ttl": TTL,
+        "browser_hash": NEXT_BROWSER,
+    }
     # Not before the callback consumed the request.
     assert not await store.store_approval(pool, state="state-1", now=at(1), **store_args)
     assert isinstance(await store.consume_auth_request(pool, "state-1", BROWSER, at(2)), store.AuthRequest)
@@ -304,10 +313,11 @@ async def test_an_approval_round_trips_once_to_the_browser_that_signed_in(pool: 
     )
 
     assert await store.take_approval(pool, "appr-1", OTHER_BROWSER, at(5)) == "approval_mismatch"
-    approval = await store.take_approval(pool, "appr-1", BROWSER, at(6))
+    assert await store.take_approval(pool, "appr-1", BROWSER, at(5)) == "approval_mismatch"
+    approval = await store.take_approval(pool, "appr-1", NEXT_BROWSER, at(6))
     assert isinstance(approval, store.Approval)
     assert (approval.identity, approval.user_code, approval.state) == (IDENTITY, "WDJBMJHT", "state-1")
-    assert await store.take_approval(pool, "appr-1", BROWSER, at(7)) == "approval_reused"
+    assert await store.take_approval(pool, "appr-1", NEXT_BROWSER, at(7)) == "approval_reused"
     # The sealed IdP refresh token does not linger once handed on.
     assert await pool.fetchval("SELECT identity FROM auth_requests WHERE state = 'state-1'") is None
 
@@ -317,7 +327,13 @@ async def test_unknown_and_expired_approvals_are_refused(pool: Pool) -> None:
     await new_auth_request(pool)
     assert isinstance(await store.consume_auth_request(pool, "state-1", BROWSER, at(1)), store.AuthRequest)
     assert await store.store_approval(
-        pool, state="state-1", approval_id="appr-1", identity=IDENTITY, ttl=TTL, now=at(2)
+        pool,
+        state="state-1",
+        approval_id="appr-1",
+        browser_hash=BROWSER,
+        identity=IDENTITY,
+        ttl=TTL,
+        now=at(2),
     )
     assert await store.take_approval(pool, "appr-2", BROWSER, at(3)) == "approval_unknown"
     assert await store.take_approval(pool, "appr-1", BROWSER, at(2) + TTL) == "approval_expired"
@@ -551,13 +567,68 @@ async def test_audit_events_round_trip_newest_first(pool: Pool) -> None:
     assert len(await store.recent_audit(pool, 1)) == 1
 
 
-async def test_a_logout_jti_is_accepted_once_per_issuer_until_it_expires(pool: Pool) -> None:
-    """A jti seen before is a replay; another issuer's identical jti is not; an expired entry is pruned."""
-    iss = "https://idp.example.com"
-    assert await store.remember_logout_jti(pool, "jti-1", iss, at(120), NOW)
-    assert not await store.remember_logout_jti(pool, "jti-1", iss, at(120), at(60))
-    assert await store.remember_logout_jti(pool, "jti-1", "https://other-idp.example.com", at(120), at(60))
-    assert await store.remember_logout_jti(pool, "jti-1", iss, at(300), at(120))
+async def logout(
+    pool: Pool,
+    entry: str,
+    jti: str,
+    *,
+    iss: str = "https://idp.example.com",
+    sub: str | None = "00u-ada",
+    sid: str | None = None,
+    accepted: float = 10,
+    expires: float = 310,
+    now: float | None = None,
+) -> store.LogoutResult:
+    return await store.record_backchannel_logout(
+        pool,
+        entry=entry,
+        issuer=iss,
+        jti=jti,
+        jti_expires_at=at(expires),
+        sub=sub,
+        idp_sid=sid,
+        accepted_at=at(accepted),
+        reason="backchannel_logout",
+        now=at(accepted if now is None else now),
+        client_ip="192.0.2.9",
+        user_agent="idp/1",
+        detail={"spooled": True},
+    )
+
+
+async def test_a_logout_revokes_once_and_knows_its_own_entry_from_a_replay(pool: Pool, clean_db: str) -> None:
+    """Writing a logout revokes its sessions with one audit row; the same entry again is
+    already_applied, another entry with that jti is a replay, another issuer's jti is new."""
+    await new_session(pool, "s1", refresh="r1", idp_sid="idp-A")
+    await new_session(pool, "s2", refresh="r2", idp_sid="idp-B")
+    async with notifications(clean_db) as queue:
+        first = await logout(pool, "e1", "j1", sid="idp-A")
+        assert first == store.LogoutResult("applied", ("s1",))
+        assert await drain(queue, 1) == ["s1"]
+    rows = await store.recent_audit(pool, 10, kind="backchannel_logout")
+    assert [(r.outcome, r.session_id, r.client_ip, r.user_agent, r.detail) for r in rows] == [
+        ("ok", "s1", "192.0.2.9", "idp/1", {"sessions": 1, "by": "sid", "spooled": True})
+    ]
+    # The entry's first write committed but its file outlived it: written again, nothing happens.
+    assert await logout(pool, "e1", "j1", sid="idp-A", now=60) == store.LogoutResult("already_applied")
+    assert await logout(pool, "e2", "j1", sid="idp-B", now=60) == store.LogoutResult("replay")
+    assert await logout(pool, "e3", "j1", iss="https://other.example", sid="idp-B") == store.LogoutResult(
+        "applied", ("s2",)
+    )
+    assert len(await store.recent_audit(pool, 10, kind="backchannel_logout")) == 2
+    # Once the token could no longer pass validation its jti is forgotten.
+    assert await logout(pool, "e4", "j1", sid="idp-B", now=400) == store.LogoutResult("applied", ())
+
+
+async def test_a_logout_by_sub_spares_sign_ins_made_after_it(pool: Pool) -> None:
+    """A logout naming only the sub, written late, revokes the sessions signed in by the time it
+    arrived and not those signed in since; one naming the IdP sid has no such bound."""
+    await new_session(pool, "before", refresh="r1", idp_sid="idp-A", created=at(0))
+    await new_session(pool, "after", refresh="r2", idp_sid="idp-A", created=at(20))
+    assert await logout(pool, "e1", "j1", accepted=10, now=30) == store.LogoutResult("applied", ("before",))
+    assert await logout(pool, "e2", "j2", sid="idp-A", accepted=10, now=30) == store.LogoutResult(
+        "applied", ("after",)
+    )
 
 
 async def test_prune_removes_expired_sign_in_state_and_old_sessions(pool: Pool) -> None:
@@ -566,7 +637,7 @@ async def test_prune_removes_expired_sign_in_state_and_old_sessions(pool: Pool) 
     await new_auth_request(pool)
     await new_session(pool, "old", refresh="r1", lifetime=timedelta(days=1))
     await new_session(pool, "live", refresh="r2")
-    assert await store.remember_logout_jti(pool, "j", "iss", at(60), NOW)
+    assert (await logout(pool, "e", "j", sub="00u-nobody", accepted=0, expires=60)).status == "applied"
     assert await store.prune_expired(pool, at(1), keep_sessions=timedelta(days=1)) == 0
     # device code + auth request + jti + the old session (its refresh token goes with it).
     assert await store.prune_expired(pool, NOW + timedelta(days=2), keep_sessions=timedelta(days=1)) == 4

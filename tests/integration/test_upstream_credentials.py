@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from backends.base import Caller
-from backends.bedrock import AssumeRole, BedrockSettings, BedrockUpstream, StaticKeys
+from backends.bedrock.upstream import AssumeRole, BedrockSettings, BedrockUpstream, StaticKeys
 from backends.emulator import start_emulator
 from backends.emulator.google import generate_service_account_key
 from backends.emulator.state import (
@@ -20,7 +20,7 @@ from backends.emulator.state import (
     TEST_SECRET_ACCESS_KEY,
     EmulatorState,
 )
-from backends.vertex import ServiceAccountFile, VertexSettings, VertexUpstream
+from backends.vertex.upstream import ServiceAccountFile, VertexSettings, VertexUpstream
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ async def test_assume_role_per_user_signs_accepted_requests(emulator: tuple[str,
         )
     )
     try:
-        path = upstream.upstream_path("/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke", "")
+        path = upstream.path("invoke", "us.anthropic.claude-sonnet-4-5-20250929-v1:0")
         first = await send(upstream, path, BODY, ALICE)
         assert first.status_code == 200, first.text
         second = await send(upstream, path, BODY, ALICE)
@@ -134,11 +134,7 @@ async def test_vertex_service_account_token_accepted(
         )
     )
     try:
-        path = upstream.upstream_path(
-            "/v1/projects/client-project/locations/europe-west1/publishers/anthropic/models/"
-            "claude-haiku-4-5@20251001:rawPredict",
-            "claude-haiku-4-5-20251001",
-        )
+        path = upstream.path("invoke", "claude-haiku-4-5@20251001")
         assert path.startswith(f"/v1/projects/{DEFAULT_PROJECT}/locations/us-east5/")
         body = json.dumps(
             {

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
 
 import pytest
 
 from authz.billing.usagerow import UsageRow
 from authz.config import loads
 from authz.configtypes import GatewayConfig, Sessions, SigningKey
-from authz.gateway.authorize import UPSTREAM_HEADER, Allow, Authorizer, CheckInput, Deny, bearer_token
-from authz.gateway.context import RequestContext
-from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key, mint
+from authz.envoy.common import UPSTREAM_HEADER
+from authz.errors import TokenError
+from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny, bearer_token
+from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.signin.tokens import Claims, KeySet, TokenVerifier, generate_signing_key, mint
 
 NOW = 1_900_000_000.0
 ISSUER = "https://gw.test"
@@ -32,8 +33,8 @@ sessions:
     private_key: {json.dumps(SIGNING.private_key)}
 upstreams:
   bedrock-us: {{kind: bedrock, region: us-east-1}}
-  vertex-main: {{kind: vertex, region: us-east5, project: acme}}
-  vertex-global: {{kind: vertex, region: global, project: acme}}
+  vertex-main: {{kind: vertex, region: us-east5, project: acme-prod}}
+  vertex-global: {{kind: vertex, region: global, project: acme-prod}}
 policies:
   - name: eng
     groups: [eng]
@@ -82,10 +83,10 @@ def _authorizer(revoked: frozenset[str] = frozenset(), seen: list[str] | None = 
         clock_skew=config.sessions.clock_skew,
     )
 
-    def is_revoked(sid: str) -> bool:
+    def is_revoked(claims: Claims) -> bool:
         if seen is not None:
-            seen.append(sid)
-        return sid in revoked
+            seen.append(claims.sid)
+        return claims.sid in revoked
 
     return Authorizer(config, verifier, is_revoked=is_revoked)
 
@@ -177,19 +178,21 @@ def _assert_alice(row: UsageRow) -> None:
     [("POST", "/model/x/converse"), ("GET", BEDROCK_STREAM), ("POST", "/v1/messages")],
 )
 def test_unknown_route_is_denied_with_404(method: str, path: str) -> None:
-    """A path or method that is no inference route gets a 404 not_found_error and an 'unknown_route' row."""
+    """A path or method that is no inference route gets a 404 not_found_error; an anonymous caller
+    gets no row of its own (anonymous refusals are counted in aggregate)."""
     deny = _deny(_check(path, {"authorization": "Bearer junk"}, method))
     assert deny.reply.status == 404
     assert _envelope(deny)["type"] == "not_found_error"
-    assert deny.row.reason == "unknown_route"
-    assert (deny.row.status, deny.row.outcome, deny.row.ingress_format) == (404, "denied", "unknown")
-    _assert_anonymous(deny.row)
+    assert deny.reason == "unknown_route"
+    assert deny.row is None
 
 
 def test_unknown_route_row_names_a_verified_caller() -> None:
     """A 404 for a caller with a valid token still records who asked."""
     deny = _deny(_check("/model/x/converse", {"authorization": f"Bearer {_token()}"}))
     assert deny.reply.status == 404
+    assert deny.row is not None
+    assert (deny.row.status, deny.row.outcome, deny.row.ingress_format) == (404, "denied", "unknown")
     _assert_alice(deny.row)
 
 
@@ -200,8 +203,8 @@ def test_unknown_route_row_names_a_verified_caller() -> None:
     ("headers", "reason"),
     [
         ({}, "token_missing"),
-        ({"authorization": "Basic YWxpY2U6cHc="}, "token_missing"),
-        ({"authorization": "Bearer "}, "token_missing"),
+        ({"authorization": "Basic YWxpY2U6cHc="}, "token_ambiguous"),
+        ({"authorization": "Bearer "}, "token_ambiguous"),
         ({"authorization": f"Bearer {_token(now=NOW - 7200)}"}, "token_expired"),
         ({"authorization": f"Bearer {_token(key=IMPOSTOR)}"}, "token_bad_signature"),
         ({"authorization": f"Bearer {_token(audience='someone-else')}"}, "token_wrong_audience"),
@@ -210,24 +213,16 @@ def test_unknown_route_row_names_a_verified_caller() -> None:
     ],
     ids=["missing", "basic", "empty", "expired", "bad-signature", "wrong-audience", "alg-none", "garbage"],
 )
-def test_bad_token_is_401_without_retry_and_an_anonymous_row(headers: dict[str, str], reason: str) -> None:
-    """Every token failure is a 401 authentication_error with x-should-retry: false and a token_* row."""
+def test_bad_token_is_401_without_retry_and_no_row(headers: dict[str, str], reason: str) -> None:
+    """Every token failure is a 401 authentication_error with x-should-retry: false and a token_*
+    reason, and writes no row of its own: a token flood must not load the database."""
     deny = _deny(_check(BEDROCK_STREAM, {**CLAUDE_CODE_HEADERS, **headers}))
     assert deny.reply.status == 401
     assert _envelope(deny)["type"] == "authentication_error"
     assert ("x-should-retry", "false") in deny.reply.headers
     assert ("content-type", "application/json") in deny.reply.headers
-    assert deny.row.reason == reason
-    assert deny.row.reason.startswith("token_")
-    assert (deny.row.status, deny.row.outcome) == (401, "denied")
-    _assert_anonymous(deny.row)
-    # What the request was is still recorded, from the path and the client's own headers.
-    assert deny.row.requested_model == "us.anthropic.claude-opus-5-5"
-    assert (deny.row.ingress_format, deny.row.operation) == ("bedrock", "stream")
-    assert deny.row.cc_session_id == "cc-session-1"
-    assert deny.row.user_agent == "claude-cli/2.1.0 (external, cli)"
-    assert deny.row.started_at == datetime.fromtimestamp(NOW, tz=UTC)
-    assert deny.row.cost_usd == 0
+    assert deny.reason == reason
+    assert deny.row is None
 
 
 def test_expired_and_missing_tokens_say_what_to_do() -> None:
@@ -253,7 +248,7 @@ def test_revoked_session_is_401() -> None:
     assert seen == ["sess-revoked"]
     assert deny.reply.status == 401
     assert ("x-should-retry", "false") in deny.reply.headers
-    assert deny.row.reason == "token_revoked"
+    assert deny.reason == "token_revoked" and deny.row is None
     assert "revoked" in _envelope(deny)["message"]
     other = _check(
         BEDROCK_STREAM, {"authorization": f"Bearer {_token()}"}, revoked=frozenset({"sess-revoked"})
@@ -262,21 +257,77 @@ def test_revoked_session_is_401() -> None:
 
 
 def test_bearer_token_sources() -> None:
-    """The token comes from `Authorization: Bearer` (any case), else from x-api-key; nothing else."""
+    """The token comes from `Authorization: Bearer` (any case) or x-api-key, the same in both
+    when both are sent; nothing else."""
     assert bearer_token({"authorization": "Bearer abc"}) == "abc"
     assert bearer_token({"authorization": "bearer  abc "}) == "abc"
     assert bearer_token({"x-api-key": " key "}) == "key"
-    assert bearer_token({"authorization": "Bearer xyz", "x-api-key": "key"}) == "xyz"
-    assert bearer_token({"authorization": "Basic abc", "x-api-key": "key"}) == "key"
-    assert bearer_token({"authorization": "Basic abc"}) is None
+    assert bearer_token({"authorization": "Bearer key", "x-api-key": "key"}) == "key"
     assert bearer_token({"x-api-key": "  "}) is None
     assert bearer_token({}) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "repeated"),
+    [
+        ({"authorization": "Bearer xyz", "x-api-key": "key"}, frozenset()),
+        ({"authorization": "Basic abc", "x-api-key": "key"}, frozenset()),
+        ({"authorization": "Basic abc"}, frozenset()),
+        ({"authorization": "Bearer a b"}, frozenset()),
+        ({"authorization": "Bearer "}, frozenset()),
+        ({"authorization": "Bearer abc"}, frozenset({"authorization"})),
+        ({"x-api-key": "abc"}, frozenset({"x-api-key"})),
+    ],
+)
+def test_more_or_other_than_one_bearer_is_ambiguous(
+    headers: dict[str, str], repeated: frozenset[str]
+) -> None:
+    """Two different tokens, a repeated credential header or a non-bearer Authorization is refused."""
+    with pytest.raises(TokenError) as info:
+        bearer_token(headers, repeated)
+    assert info.value.reason == "ambiguous"
+
+
+def test_repeated_authorization_is_a_401_even_with_a_valid_first_token() -> None:
+    """`Authorization: <valid>` plus a second (even empty) Authorization header is refused."""
+    deny = _deny(
+        _authorizer().check(
+            CheckInput(
+                method="POST",
+                path=BEDROCK_STREAM,
+                headers={"authorization": f"Bearer {_token()}"},
+                request_id="req-1",
+                now=NOW,
+                repeated=frozenset({"authorization"}),
+            )
+        )
+    )
+    assert deny.reply.status == 401 and deny.reason == "token_ambiguous"
+
+
+def test_malformed_header_values_are_400() -> None:
+    """A header value the servicer found malformed (control characters, bad UTF-8) is a 400."""
+    deny = _deny(
+        _authorizer().check(
+            CheckInput(
+                method="POST",
+                path=BEDROCK_STREAM,
+                headers={"authorization": f"Bearer {_token()}"},
+                request_id="req-1",
+                now=NOW,
+                malformed="x-note holds a control character",
+            )
+        )
+    )
+    assert deny.reply.status == 400
+    assert _envelope(deny)["type"] == "invalid_request_error"
+    assert deny.row is None
 
 
 def test_x_api_key_is_accepted_and_stripped() -> None:
     """A gateway token sent as x-api-key (Messages-format clients) is accepted and never forwarded."""
     allow = _allow(_check(BEDROCK_STREAM, {"x-api-key": _token()}))
-    assert allow.context.sub == "00u-alice"
+    assert allow.identity.caller is not None and allow.identity.caller.sub == "00u-alice"
     assert "x-api-key" in allow.remove_headers
 
 
@@ -339,7 +390,6 @@ def test_no_upstream_for_the_format_is_403() -> None:
 CREDENTIAL_HEADERS = {
     "cookie": "session=abc",
     "proxy-authorization": "Basic eA==",
-    "x-api-key": "sk-ant-should-not-leave",
     "x-amz-security-token": "FwoG",
     "x-amz-date": "20300101T000000Z",
     "x-goog-user-project": "attacker-project",
@@ -357,25 +407,27 @@ def test_allowed_bedrock_request() -> None:
     assert allow.remove_headers == tuple(sorted(["authorization", *CREDENTIAL_HEADERS]))
     kept = set(CLAUDE_CODE_HEADERS)
     assert kept.isdisjoint(allow.remove_headers)
-    assert allow.context == RequestContext(
+    assert allow.identity == RequestIdentity(
         request_id="req-1",
         started_at=NOW,
-        sub="00u-alice",
-        email="alice@example.com",
-        groups=("eng",),
-        session_id="sess-alice",
-        cc_session_id="cc-session-1",
-        agent_id="agent-7",
-        parent_agent_id="agent-1",
-        user_agent="claude-cli/2.1.0 (external, cli)",
-        ingress_format="bedrock",
+        client_format="bedrock",
         operation="stream",
         streaming=True,
+        caller=Caller(sub="00u-alice", email="alice@example.com", groups=("eng",), session_id="sess-alice"),
+        client=ClientFacts(
+            cc_session_id="cc-session-1",
+            agent_id="agent-7",
+            parent_agent_id="agent-1",
+            user_agent="claude-cli/2.1.0 (external, cli)",
+        ),
+        policy="eng",
         upstream="bedrock-us",
-        model_raw="us.anthropic.claude-opus-5-5",
+        upstream_kind="bedrock",
+        requested_model="us.anthropic.claude-opus-5-5",
         model="claude-opus-5-5",
-        model_segment="us.anthropic.claude-opus-5-5",
+        upstream_model="us.anthropic.claude-opus-5-5",
         regional=True,
+        request_bytes=512,
     )
 
 
@@ -385,25 +437,26 @@ def test_allowed_vertex_request() -> None:
     allow = _allow(_check(VERTEX_INVOKE, headers))
     assert allow.set_headers == ((UPSTREAM_HEADER, "upstream_vertex-main"),)
     assert allow.remove_headers == ("authorization", "x-goog-api-client")
-    ctx = allow.context
-    assert (ctx.ingress_format, ctx.operation, ctx.streaming, ctx.upstream) == (
+    ctx = allow.identity
+    assert (ctx.client_format, ctx.operation, ctx.streaming, ctx.upstream) == (
         "vertex",
         "invoke",
         False,
         "vertex-main",
     )
-    assert (ctx.model_raw, ctx.model) == ("claude-haiku-4-5@20251001", "claude-haiku-4-5-20251001")
-    assert (ctx.user_agent, ctx.cc_session_id, ctx.agent_id) == ("sdk", None, None)
+    assert (ctx.requested_model, ctx.model) == ("claude-haiku-4-5@20251001", "claude-haiku-4-5-20251001")
+    assert ctx.upstream_model == "claude-haiku-4-5@20251001"
+    assert (ctx.client.user_agent, ctx.client.cc_session_id, ctx.client.agent_id) == ("sdk", None, None)
 
 
 def test_vertex_regional_flag_follows_the_configured_upstream() -> None:
     """Vertex pricing is regional when the chosen upstream's region is, whatever location the path names."""
     regional_path = VERTEX_INVOKE.replace("/locations/global/", "/locations/us-east5/")
     eng = _allow(_check(VERTEX_INVOKE, {"authorization": f"Bearer {_token()}"}))
-    assert (eng.context.upstream, eng.context.regional) == ("vertex-main", True)
+    assert (eng.identity.upstream, eng.identity.regional) == ("vertex-main", True)
     token = _token(groups=("global",))
     worldwide = _allow(_check(regional_path, {"authorization": f"Bearer {token}"}))
-    assert (worldwide.context.upstream, worldwide.context.regional) == ("vertex-global", False)
+    assert (worldwide.identity.upstream, worldwide.identity.regional) == ("vertex-global", False)
 
 
 def test_forged_upstream_header_is_overwritten_not_removed() -> None:
@@ -427,11 +480,27 @@ def test_list_profiles_needs_no_model() -> None:
     allow = _allow(
         _check("/inference-profiles?type=SYSTEM_DEFINED", {"authorization": f"Bearer {_token()}"}, "GET")
     )
-    assert (allow.context.operation, allow.context.model, allow.context.upstream) == (
+    assert (allow.identity.operation, allow.identity.model, allow.identity.upstream) == (
         "list_profiles",
         None,
         "bedrock-us",
     )
+
+
+def test_malformed_model_id_is_400_before_any_upstream() -> None:
+    """A route naming a model outside the kind's grammar is a 400 with a row naming the caller."""
+    path = "/model/us.anthropic.claude-haiku-4-5%2F..%2Fus.anthropic.claude-opus-5-5/invoke"
+    deny = _deny(_check(path, {"authorization": f"Bearer {_token()}"}))
+    assert deny.reply.status == 400
+    assert _envelope(deny)["type"] == "invalid_request_error"
+    assert deny.row is not None and deny.row.reason == "bad_model_id"
+    _assert_alice(deny.row)
+
+
+def test_denied_rows_name_the_policy_that_refused() -> None:
+    """A model refusal records the policy whose allow-list refused it."""
+    deny = _deny(_check(BEDROCK_SONNET, {"authorization": f"Bearer {_token()}"}))
+    assert deny.row is not None and deny.row.policy == "eng"
 
 
 # --- service identities ---------------------------------------------------------------------------
@@ -456,7 +525,7 @@ def _service_token(models: tuple[str, ...] | None) -> str:
 def test_service_token_models_narrow_its_policy_and_rows_name_it() -> None:
     """A service token limited to claude-haiku-* is allowed haiku and refused opus (which its policy
     allows) with a 400; both the refusal's row and the finished row name the service identity."""
-    from authz.billing.accounting import finished_row
+    from authz.billing.accounting import usage_row
     from authz.billing.pricing import PriceBook
     from authz.configtypes import Pricing
 
@@ -464,18 +533,15 @@ def test_service_token_models_narrow_its_policy_and_rows_name_it() -> None:
     deny = _deny(_check(BEDROCK_STREAM, headers))
     assert deny.reply.status == 400
     assert "not allowed for this service token" in _envelope(deny)["message"]
-    assert deny.row.service_identity == "ci-nightly"
+    assert deny.row is not None and deny.row.service_identity == "ci-nightly"
     allow = _allow(_check(VERTEX_INVOKE, headers))
-    row = finished_row(
-        allow.context,
+    row = usage_row(
+        allow.identity,
         status=200,
         outcome="complete",
         reason=None,
-        meter=None,
         prices=PriceBook(Pricing()),
-        upstream_model=None,
         ended_at=NOW + 1,
-        first_byte_at=None,
     )
     assert (row.service_identity, row.session_id, row.user_sub) == (
         "ci-nightly",
@@ -483,7 +549,7 @@ def test_service_token_models_narrow_its_policy_and_rows_name_it() -> None:
         "service:ci-nightly",
     )
     person = _deny(_check(BEDROCK_SONNET, {"authorization": f"Bearer {_token()}"}))
-    assert person.row.service_identity is None
+    assert person.row is not None and person.row.service_identity is None
 
 
 def test_revoked_service_token_is_401() -> None:
@@ -491,4 +557,4 @@ def test_revoked_service_token_is_401() -> None:
     headers = {"authorization": f"Bearer {_service_token(None)}"}
     assert isinstance(_check(BEDROCK_STREAM, headers), Allow)
     deny = _deny(_check(BEDROCK_STREAM, headers, revoked=frozenset({"svc:tok-1"})))
-    assert deny.reply.status == 401 and deny.row.reason == "token_revoked"
+    assert deny.reply.status == 401 and deny.reason == "token_revoked"

@@ -17,8 +17,9 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials, RefreshableCredentials
 from botocore.stub import Stubber
 
-from backends.base import BackendError, Caller, UnsupportedPathError
-from backends.bedrock import (
+from backends.base import Caller, ModelRef
+from backends.bedrock import BedrockConfig
+from backends.bedrock.upstream import (
     AssumeRole,
     BedrockSettings,
     BedrockUpstream,
@@ -29,7 +30,8 @@ from backends.bedrock import (
     session_tags,
     source_identity,
 )
-from backends.factory import build_upstream
+from backends.errors import BackendError
+from backends.kinds import KINDS
 
 ALICE = Caller(sub="00u1alice", email="alice@example.com", groups=("eng",))
 BOB = Caller(sub="00u2bob", email="bob+ai@example.com", groups=())
@@ -134,7 +136,10 @@ def assume_params(caller: Caller, **extra: Any) -> dict[str, Any]:
 def test_default_endpoint_is_regional_bedrock_runtime() -> None:
     """Without base_url the upstream is https://bedrock-runtime.{region}.amazonaws.com."""
     upstream = BedrockUpstream(settings(region="eu-west-1"))
-    assert (upstream.scheme, upstream.authority) == ("https", "bedrock-runtime.eu-west-1.amazonaws.com")
+    assert (upstream.endpoint.scheme, upstream.authority) == (
+        "https",
+        "bedrock-runtime.eu-west-1.amazonaws.com",
+    )
     assert (upstream.kind, upstream.name) == ("bedrock", "bedrock-main")
 
 
@@ -149,9 +154,12 @@ def test_base_url_overrides_the_endpoint() -> None:
     vpce = BedrockUpstream(
         settings(base_url="https://VPCE-1.bedrock-runtime.us-east-1.vpce.amazonaws.com:443/")
     )
-    assert (vpce.scheme, vpce.authority) == ("https", "vpce-1.bedrock-runtime.us-east-1.vpce.amazonaws.com")
+    assert (vpce.endpoint.scheme, vpce.authority) == (
+        "https",
+        "vpce-1.bedrock-runtime.us-east-1.vpce.amazonaws.com",
+    )
     emulator = BedrockUpstream(settings(base_url="http://127.0.0.1:8081"))
-    assert (emulator.scheme, emulator.authority) == ("http", "127.0.0.1:8081")
+    assert (emulator.endpoint.scheme, emulator.authority) == ("http", "127.0.0.1:8081")
     ipv6 = BedrockUpstream(settings(base_url="http://[::1]:9000"))
     assert ipv6.authority == "[::1]:9000"
 
@@ -187,9 +195,10 @@ def test_assume_role_duration_out_of_range_is_refused(duration: int) -> None:
         BedrockUpstream(settings(credentials=AssumeRole(ROLE_ARN, duration_seconds=duration)))
 
 
-def test_factory_builds_bedrock_upstream() -> None:
-    """build_upstream returns a BedrockUpstream for BedrockSettings."""
-    assert isinstance(build_upstream(settings()), BedrockUpstream)
+def test_kind_table_builds_bedrock_upstream() -> None:
+    """The bedrock kind's descriptor builds a BedrockUpstream from its YAML settings."""
+    upstream = KINDS["bedrock"].build("bedrock-main", BedrockConfig(region="us-east-1"))
+    assert isinstance(upstream, BedrockUpstream) and upstream.name == "bedrock-main"
 
 
 def test_static_keys_repr_hides_the_secret() -> None:
@@ -203,50 +212,47 @@ def test_static_keys_repr_hides_the_secret() -> None:
 
 
 @pytest.mark.parametrize(
-    "path",
+    ("operation", "model", "path"),
     [
-        "/model/us.anthropic.claude-opus-5-5/invoke",
-        "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream",
-        "/model/anthropic.claude-haiku-4-5-20251001-v1:0/count-tokens",
-        "/inference-profiles?type=SYSTEM_DEFINED",
-        "/inference-profiles",
+        ("invoke", "us.anthropic.claude-opus-5-5", "/model/us.anthropic.claude-opus-5-5/invoke"),
+        (
+            "stream",
+            "us.anthropic.claude-opus-5-5",
+            "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream",
+        ),
+        (
+            "count_tokens",
+            "anthropic.claude-haiku-4-5-20251001-v1:0",
+            "/model/anthropic.claude-haiku-4-5-20251001-v1%3A0/count-tokens",
+        ),
+        ("list_profiles", None, "/inference-profiles"),
     ],
 )
-def test_bedrock_paths_are_kept(path: str) -> None:
-    """Bedrock invoke, streaming, count-tokens and inference-profile paths go upstream unchanged."""
-    assert BedrockUpstream(settings()).upstream_path(path, "") == path
+def test_bedrock_paths_are_built_from_the_model_id(operation: str, model: str | None, path: str) -> None:
+    """Bedrock invoke, streaming, count-tokens and inference-profile paths are built by the gateway."""
+    assert BedrockUpstream(settings()).path(operation, model) == path  # type: ignore[arg-type]
 
 
-def test_percent_encoded_arn_is_kept_byte_exact() -> None:
-    """An inference-profile ARN with %2F and %3A is passed through without decoding."""
-    path = f"/model/{ENCODED_ARN}/invoke-with-response-stream"
-    assert BedrockUpstream(settings()).upstream_path(path, PROFILE_ARN) == path
-    mixed = "/model/arn:aws:bedrock:us-east-1:123456789012:inference-profile%2Fus.x/invoke"
-    assert BedrockUpstream(settings()).upstream_path(mixed, "") == mixed
+def test_arn_is_percent_encoded_as_botocore_does() -> None:
+    """An inference-profile ARN's ':' and '/' are encoded inside the one path segment."""
+    path = BedrockUpstream(settings()).path("stream", PROFILE_ARN)
+    assert path == f"/model/{ENCODED_ARN}/invoke-with-response-stream"
 
 
-def test_model_map_replaces_a_mapped_model_encoded() -> None:
-    """A model_map entry replaces the canonical id, percent-encoded as botocore encodes modelId."""
-    upstream = BedrockUpstream(settings(model_map={"us.anthropic.claude-opus-5-5": PROFILE_ARN}))
-    out = upstream.upstream_path("/model/us.anthropic.claude-opus-5-5/invoke", "us.anthropic.claude-opus-5-5")
-    assert out == f"/model/{ENCODED_ARN}/invoke"
+def test_model_map_replaces_a_mapped_model() -> None:
+    """A model_map entry for the canonical id replaces the parsed id; others keep theirs."""
+    upstream = BedrockUpstream(settings(model_map={"claude-opus-5-5": PROFILE_ARN}))
+    mapped = ModelRef("us.anthropic.claude-opus-5-5", "claude-opus-5-5", regional=True)
+    assert upstream.model_id(mapped) == PROFILE_ARN
+    kept = ModelRef("us.anthropic.claude-haiku-4-5", "claude-haiku-4-5", regional=True)
+    assert upstream.model_id(kept) == "us.anthropic.claude-haiku-4-5"
 
 
-def test_model_map_matches_the_decoded_id_when_no_model_id_is_given() -> None:
-    """Without a model_id the path segment is decoded before looking it up in model_map."""
-    upstream = BedrockUpstream(settings(model_map={PROFILE_ARN: "anthropic.claude-opus-5-5-v1:0"}))
-    out = upstream.upstream_path(f"/model/{ENCODED_ARN}/invoke", "")
-    assert out == "/model/anthropic.claude-opus-5-5-v1%3A0/invoke"
-
-
-@pytest.mark.parametrize(
-    "path",
-    ["/model/x/converse", "/model/../invoke", "/v1/messages", "/model//invoke", "/model/a/b/invoke", "/"],
-)
-def test_unsupported_path_is_refused(path: str) -> None:
-    """Paths other than the Bedrock inference ones raise UnsupportedPathError."""
-    with pytest.raises(UnsupportedPathError):
-        BedrockUpstream(settings()).upstream_path(path, "")
+@pytest.mark.parametrize("operation", ["list_models", "converse"])
+def test_unsupported_operation_is_refused(operation: str) -> None:
+    """Operations Bedrock has no route for raise BackendError."""
+    with pytest.raises(BackendError):
+        BedrockUpstream(settings()).path(operation, "us.anthropic.claude-opus-5-5")  # type: ignore[arg-type]
 
 
 # --- SigV4 ----------------------------------------------------------------------------------------
@@ -255,7 +261,7 @@ def test_unsupported_path_is_refused(path: str) -> None:
 async def test_signature_verifies_for_the_raw_percent_encoded_path() -> None:
     """The SigV4 headers verify against the exact %2F path, host and body that are sent."""
     upstream = BedrockUpstream(settings())
-    path = upstream.upstream_path(f"/model/{ENCODED_ARN}/invoke-with-response-stream", PROFILE_ARN)
+    path = upstream.path("stream", PROFILE_ARN)
     incoming = {
         "Content-Type": "application/json",
         "accept": "application/vnd.amazon.eventstream",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from authz.config import load, loads
 from authz.configtypes import (
     Address,
-    Credentials,
     GatewayConfig,
     Limits,
     Listen,
@@ -24,6 +24,8 @@ from authz.configtypes import (
     Upstream,
 )
 from authz.errors import ConfigError
+from backends.bedrock import AwsCredentials, BedrockConfig
+from backends.vertex import GoogleCredentials, VertexConfig
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "config"
 
@@ -40,7 +42,7 @@ upstreams:
   gcp:
     kind: vertex
     region: us-east5
-    project: acme
+    project: acme-prod
 policies:
   - name: eng
     groups: [eng]
@@ -60,9 +62,10 @@ def _upstream_error(upstream_yaml: str) -> ConfigError:
     return _error(f"upstreams:\n  u:\n{body}\n")
 
 
-def _upstream(upstream_yaml: str) -> Upstream:
+def _upstream(upstream_yaml: str) -> Any:
+    """The kind's settings of a config whose only upstream is ``upstream_yaml``."""
     body = textwrap.indent(textwrap.dedent(upstream_yaml).strip(), "    ")
-    return loads(f"upstreams:\n  u:\n{body}\n", {}).upstream("u")
+    return loads(f"upstreams:\n  u:\n{body}\n", {}).upstream("u").settings
 
 
 # --- unknown keys -----------------------------------------------------------------------------
@@ -318,7 +321,7 @@ def test_https_anywhere_and_http_to_loopback_are_accepted(url: str) -> None:
 )
 def test_malformed_base_url_is_refused(url: str, problem: str) -> None:
     """A base_url that is not scheme://host[:port] fails as a ConfigError naming base_url."""
-    err = _upstream_error(f"kind: vertex\nregion: global\nproject: p\nbase_url: '{url}'")
+    err = _upstream_error(f"kind: vertex\nregion: global\nproject: proj-1\nbase_url: '{url}'")
     assert err.field == "upstreams.u.base_url"
     assert problem in err.problem
 
@@ -341,11 +344,11 @@ def test_static_credentials_need_the_secret() -> None:
         ("kind: bedrock\nregion: r\ncredentials: {source: assume_role}", "upstreams.u.credentials.role_arn"),
         ("kind: bedrock\nregion: r\ncredentials: {source: adc}", "upstreams.u.credentials.source"),
         (
-            "kind: vertex\nregion: r\nproject: p\ncredentials: {source: static}",
+            "kind: vertex\nregion: r\nproject: proj-1\ncredentials: {source: static}",
             "upstreams.u.credentials.source",
         ),
         (
-            "kind: vertex\nregion: r\nproject: p\ncredentials: {source: service_account_file}",
+            "kind: vertex\nregion: r\nproject: proj-1\ncredentials: {source: service_account_file}",
             "upstreams.u.credentials.path",
         ),
     ],
@@ -355,9 +358,9 @@ def test_credential_source_must_fit_the_upstream_kind(upstream: str, field: str)
     assert _upstream_error(upstream).field == field
 
 
-def test_vertex_default_source_means_adc() -> None:
-    """A vertex upstream with the default credential source loads (it is read as ADC)."""
-    assert _upstream("kind: vertex\nregion: global\nproject: p").credentials.source == "default"
+def test_vertex_default_source_is_adc() -> None:
+    """A vertex upstream without a credential source uses Application Default Credentials."""
+    assert _upstream("kind: vertex\nregion: global\nproject: proj-1").credentials.source == "adc"
 
 
 @pytest.mark.parametrize("price", ["input: 0, output: 25", "input: 5, output: 0"])
@@ -493,14 +496,18 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
                 "bedrock-us",
                 Upstream(
                     kind="bedrock",
-                    region="us-east-1",
-                    fips=True,
-                    credentials=Credentials(
-                        source="assume_role", role_arn="arn:aws:iam::123456789012:role/gw", external_id="gw"
-                    ),
-                    model_map=(
-                        ("claude-opus-5-5", "us.anthropic.claude-opus-5-5"),
-                        ("claude-haiku-4-5", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+                    settings=BedrockConfig(
+                        region="us-east-1",
+                        fips=True,
+                        credentials=AwsCredentials(
+                            source="assume_role",
+                            role_arn="arn:aws:iam::123456789012:role/gw",
+                            external_id="gw",
+                        ),
+                        model_map=(
+                            ("claude-opus-5-5", "us.anthropic.claude-opus-5-5"),
+                            ("claude-haiku-4-5", "us.anthropic.claude-haiku-4-5-20251001-v1:0"),
+                        ),
                     ),
                 ),
             ),
@@ -508,10 +515,14 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
                 "vertex-global",
                 Upstream(
                     kind="vertex",
-                    region="global",
-                    project="acme-prod",
-                    credentials=Credentials(source="service_account_file", path="/run/secrets/sa.json"),
-                    connect_timeout=2.5,
+                    settings=VertexConfig(
+                        region="global",
+                        project="acme-prod",
+                        credentials=GoogleCredentials(
+                            source="service_account_file", path="/run/secrets/sa.json"
+                        ),
+                        connect_timeout=2.5,
+                    ),
                 ),
             ),
         ),
@@ -539,16 +550,16 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
     assert type(config.workers) is int
     assert type(config.limits.stream_idle_timeout) is float
     assert isinstance(config.upstreams, tuple)
-    assert config.upstream("vertex-global").project == "acme-prod"
+    assert config.upstream("vertex-global").settings.project == "acme-prod"  # type: ignore[attr-defined]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.workers = 8  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.upstream("bedrock-us").region = "eu-west-1"  # type: ignore[misc]
+        config.upstream("bedrock-us").settings.region = "eu-west-1"  # type: ignore[attr-defined]
 
 
 def test_development_fixture_loads_with_an_empty_environment() -> None:
     """The committed dev config loads without any environment and points both upstreams at loopback."""
     config = load(FIXTURES / "dev.yaml", {})
     assert [name for name, _ in config.upstreams] == ["bedrock", "vertex"]
-    assert {up.base_url for _, up in config.upstreams} == {"http://127.0.0.1:18081"}
+    assert {up.settings.base_url for _, up in config.upstreams} == {"http://127.0.0.1:18081"}
     assert config.store.url == ""

@@ -16,7 +16,8 @@ import pytest
 
 from authz.billing.pricing import BUILTIN_PRICES
 from authz.config import loads
-from authz.configtypes import GatewayConfig
+from authz.configtypes import GatewayConfig, Upstream
+from backends.kinds import KINDS
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -80,7 +81,14 @@ def walk(cls: Any, prefix: str = "", parent: Any = None) -> Iterator[Key]:
         tp = _strip_optional(hints[f.name])
         mapped = _mapping_value(tp)
         item = get_args(tp)[0] if get_origin(tp) is tuple else None
-        if dataclasses.is_dataclass(tp):
+        if mapped is Upstream:
+            # The `kind` picks the settings type the rest of the section builds into.
+            yield Key(path, True, "")
+            yield Key(f"{path}.<name>.kind", False, REQUIRED)
+            for name, kind in KINDS.items():
+                yield Key(f"{path}.<name:{name}>", True, "")
+                yield from walk(kind.settings_type, f"{path}.<name:{name}>.")
+        elif dataclasses.is_dataclass(tp):
             yield Key(path, True, "")
             yield from walk(tp, f"{path}.", value if dataclasses.is_dataclass(value) else None)
         elif mapped is not None and dataclasses.is_dataclass(mapped):
@@ -106,8 +114,9 @@ def test_walk_uses_the_documented_notation() -> None:
         "listen.envoy.port",
         "sessions.signing_key.kid",
         "sessions.verify_keys[].public_key",
-        "upstreams.<name>.credentials.role_arn",
-        "upstreams.<name>.model_map",
+        "upstreams.<name>.kind",
+        "upstreams.<name:bedrock>.credentials.role_arn",
+        "upstreams.<name:vertex>.model_map",
         "policies[].models",
         "pricing.models.<model>.input",
         "pricing.fallback.cache_read",
@@ -170,7 +179,7 @@ def test_example_config_loads(tmp_path: Path) -> None:
 
     config = loads(example, environ, base_dir=tmp_path)
 
-    sources = {(up.kind, up.credentials.source) for _, up in config.upstreams}
+    sources = {(up.kind, up.settings.credentials.source) for _, up in config.upstreams}  # type: ignore[attr-defined]
     assert {("bedrock", "assume_role"), ("vertex", "service_account_file")} <= sources
     assert len(config.policies) >= 2
     assert config.sessions.signing_key is not None

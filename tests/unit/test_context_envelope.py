@@ -12,75 +12,76 @@ import pytest
 from google.protobuf import struct_pb2
 
 from authz._generated.claude_gateway.v1 import context_pb2
-from authz.gateway.context import CONTEXT_KEY, RequestContext
-from authz.gateway.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
+from authz.gateway.context import CONTEXT_KEY, from_metadata, to_metadata
+from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.translate.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
 
-CTX = RequestContext(
+CTX = RequestIdentity(
     request_id="req-1",
     started_at=1_900_000_000.25,
-    sub="00u-alice",
-    email="alice@example.com",
-    groups=("eng", "platform"),
-    session_id="sess-1",
-    cc_session_id="cc-1",
-    agent_id="agent-7",
-    parent_agent_id=None,
-    user_agent="claude-cli/2.1.0 (external, cli)",
-    ingress_format="bedrock",
+    client_format="bedrock",
     operation="stream",
     streaming=True,
+    caller=Caller(
+        sub="00u-alice", email="alice@example.com", groups=("eng", "platform"), session_id="sess-1"
+    ),
+    client=ClientFacts(
+        cc_session_id="cc-1",
+        agent_id="agent-7",
+        parent_agent_id=None,
+        user_agent="claude-cli/2.1.0 (external, cli)",
+    ),
+    policy="eng",
     upstream="bedrock-us",
-    model_raw="arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-5-5",
+    upstream_kind="bedrock",
+    requested_model="arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-5-5",
     model="claude-opus-5-5",
-    model_segment="arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-opus-5-5",
+    upstream_model="arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-opus-5-5",
     regional=True,
+    upstream_query="",
+    request_bytes=61_440,
 )
 
 LIST_PROFILES = dataclasses.replace(
     CTX,
     operation="list_profiles",
     streaming=False,
-    model_raw=None,
+    requested_model=None,
     model=None,
-    model_segment=None,
-    session_id=None,
-    cc_session_id=None,
-    agent_id=None,
-    user_agent=None,
-    groups=(),
+    upstream_model=None,
+    policy=None,
+    upstream_kind=None,
+    caller=Caller(sub="00u-alice", email="alice@example.com", groups=(), session_id=None),
+    client=ClientFacts(),
+    upstream_query="type=SYSTEM_DEFINED",
+    request_bytes=0,
 )
 
 
-# --- RequestContext ---------------------------------------------------------------------------
+# --- the request identity as metadata -------------------------------------------------------
 
 
 @pytest.mark.parametrize("ctx", [CTX, LIST_PROFILES], ids=["full", "sparse"])
-def test_context_round_trips_through_metadata(ctx: RequestContext) -> None:
-    """to_metadata then from_metadata gives back an equal context, None fields and tuples included."""
-    back = RequestContext.from_metadata(ctx.to_metadata())
+def test_context_round_trips_through_metadata(ctx: RequestIdentity) -> None:
+    """to_metadata then from_metadata gives back an equal identity, None fields and tuples included."""
+    back = from_metadata(to_metadata(ctx))
     assert back == ctx
-    assert back is not None and isinstance(back.groups, tuple)
+    assert back is not None and back.caller is not None and isinstance(back.caller.groups, tuple)
 
 
 def test_context_round_trips_through_a_protobuf_struct() -> None:
     """The metadata survives Envoy's Struct the way the gRPC edge reads it (string_value per field)."""
     struct = struct_pb2.Struct()
-    struct.update(CTX.to_metadata())
+    struct.update(to_metadata(CTX))
     fields = {k: v.string_value for k, v in struct.fields.items()}
-    assert RequestContext.from_metadata(fields) == CTX
+    assert from_metadata(fields) == CTX
 
 
-def test_metadata_repeats_fields_for_access_logs() -> None:
-    """email, model and upstream are also flat string fields; a missing model is an empty string."""
-    metadata = CTX.to_metadata()
-    assert set(metadata) == {CONTEXT_KEY, "email", "model", "upstream"}
-    assert (metadata["email"], metadata["model"], metadata["upstream"]) == (
-        "alice@example.com",
-        "claude-opus-5-5",
-        "bedrock-us",
-    )
-    assert LIST_PROFILES.to_metadata()["model"] == ""
-    assert all(isinstance(v, str) for v in metadata.values())
+def test_metadata_is_one_field() -> None:
+    """The identity travels as one string field (Envoy copies it into every ext_proc message)."""
+    metadata = to_metadata(CTX)
+    assert set(metadata) == {CONTEXT_KEY}
+    assert isinstance(metadata[CONTEXT_KEY], str)
 
 
 def _encoded(message: context_pb2.RequestContext) -> dict[str, str]:
@@ -89,7 +90,7 @@ def _encoded(message: context_pb2.RequestContext) -> dict[str, str]:
 
 def _without(name: str) -> dict[str, str]:
     message = context_pb2.RequestContext()
-    message.ParseFromString(base64.b64decode(CTX.to_metadata()[CONTEXT_KEY]))
+    message.ParseFromString(base64.b64decode(to_metadata(CTX)[CONTEXT_KEY]))
     message.ClearField(name)
     return _encoded(message)
 
@@ -122,24 +123,31 @@ def _without(name: str) -> dict[str, str]:
         "empty-message",
         "missing-upstream",
         "missing-request-id",
-        "missing-sub",
+        "missing-caller",
     ],
 )
 def test_garbage_metadata_gives_none(fields: dict[str, Any]) -> None:
     """Absent, unreadable or incomplete metadata yields None (the caller fails closed), never raises."""
-    assert RequestContext.from_metadata(fields) is None
+    assert from_metadata(fields) is None
 
 
 def test_a_context_without_email_round_trips() -> None:
-    """A service identity has no email: its context still travels (email reads back empty)."""
-    ctx = replace(CTX, email="", sub="service:ci-nightly", session_id="svc:tok-1")
-    assert RequestContext.from_metadata(ctx.to_metadata()) == ctx
+    """A service identity has no email: its identity still travels (email reads back empty)."""
+    assert CTX.caller is not None
+    service = replace(
+        CTX, caller=replace(CTX.caller, email="", sub="service:ci-nightly", session_id="svc:tok-1")
+    )
+    assert from_metadata(to_metadata(service)) == service
 
 
 def test_context_fields_match_the_proto() -> None:
-    """The dataclass and protos/claude_gateway/v1/context.proto name the same fields."""
+    """The identity's dataclasses and protos/claude_gateway/v1/context.proto name the same fields."""
     proto_fields = {f.name for f in context_pb2.RequestContext.DESCRIPTOR.fields}
-    assert proto_fields == {f.name for f in dataclasses.fields(RequestContext)}
+    flat = {f.name for f in dataclasses.fields(RequestIdentity)} - {"caller", "client"}
+    flat |= {f.name for f in dataclasses.fields(ClientFacts)}
+    # A service token's own model limit is applied by ext_authz and never travels (authz.identity.Caller).
+    flat |= {f.name for f in dataclasses.fields(Caller)} - {"models"}
+    assert proto_fields == flat
 
 
 # --- the Anthropic error envelope -------------------------------------------------------------

@@ -17,12 +17,15 @@ from authz.envoy import render as envoy_render
 from authz.envoy import upstreams
 from authz.envoy.render import load_for_render, render, render_yaml
 from authz.errors import ConfigError
+from backends.base import Endpoint
+from backends.bedrock import BedrockConfig
+from backends.vertex import VertexConfig
 
 ROOT = Path(__file__).parent.parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "config"
 EXAMPLES = ("example.yaml", "dev.yaml")
 BUFFER, EXT_AUTHZ = "envoy.filters.http.buffer", "envoy.filters.http.ext_authz"
-SIGN, METER = "gateway.sign", "gateway.meter"
+PROC = "gateway.ext_proc"
 
 
 @pytest.fixture(scope="module")
@@ -93,25 +96,26 @@ NON_STREAMING = ("bedrock_invoke", "bedrock_inference_profiles", "vertex_invoke"
 
 
 def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
-    """buffer, ext_authz, sign, meter and router run in order; no service failure lets a request through."""
+    """buffer, ext_authz, the ext_proc and router run in order; no service failure lets a request
+    through."""
     assert [f["name"] for f in hcm(example)["http_filters"]] == [
         BUFFER,
         EXT_AUTHZ,
-        SIGN,
-        METER,
+        PROC,
         "envoy.filters.http.router",
     ]
-    for name in (EXT_AUTHZ, SIGN, METER):
+    for name in (EXT_AUTHZ, PROC):
         config = http_filter(example, name)
         assert config["failure_mode_allow"] is False
         assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == "gateway_grpc"
-        assert config["grpc_service"]["initial_metadata"] == [{"key": "x-gateway-filter", "value": name}]
         assert config["status_on_error"] == {"code": "ServiceUnavailable"}
     authz = http_filter(example, EXT_AUTHZ)
     assert authz["transport_api_version"] == "V3"
     assert authz["grpc_service"]["timeout"] == "2s"
     assert authz["clear_route_cache"] is True
     assert "with_request_body" not in authz
+    # Raw header bytes, one entry per line: repeated credentials and bad UTF-8 are refused.
+    assert authz["encode_raw_headers"] is True
     assert http_filter(example, "envoy.filters.http.router")["suppress_envoy_headers"] is True
 
 
@@ -120,14 +124,25 @@ def test_whole_body_held_before_ext_authz(example: dict[str, Any]) -> None:
     assert http_filter(example, BUFFER)["max_request_bytes"] == 20 * 1024 * 1024
 
 
-def test_sign_settings(example: dict[str, Any]) -> None:
-    """The signer may override modes, keeps its route, reads ext_authz metadata, sets only signing headers."""
-    sign = http_filter(example, SIGN)
+def test_ext_proc_settings(example: dict[str, Any]) -> None:
+    """The ext_proc may override modes, keeps its route, reads ext_authz metadata, sets only signing
+    headers."""
+    sign = http_filter(example, PROC)
     assert sign["allow_mode_override"] is True
     assert sign["message_timeout"] == "10s"
     assert sign["route_cache_action"] == "RETAIN"
     assert sign["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ]
-    assert sign["metadata_options"]["receiving_namespaces"]["untyped"] == [SIGN]
+    assert "observability_mode" not in sign  # blocking: nothing reaches the client unmetered
+    # Only the headers the service reads travel in each message.
+    forwarded = {p["exact"] for p in sign["forward_rules"]["allowed_headers"]["patterns"]}
+    assert forwarded == {
+        ":method",
+        ":status",
+        "content-type",
+        "retry-after",
+        "anthropic-beta",
+        "anthropic-version",
+    }
     rules = sign["mutation_rules"]
     assert rules["disallow_is_error"] is True
     allowed = re.compile(rules["allow_expression"]["regex"])
@@ -144,17 +159,9 @@ def test_sign_settings(example: dict[str, Any]) -> None:
         assert not allowed.fullmatch(header), header
 
 
-def test_meter_observes_without_blocking(example: dict[str, Any]) -> None:
-    """The meter is in observability mode, sees ext_authz's and the signer's metadata, and closes late."""
-    meter = http_filter(example, METER)
-    assert meter["observability_mode"] is True
-    assert meter["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ, SIGN]
-    assert meter["deferred_close_timeout"] == "5s"
-
-
 def test_ext_procs_idle_unless_a_route_enables_them(example: dict[str, Any]) -> None:
-    """At filter level both ext_procs send nothing, so a codec-rejected request (no route) is never held."""
-    for name in (SIGN, METER):
+    """At filter level the ext_proc sends nothing, so a codec-rejected request (no route) is never held."""
+    for name in (PROC,):
         mode = http_filter(example, name)["processing_mode"]
         assert mode["request_header_mode"] == "SKIP"
         assert mode["response_header_mode"] == "SKIP"
@@ -162,35 +169,23 @@ def test_ext_procs_idle_unless_a_route_enables_them(example: dict[str, Any]) -> 
         assert mode.get("response_body_mode", "NONE") == "NONE"
 
 
-def test_sign_mode_on_every_inference_route(example: dict[str, Any]) -> None:
+def test_ext_proc_mode_on_every_inference_route(example: dict[str, Any]) -> None:
     """Bedrock POSTs send headers and the buffered body (SigV4 covers the body); Vertex and the GET
-    send only headers (a bearer token covers no body); every route shows response headers."""
+    send only headers (a bearer token covers no body); every route shows response headers, and the
+    response body whole (non-streaming) or chunk by chunk, blocking (streams)."""
     with_body = {"bedrock_stream", "bedrock_invoke"}
     for name in STREAMING + NON_STREAMING:
-        mode = route(example, name)["typed_per_filter_config"][SIGN]["overrides"]["processing_mode"]
+        mode = route(example, name)["typed_per_filter_config"][PROC]["overrides"]["processing_mode"]
         expected = {
             "request_header_mode": "SEND",
             "response_header_mode": "SEND",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
+            "response_body_mode": "STREAMED" if name in STREAMING else "BUFFERED",
         }
         if name in with_body:
             expected["request_body_mode"] = "BUFFERED"
         assert mode == expected, name
-
-
-def test_meter_enabled_on_streaming_routes_only(example: dict[str, Any]) -> None:
-    """The meter streams copies of streaming responses and is disabled on every non-streaming route."""
-    for name in STREAMING:
-        per_route = route(example, name)["typed_per_filter_config"][METER]
-        assert per_route["overrides"]["processing_mode"]["response_header_mode"] == "SEND"
-        assert per_route["overrides"]["processing_mode"]["response_body_mode"] == "STREAMED"
-        assert per_route["overrides"]["processing_mode"]["request_header_mode"] == "SKIP"
-    for name in NON_STREAMING:
-        assert route(example, name)["typed_per_filter_config"][METER] == {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "disabled": True,
-        }
 
 
 # --- routes ----------------------------------------------------------------------------------------
@@ -286,7 +281,7 @@ def test_unknown_paths_get_the_404_envelope(dev: dict[str, Any]) -> None:
         },
     }
     assert reply["body_format"]["content_type"] == "application/json"
-    assert set(last["typed_per_filter_config"]) == {BUFFER, EXT_AUTHZ, SIGN, METER}
+    assert set(last["typed_per_filter_config"]) == {BUFFER, EXT_AUTHZ, PROC}
 
 
 def test_declared_oversized_bodies_refused_before_reading(example: dict[str, Any]) -> None:
@@ -298,7 +293,7 @@ def test_declared_oversized_bodies_refused_before_reading(example: dict[str, Any
     reply = route(example, "too_large")["direct_response"]
     assert reply["status"] == 413
     assert json.loads(reply["body"]["inline_string"])["error"]["type"] == "request_too_large"
-    assert set(route(example, "too_large")["typed_per_filter_config"]) == {BUFFER, EXT_AUTHZ, SIGN, METER}
+    assert set(route(example, "too_large")["typed_per_filter_config"]) == {BUFFER, EXT_AUTHZ, PROC}
 
 
 def test_inference_routes_take_the_cluster_from_ext_authz(example: dict[str, Any]) -> None:
@@ -318,14 +313,13 @@ def test_inference_routes_take_the_cluster_from_ext_authz(example: dict[str, Any
 
 
 def test_healthz_bypasses_the_services(dev: dict[str, Any]) -> None:
-    """/healthz goes to the portal over HTTP/1.1 with the buffer, ext_authz and both ext_procs off."""
+    """/healthz goes to the portal over HTTP/1.1 with the buffer, ext_authz and the ext_proc off."""
     r = route(dev, "healthz")
     assert r["match"] == {"path": "/healthz"}
     assert r["route"]["cluster"] == "gateway_portal"
     assert r["typed_per_filter_config"][BUFFER]["disabled"] is True
     assert r["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
-    assert r["typed_per_filter_config"][SIGN]["disabled"] is True
-    assert r["typed_per_filter_config"][METER]["disabled"] is True
+    assert r["typed_per_filter_config"][PROC]["disabled"] is True
     portal = cluster(dev, "gateway_portal")
     assert endpoints(portal) == [("127.0.0.1", 19002)]
     protocol = protocol_options(portal)
@@ -348,15 +342,23 @@ def test_escaped_slashes_kept_and_underscores_rejected(example: dict[str, Any]) 
 
 
 def test_no_client_is_trusted(example: dict[str, Any]) -> None:
-    """Envoy uses the peer address, trusts no client as internal, drops client-sent internal headers."""
+    """Envoy uses the peer address, trusts no client as internal, drops client-sent internal headers
+    and the client's own forwarding headers before anything reads them."""
     manager = hcm(example)
     assert manager["use_remote_address"] is True
     # Unset on purpose: set with no cidr_ranges, Envoy would trust RFC1918 and loopback clients.
     assert "internal_address_config" not in manager
     assert manager["generate_request_id"] is True
     [early] = manager["early_header_mutation_extensions"]
-    prefixes = [m["remove_on_match"]["key_matcher"]["prefix"] for m in early["typed_config"]["mutations"]]
-    assert prefixes == ["x-gateway-", "x-envoy-"]
+    matchers = [m["remove_on_match"]["key_matcher"] for m in early["typed_config"]["mutations"]]
+    assert [m["prefix"] for m in matchers if "prefix" in m] == ["x-gateway-", "x-envoy-"]
+    assert {m["exact"] for m in matchers if "exact" in m} == {
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+        "x-forwarded-proto",
+    }
 
 
 def test_local_replies_use_the_anthropic_envelope(example: dict[str, Any]) -> None:
@@ -505,28 +507,33 @@ def test_clashing_ports_rejected() -> None:
     ("upstream", "expected"),
     [
         (
-            configtypes.Upstream(kind="bedrock", region="us-west-2"),
+            configtypes.Upstream(kind="bedrock", settings=BedrockConfig(region="us-west-2")),
             ("https", "bedrock-runtime.us-west-2.amazonaws.com", 443),
         ),
         (
-            configtypes.Upstream(kind="bedrock", region="us-gov-west-1", fips=True),
+            configtypes.Upstream(kind="bedrock", settings=BedrockConfig(region="us-gov-west-1", fips=True)),
             ("https", "bedrock-runtime-fips.us-gov-west-1.amazonaws.com", 443),
         ),
         (
-            configtypes.Upstream(kind="vertex", region="us-east5", project="p"),
+            configtypes.Upstream(kind="vertex", settings=VertexConfig(region="us-east5", project="proj-1")),
             ("https", "us-east5-aiplatform.googleapis.com", 443),
         ),
         (
-            configtypes.Upstream(kind="vertex", region="global", project="p"),
+            configtypes.Upstream(kind="vertex", settings=VertexConfig(region="global", project="proj-1")),
             ("https", "aiplatform.googleapis.com", 443),
         ),
         (
-            configtypes.Upstream(kind="bedrock", region="us-east-1", base_url="http://127.0.0.1:18081"),
+            configtypes.Upstream(
+                kind="bedrock", settings=BedrockConfig(region="us-east-1", base_url="http://127.0.0.1:18081")
+            ),
             ("http", "127.0.0.1", 18081),
         ),
         (
             configtypes.Upstream(
-                kind="vertex", region="global", project="p", base_url="https://vertex.proxy.example.com"
+                kind="vertex",
+                settings=VertexConfig(
+                    region="global", project="proj-1", base_url="https://vertex.proxy.example.com"
+                ),
             ),
             ("https", "vertex.proxy.example.com", 443),
         ),
@@ -534,17 +541,15 @@ def test_clashing_ports_rejected() -> None:
 )
 def test_endpoint_of_each_upstream(upstream: configtypes.Upstream, expected: tuple[str, str, int]) -> None:
     """base_url wins; otherwise the cloud's regional (or FIPS, or global) endpoint."""
-    assert upstreams.endpoint(upstream) == upstreams.Endpoint(*expected)
+    assert upstreams.endpoint(upstream) == Endpoint(*expected)
 
 
 def test_authority_omits_default_ports() -> None:
     """The authority carries the port only when it is not the scheme's default, and brackets IPv6."""
-    assert (
-        upstreams.Endpoint("https", "aiplatform.googleapis.com", 443).authority == "aiplatform.googleapis.com"
-    )
-    assert upstreams.Endpoint("http", "127.0.0.1", 80).authority == "127.0.0.1"
-    assert upstreams.Endpoint("http", "127.0.0.1", 18081).authority == "127.0.0.1:18081"
-    assert upstreams.Endpoint("http", "::1", 18081).authority == "[::1]:18081"
+    assert Endpoint("https", "aiplatform.googleapis.com", 443).authority == "aiplatform.googleapis.com"
+    assert Endpoint("http", "127.0.0.1", 80).authority == "127.0.0.1"
+    assert Endpoint("http", "127.0.0.1", 18081).authority == "127.0.0.1:18081"
+    assert Endpoint("http", "::1", 18081).authority == "[::1]:18081"
 
 
 def test_cluster_names_are_sanitised() -> None:

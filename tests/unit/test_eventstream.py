@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import json
 import random
@@ -17,6 +18,7 @@ import pytest
 from botocore.eventstream import EventStreamBuffer
 
 from backends import eventstream
+from backends.emulator.canned import canned_events
 from backends.eventstream import (
     COUNTED_PREFIXES,
     SKIPPED_PREFIXES,
@@ -25,7 +27,6 @@ from backends.eventstream import (
     encode_frame,
     exception_frame,
 )
-from backends.messages import canned_events
 from backends.usage import MeterResult, Usage
 
 STREAMS = Path(__file__).parent.parent / "fixtures" / "streams"
@@ -213,54 +214,226 @@ def test_truncated_inside_prelude_is_not_an_error() -> None:
     assert result.error_type is None
 
 
-def test_corrupted_crc_is_malformed_not_raised() -> None:
-    """A bad message CRC on a decoded frame records malformed_stream and stops parsing."""
-    good = (STREAMS / "bedrock_basic.eventstream").read_bytes()
-    first = _frames(good)[0]
-    first_length = len(encode_frame(*first))
-    broken = bytearray(good)
-    broken[first_length - 1] ^= 0xFF  # last byte of message_start's CRC
-    for plan in _chunkings(bytes(broken))[:10]:
-        result = _meter(bytes(broken), plan)
-        assert result.error_type == "malformed_stream"
-        assert result.error_message is not None and "byte 0" in result.error_message
-        assert result.usage == Usage()
-        assert not result.complete
-        assert result.estimated_output_tokens == 0
-        assert result.bytes_seen == len(good)
+# --- malformed upstream data: recorded, and never the end of counting ----------------------------
+
+CHUNK_HEADERS = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
+BASIC = (STREAMS / "bedrock_basic.eventstream").read_bytes()
+BASIC_RESULT = EXPECTED["bedrock_basic.eventstream"]
 
 
-@pytest.mark.parametrize("total", [0, 15, 0xFFFFFFFF])
-def test_absurd_frame_length_is_malformed(total: int) -> None:
-    """A prelude claiming an impossible length fails at once instead of buffering."""
-    meter = EventStreamMeter()
-    meter.feed(chunk_frame({"type": "ping"}))
-    meter.feed(total.to_bytes(4, "big"))
-    result = meter.result()
-    assert result.error_type == "malformed_stream"
-    meter.feed(b"more bytes after the failure")
-    assert meter.result().bytes_seen == result.bytes_seen + 28
+def _same_at_any_chunking(data: bytes) -> MeterResult:
+    """The result of feeding ``data`` whole, after checking that one byte at a time and ten seeded
+    random chunkings give exactly it."""
+    whole = _meter(data)
+    for plan in _chunkings(data)[1:12]:
+        assert _meter(data, plan) == whole
+    return whole
 
 
-def test_headers_longer_than_frame_is_malformed() -> None:
-    """A headers length pointing past the end of the frame is malformed, not an exception."""
-    prelude = (20).to_bytes(4, "big") + (100).to_bytes(4, "big")
-    frame = prelude + zlib.crc32(prelude).to_bytes(4, "big") + b"\x00" * 8
-    assert _meter(frame).error_type == "malformed_stream"
+def _spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each frame of a well-formed stream."""
+    spans, offset = [], 0
+    while offset < len(data):
+        end = offset + int.from_bytes(data[offset : offset + 4], "big")
+        spans.append((offset, end))
+        offset = end
+    return spans
 
 
-def test_bad_base64_is_malformed() -> None:
-    """A chunk whose bytes field is not base64 records malformed_stream."""
-    headers = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
-    frame = encode_frame(headers, b'{"bytes":"!!!not base64!!!"}')
-    assert _meter(frame).error_type == "malformed_stream"
+def _reseal(frame: bytearray) -> bytes:
+    """The frame with its message CRC recomputed over whatever it now holds."""
+    frame[-4:] = zlib.crc32(bytes(frame[:-4])).to_bytes(4, "big")
+    return bytes(frame)
 
 
-def test_bad_inner_json_is_malformed() -> None:
-    """A chunk whose decoded bytes are not JSON records malformed_stream."""
-    headers = {":event-type": "chunk", ":content-type": "application/json", ":message-type": "event"}
-    payload = json.dumps({"bytes": base64.b64encode(b'{"type":"message_delta",').decode()}).encode()
-    assert _meter(encode_frame(headers, payload)).error_type == "malformed_stream"
+def _corrupt(data: bytes, index: int, kind: str) -> bytes:
+    start, end = _spans(data)[index]
+    frame = bytearray(data[start:end])
+    if kind == "message CRC":
+        frame[-1] ^= 0x01
+    elif kind == "payload":
+        frame[-10] ^= 0x20  # inside the payload: only the message CRC can tell
+    else:  # "prelude CRC", with a message CRC that matches, so only the prelude check can tell
+        frame[8] ^= 0x01
+        frame = bytearray(_reseal(frame))
+    return data[:start] + bytes(frame) + data[end:]
+
+
+# bedrock_basic frames: 0 message_start (decoded), 1 content_block_start (skipped by prefix),
+# 2-5 content_block_delta (counted by prefix), 6 content_block_stop, 7 message_delta, 8 message_stop.
+@pytest.mark.parametrize("kind", ["message CRC", "payload", "prelude CRC"])
+@pytest.mark.parametrize(("index", "deltas"), [(0, 4), (1, 4), (3, 3), (6, 4)])
+def test_bad_crc_frame_is_recorded_and_later_frames_counted(kind: str, index: int, deltas: int) -> None:
+    """A frame failing its prelude or message CRC, whether decoded, skipped or counted by prefix, is
+    recorded as malformed and not counted; every frame after it still is, at any chunking."""
+    data = _corrupt(BASIC, index, kind)
+    result = _same_at_any_chunking(data)
+    assert result.usage == BASIC_RESULT.usage  # message_delta repeats message_start's input count
+    assert result.complete
+    assert result.error_type is None
+    assert result.estimated_output_tokens == deltas
+    problem = "prelude CRC" if kind == "prelude CRC" else "message CRC"
+    start = _spans(BASIC)[index][0]
+    assert result.malformed == f"event-stream frame at byte {start} fails its {problem}"
+
+
+def _events_56() -> list[bytes]:
+    events = canned_events(model="m", text_chunks=["a", "b", "c", "d"], usage=Usage(5, 56))
+    return [chunk_frame(event) for event in events]
+
+
+def _bad_prelude(total: int, headers_length: int = 0) -> bytes:
+    prelude = total.to_bytes(4, "big") + headers_length.to_bytes(4, "big")
+    return prelude + zlib.crc32(prelude).to_bytes(4, "big")
+
+
+@pytest.mark.parametrize(
+    ("total", "headers_length"),
+    [(0x7FFFFFFF, 0), (0xFFFFFFFF, 0), (0, 0), (15, 0), (20, 100), (64, 200 * 1024), (16 + 25 * 2**20, 0)],
+)
+def test_impossible_length_resynchronises_on_the_next_frame(total: int, headers_length: int) -> None:
+    """A prelude with a valid CRC but impossible lengths loses the frame boundary: the meter finds
+    the next whole frame and counts on, so the message_delta after it gives 56 output tokens."""
+    frames = _events_56()
+    data = b"".join(frames[:6]) + _bad_prelude(total, headers_length) + b"".join(frames[6:])
+    result = _same_at_any_chunking(data)
+    assert result.usage == Usage(5, 56)
+    assert result.complete
+    assert result.estimated_output_tokens == 4
+    position = sum(len(frame) for frame in frames[:6])
+    assert result.malformed == (
+        f"event-stream frame at byte {position} claims {total} bytes with {headers_length} bytes of headers"
+    )
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_garbage_between_frames_is_skipped(seed: int) -> None:
+    """Random bytes (frame-start bytes included) after a 0x7fffffff prelude are scanned past and
+    every real frame after them is counted."""
+    rng = random.Random(seed)
+    garbage = bytes(rng.choice([0, 1, rng.randrange(256)]) for _ in range(rng.randint(1, 300)))
+    frames = _events_56()
+    data = b"".join(frames[:3]) + b"\x7f\xff\xff\xff" + garbage + b"".join(frames[3:])
+    result = _same_at_any_chunking(data)
+    assert (result.usage, result.complete, result.estimated_output_tokens) == (Usage(5, 56), True, 4)
+    assert result.malformed is not None
+
+
+def test_bytes_lost_inside_a_frame_do_not_hide_the_next_frame() -> None:
+    """A frame missing bytes claims more than it holds; the meter does not trust that length and
+    finds the frame that really follows, so only the damaged delta goes uncounted."""
+    frames = _events_56()
+    damaged = frames[3][:40] + frames[3][50:]
+    data = b"".join(frames[:3]) + damaged + b"".join(frames[4:])
+    result = _same_at_any_chunking(data)
+    assert (result.usage, result.complete, result.estimated_output_tokens) == (Usage(5, 56), True, 3)
+    assert result.malformed == f"event-stream frame at byte {sum(map(len, frames[:3]))} fails its message CRC"
+
+
+def test_too_many_lost_boundaries_stop_the_meter() -> None:
+    """After more than eight lost frame boundaries the meter stops, which bounds the work a stream
+    of corrupt frames can cost; the first malformation is still the one reported."""
+    frames = _events_56()
+    bad = _corrupt(frames[2], 0, "message CRC")
+    data = b"".join(frames[:2]) + bad * 9 + b"".join(frames[2:])
+    result = _meter(data)
+    assert (
+        result.malformed
+        == f"event-stream frame at byte {len(frames[0]) + len(frames[1])} fails its message CRC"
+    )
+    assert result.estimated_output_tokens == 0
+    assert result.usage == Usage(5, 1)
+    assert not result.complete
+    assert result.bytes_seen == len(data)
+    assert _meter(b"".join(frames[:2]) + bad * 8 + b"".join(frames[2:])).usage == Usage(5, 56)
+
+
+SECRET = "arn:aws:iam::123456789012:role/Secret"
+BAD_PAYLOADS = [
+    ("chunk payload JSON", "JSONDecodeError", f"not json {SECRET}".encode()),
+    ("chunk payload JSON", "UnicodeDecodeError", b"\xff\xfe" + SECRET.encode()),
+    ("chunk bytes field", "KeyError", json.dumps({SECRET: "x"}).encode()),
+    ("chunk bytes field", "Error", json.dumps({"bytes": f"!{SECRET}!"}).encode()),
+    (
+        "event JSON",
+        "JSONDecodeError",
+        json.dumps({"bytes": base64.b64encode(SECRET.encode()).decode()}).encode(),
+    ),
+    (
+        "event JSON",
+        "UnicodeDecodeError",
+        json.dumps({"bytes": base64.b64encode(b"\xff" + SECRET.encode()).decode()}).encode(),
+    ),
+    ("event", "MalformedEvent", json.dumps({"bytes": base64.b64encode(b'["x"]').decode()}).encode()),
+]
+
+
+@pytest.mark.parametrize(
+    ("stage", "exception", "payload"), BAD_PAYLOADS, ids=[p[0] + p[1] for p in BAD_PAYLOADS]
+)
+def test_bad_chunk_payload_is_recorded_and_later_frames_counted(
+    stage: str, exception: str, payload: bytes
+) -> None:
+    """A frame whose CRCs check but whose payload is not a Bedrock chunk is recorded (stage and
+    exception type only, no payload bytes) and the frames after it are counted."""
+    frames = _events_56()
+    data = b"".join(frames[:4]) + encode_frame(CHUNK_HEADERS, payload) + b"".join(frames[4:])
+    result = _same_at_any_chunking(data)
+    assert (result.usage, result.complete, result.estimated_output_tokens) == (Usage(5, 56), True, 4)
+    position = sum(map(len, frames[:4]))
+    assert result.malformed == (
+        f"event-stream frame at byte {position}: {stage} could not be decoded ({exception})"
+    )
+    assert "Secret" not in result.malformed
+
+
+def test_malformation_is_not_an_in_stream_error() -> None:
+    """A malformed frame and an exception frame are reported apart: the first of each is kept."""
+    frames = _events_56()
+    data = (
+        b"".join(frames[:3])
+        + _corrupt(frames[3], 0, "message CRC")
+        + exception_frame("modelStreamErrorException", "interrupted")
+    )
+    result = _same_at_any_chunking(data)
+    assert result.malformed == f"event-stream frame at byte {sum(map(len, frames[:3]))} fails its message CRC"
+    assert (result.error_type, result.error_message) == ("modelStreamErrorException", "interrupted")
+    assert not result.complete
+
+
+MUTATIONS = ["flip", "insert", "delete", "duplicate", "length"]
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a few random corruptions of the kinds a broken relay or upstream produces."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(MUTATIONS)
+        at = rng.randrange(len(out))
+        if kind == "flip":
+            out[at] ^= 1 << rng.randrange(8)
+        elif kind == "insert":
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        elif kind == "delete":
+            del out[at : at + rng.randint(1, 40)]
+        elif kind == "duplicate":
+            out[at:at] = out[at : at + rng.randint(1, 300)]
+        else:
+            out[at : at + 4] = rng.choice([0, 15, 0x7FFFFFFF, rng.randrange(2**32)]).to_bytes(4, "big")
+    return bytes(out)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_corrupted_streams_never_raise_and_ignore_chunking(name: str) -> None:
+    """Randomly corrupted recordings never make the meter raise, and every chunking of the same
+    corrupt bytes gives the same result."""
+    data = (STREAMS / name).read_bytes()
+    for seed in range(25):
+        broken = _mutate(data, random.Random(seed))
+        whole = _meter(broken)
+        assert whole.bytes_seen == len(broken)
+        for plan in [[1] * len(broken), *_chunkings(broken)[2:8]]:
+            assert _meter(broken, plan) == whole, seed
 
 
 def test_content_block_delta_frames_are_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,6 +483,85 @@ def test_unrecognised_prefix_is_decoded_and_counted_right() -> None:
     assert result.error_type is None
 
 
+# --- any serialisation counts the same; the compact form is only the cheap path -----------------
+
+INNER_STYLES = ["compact", "spaced", "type last", "type last, spaced"]
+OUTER_STYLES = ["compact", "spaced", "padding first", "padding last", "padding first, spaced"]
+
+
+def _json(value: Any, style: str) -> str:
+    if "type last" in style and isinstance(value, dict) and "type" in value:
+        value = {**{k: v for k, v in value.items() if k != "type"}, "type": value["type"]}
+    return json.dumps(value) if "spaced" in style else json.dumps(value, separators=(",", ":"))
+
+
+def _styled_frame(event: dict[str, Any], inner: str, outer: str) -> bytes:
+    encoded = base64.b64encode(_json(event, inner).encode()).decode()
+    envelope = {"bytes": encoded}
+    if outer.startswith("padding first"):
+        envelope = {"p": "abcdef", "bytes": encoded}
+    elif outer == "padding last":
+        envelope = {"bytes": encoded, "p": "abcdef"}
+    return encode_frame(CHUNK_HEADERS, _json(envelope, outer).encode())
+
+
+def _cache_stream_events() -> list[dict[str, Any]]:
+    """The events of bedrock_cache_split_padding, invocation metrics folded into message_stop."""
+    events: list[dict[str, Any]] = _load_make_streams()._two_block_events()
+    metrics = {"inputTokenCount": 3, "outputTokenCount": 210, "cacheReadInputTokenCount": 20000}
+    events[-1] = {**events[-1], "amazon-bedrock-invocationMetrics": metrics}
+    return events
+
+
+@pytest.mark.parametrize("outer", OUTER_STYLES)
+@pytest.mark.parametrize("inner", INNER_STYLES)
+def test_any_json_spacing_or_key_order_counts_the_same(inner: str, outer: str) -> None:
+    """Events and chunk payloads spaced or ordered unlike Bedrock's compact form give exactly the
+    counts of the compact recording, at any chunking."""
+    data = b"".join(_styled_frame(event, inner, outer) for event in _cache_stream_events())
+    expected = dataclasses.replace(EXPECTED["bedrock_cache_split_padding.eventstream"], bytes_seen=len(data))
+    assert _same_at_any_chunking(data) == expected
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_mixed_serialisations_in_one_stream_count_the_same(seed: int) -> None:
+    """A stream whose frames each use a random serialisation gives the compact counts."""
+    rng = random.Random(seed)
+    events = canned_events(model="m", text_chunks=[str(i) for i in range(30)], usage=Usage(7, 56))
+    frames = [_styled_frame(event, rng.choice(INNER_STYLES), rng.choice(OUTER_STYLES)) for event in events]
+    data = b"".join(frames)
+    expected = MeterResult(
+        usage=Usage(7, 56), complete=True, estimated_output_tokens=30, bytes_seen=len(data)
+    )
+    assert _same_at_any_chunking(data) == expected
+
+
+def test_compact_deltas_cost_no_decode_whatever_else_is_spaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only frames outside the compact (or colon-spaced) delta and block forms reach botocore."""
+    decoded: list[str] = []
+    real = eventstream._decode_frame
+
+    def recording(frame: bytes) -> tuple[dict[str, Any], bytes]:
+        headers, payload = real(frame)
+        decoded.append(_chunk_event(payload)["type"])
+        return headers, payload
+
+    monkeypatch.setattr(eventstream, "_decode_frame", recording)
+    events = _cache_stream_events()
+    data = b"".join(_styled_frame(event, "compact", "padding last") for event in events)
+    data += _styled_frame(events[3], "type last", "compact")
+    data += _styled_frame(events[3], "compact", "spaced")
+    result = _meter(data)
+    assert result.estimated_output_tokens == 8
+    assert decoded == [
+        "message_start",
+        "message_delta",
+        "message_stop",
+        "content_block_delta",
+        "content_block_delta",
+    ]
+
+
 def test_prefixes_do_not_shadow_usage_events() -> None:
     """No counted or skipped prefix matches a chunk of an event type that carries usage."""
     for kind in ["message_start", "message_delta", "message_stop", "error"]:
@@ -317,6 +569,9 @@ def test_prefixes_do_not_shadow_usage_events() -> None:
             inner = f'{{"type":{spacing}"{kind}","usage":{{}}}}'.encode()
             payload = b'{"bytes":"' + base64.b64encode(inner) + b'"}'
             assert not payload.startswith(COUNTED_PREFIXES + SKIPPED_PREFIXES), inner
+    for kind in ["content_block_delta_v2", "content_block_delta-x", "pings", "content_block_stop2"]:
+        inner = f'{{"type":"{kind}","usage":{{}}}}'.encode()
+        assert not (b'{"bytes":"' + base64.b64encode(inner)).startswith(COUNTED_PREFIXES + SKIPPED_PREFIXES)
 
 
 def test_invocation_metrics_fill_only_missing_fields() -> None:

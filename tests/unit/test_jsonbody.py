@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from backends.emulator.canned import canned_message
 from backends.jsonbody import JsonMeter
-from backends.messages import canned_message
 from backends.usage import MeterResult, Usage
 
 
@@ -63,16 +63,46 @@ def test_bedrock_error() -> None:
     assert (result.error_type, result.error_message) == ("upstream_error", "Input is too long.")
 
 
-def test_incomplete_body_is_not_an_error() -> None:
-    """Mid-body, or for a body that is not JSON, the result is incomplete with no error."""
+def test_body_not_yet_json_is_malformed_until_it_parses() -> None:
+    """Mid-body the result says the bytes so far are not JSON (no error); once whole, it counts."""
     meter = JsonMeter()
     meter.feed(b'{"usage":{"input_tokens":')
-    assert meter.result() == MeterResult(bytes_seen=25)
+    assert meter.result() == MeterResult(
+        malformed="response body is not JSON (JSONDecodeError)", bytes_seen=25
+    )
     meter.feed(b'5,"output_tokens":6}}')
     assert meter.result() == MeterResult(
         usage=Usage(input_tokens=5, output_tokens=6), complete=True, bytes_seen=46
     )
-    assert _meter(b"<html>Bad Gateway</html>").complete is False
+
+
+@pytest.mark.parametrize(
+    ("body", "exception"),
+    [
+        (b"<html>Bad Gateway: arn:aws:iam::123456789012:role/Secret</html>", "JSONDecodeError"),
+        (b"\xff\x80 Secret", "UnicodeDecodeError"),
+        (b"[" * 100_000, "RecursionError"),
+        (b"", "JSONDecodeError"),
+    ],
+)
+def test_body_that_is_not_json_is_malformed_not_raised(body: bytes, exception: str) -> None:
+    """A body that never parses is recorded as malformed (exception type only, no body bytes),
+    incomplete and without usage, and reading the result never raises."""
+    result = _meter(body)
+    assert result == MeterResult(malformed=f"response body is not JSON ({exception})", bytes_seen=len(body))
+
+
+def test_spacing_and_key_order_do_not_matter() -> None:
+    """A Messages response spaced or with its keys in another order gives the same usage."""
+    message = canned_message(model="m", text="hi", usage=CACHE_USAGE)
+    reordered = dict(reversed(list(message.items())))
+    reordered["usage"] = dict(reversed(list(message["usage"].items())))
+    for body in (
+        json.dumps(message, indent=2),
+        json.dumps(reordered),
+        json.dumps(message, separators=(",", ":")),
+    ):
+        assert _meter(body.encode()).usage == CACHE_USAGE
 
 
 def test_too_large_body_gives_up() -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from backends.messages import StreamAccumulator, canned_events, canned_message
+from backends.emulator.canned import canned_events, canned_message
+from backends.messages import StreamAccumulator
 from backends.usage import MeterResult, Usage
 
 USAGE = Usage(
@@ -92,7 +93,58 @@ def test_first_error_wins() -> None:
     """Once an error is recorded, later ones do not overwrite it."""
     acc = StreamAccumulator()
     acc.apply_event({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-    acc.set_error("malformed_stream", "later")
+    acc.set_error("api_error", "later")
     result = acc.result(bytes_seen=1)
     assert (result.error_type, result.error_message) == ("overloaded_error", "Overloaded")
-    assert acc.failed
+
+
+def test_malformed_is_kept_apart_from_errors() -> None:
+    """A malformation is recorded beside (not instead of) an in-stream error, the first of each kept."""
+    acc = StreamAccumulator()
+    acc.set_malformed("first")
+    acc.apply_event({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    acc.set_malformed("second")
+    result = acc.result(bytes_seen=1)
+    assert (result.malformed, result.error_type, result.error_message) == (
+        "first",
+        "overloaded_error",
+        "Overloaded",
+    )
+
+
+def test_message_delta_usage_is_cumulative() -> None:
+    """Each message_delta field replaces the last value of that field, fields it omits stand, and
+    nothing is summed; total input is input plus cache writes plus cache reads."""
+    acc = StreamAccumulator()
+    acc.apply_event(
+        {
+            "type": "message_start",
+            "message": {
+                "usage": {
+                    "input_tokens": 10,
+                    "cache_creation_input_tokens": 300,
+                    "cache_read_input_tokens": 4000,
+                    "cache_creation": {"ephemeral_5m_input_tokens": 100, "ephemeral_1h_input_tokens": 200},
+                    "output_tokens": 1,
+                }
+            },
+        }
+    )
+    acc.apply_event({"type": "message_delta", "usage": {"output_tokens": 30}})
+    acc.apply_event({"type": "message_delta", "usage": {"output_tokens": 45, "input_tokens": 10}})
+    acc.apply_event(
+        {
+            "type": "message_delta",
+            "usage": {"output_tokens": 56, "cache_read_input_tokens": 4000, "input_tokens": None},
+        }
+    )
+    usage = acc.usage()
+    assert usage == Usage(
+        input_tokens=10,
+        output_tokens=56,
+        cache_creation_input_tokens=300,
+        cache_creation_5m_input_tokens=100,
+        cache_creation_1h_input_tokens=200,
+        cache_read_input_tokens=4000,
+    )
+    assert usage.total_input_tokens == 10 + 300 + 4000

@@ -78,6 +78,7 @@ class FakeIdp:
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self.metadata_issuer = ISS
+        self.metadata_extra: dict[str, Any] = {}
         self.keys: dict[str, Key] = {"rsa-1": RSA_KEY, "ec-1": EC_KEY}
         self.requests: list[httpx.Request] = []
         self.jwks_fetches = 0
@@ -104,6 +105,7 @@ class FakeIdp:
                     "userinfo_endpoint": f"{ISS}/me",
                     "jwks_uri": f"{ISS}/jwks",
                     "code_challenge_methods_supported": ["S256"],
+                    **self.metadata_extra,
                 },
             )
         if request.method == "GET" and path == "/jwks":
@@ -224,6 +226,31 @@ async def test_async_calls_discover_on_demand(idp: FakeIdp, clock: Clock) -> Non
     tokens = await client.exchange_code("code-1", REDIRECT, "v" * 43)
     assert tokens.access_token == "at-1"
     assert idp.jwks_fetches == 1
+    await http.aclose()
+
+
+# --- authorization response (RFC 9207) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("supported", [True, False, "true"])
+async def test_callback_iss_must_be_the_issuer_and_present_when_promised(
+    idp: FakeIdp, clock: Clock, supported: Any
+) -> None:
+    """The callback's iss passes only when it is exactly the configured issuer; a missing one passes
+    only when the metadata does not say authorization_response_iss_parameter_supported: true."""
+    idp.metadata_extra = {"authorization_response_iss_parameter_supported": supported}
+    client, http = _client(idp, clock)
+    await client.check_authorization_response_issuer(ISS)
+    for other in (ISS + "/", "https://attacker.example", "HTTPS://IDP.EXAMPLE", ""):
+        with pytest.raises(OidcError) as info:
+            await client.check_authorization_response_issuer(other)
+        assert info.value.reason == "iss_mismatch"
+    if supported is True:
+        with pytest.raises(OidcError) as info:
+            await client.check_authorization_response_issuer(None)
+        assert info.value.reason == "iss_missing"
+    else:
+        await client.check_authorization_response_issuer(None)
     await http.aclose()
 
 

@@ -3,24 +3,39 @@
 from __future__ import annotations
 
 from authz.configtypes import GatewayConfig, Policy, Upstream
-from authz.gateway.models import InferenceRoute, parse_route
-from authz.gateway.policy import Identity, PolicyDecision, decide
+from authz.gateway import policy
+from authz.gateway.authorize import parse_route
+from authz.gateway.policy import PolicyDecision
+from authz.identity import Caller
+from backends.bedrock import BedrockConfig
+from backends.descriptor import PassThroughRoute
+from backends.vertex import VertexConfig
 
 UPSTREAMS = (
-    ("bedrock-us", Upstream(kind="bedrock", region="us-east-1")),
-    ("bedrock-eu", Upstream(kind="bedrock", region="eu-west-1")),
-    ("vertex", Upstream(kind="vertex", region="us-east5", project="p")),
+    ("bedrock-us", Upstream(kind="bedrock", settings=BedrockConfig(region="us-east-1"))),
+    ("bedrock-eu", Upstream(kind="bedrock", settings=BedrockConfig(region="eu-west-1"))),
+    ("vertex", Upstream(kind="vertex", settings=VertexConfig(region="us-east5", project="proj-1"))),
 )
+
+Route = tuple[str, PassThroughRoute]
 
 
 def _config(*policies: Policy) -> GatewayConfig:
     return GatewayConfig(upstreams=UPSTREAMS, policies=policies)
 
 
-def _route(method: str, path: str) -> InferenceRoute:
+def _route(method: str, path: str) -> Route:
     route = parse_route(method, path)
     assert route is not None
     return route
+
+
+def Identity(sub: str, email: str, groups: tuple[str, ...]) -> Caller:
+    return Caller(sub=sub, email=email, groups=groups, session_id=None)
+
+
+def decide(caller: Caller, route: Route, config: GatewayConfig) -> PolicyDecision:
+    return policy.decide(caller, route[1], route[0], config)
 
 
 BEDROCK_OPUS = _route("POST", "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream")
@@ -131,7 +146,7 @@ def test_listing_and_counting_skip_the_model_check() -> None:
 
 def test_route_without_a_model_is_denied_for_inference() -> None:
     """An invoke route that somehow carries no model is denied rather than let through."""
-    route = InferenceRoute(format="bedrock", operation="invoke", streaming=False)
+    route = ("bedrock", PassThroughRoute(operation="invoke", streaming=False, model=None))
     config = _config(Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)))
     assert not decide(ADA, route, config).allowed
 
@@ -144,8 +159,12 @@ def test_a_service_tokens_own_models_narrow_the_policy() -> None:
             name="ci", groups=("ci",), models=("claude-haiku-*", "claude-sonnet-*"), upstreams=("bedrock-us",)
         )
     )
-    limited = Identity(
-        sub="service:nightly", email="", groups=("ci",), models=("claude-haiku-*", "claude-opus-*")
+    limited = Caller(
+        sub="service:nightly",
+        email="",
+        groups=("ci",),
+        session_id="svc:tok-1",
+        models=("claude-haiku-*", "claude-opus-*"),
     )
     assert decide(limited, BEDROCK_HAIKU, config).allowed
     opus = decide(limited, BEDROCK_OPUS, config)
@@ -156,6 +175,6 @@ def test_a_service_tokens_own_models_narrow_the_policy() -> None:
         not denied.allowed
         and denied.reason == "model claude-sonnet-4-5-20250929 is not allowed for this service token"
     )
-    unlimited = Identity(sub="service:nightly", email="", groups=("ci",))
+    unlimited = Caller(sub="service:nightly", email="", groups=("ci",), session_id="svc:tok-1")
     assert decide(unlimited, sonnet, config).allowed
     assert decide(limited, LIST_PROFILES, config).allowed

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import random
 from pathlib import Path
@@ -10,11 +12,15 @@ from typing import Any
 import pytest
 
 from backends import sse
-from backends.messages import canned_events
+from backends.emulator.canned import canned_events
 from backends.sse import SseMeter, sse_event
 from backends.usage import MeterResult, Usage
 
 STREAMS = Path(__file__).parent.parent / "fixtures" / "streams"
+_spec = importlib.util.spec_from_file_location("make_streams", STREAMS / "make_streams.py")
+assert _spec is not None and _spec.loader is not None
+make_streams = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_streams)
 
 
 def _meter(data: bytes, chunks: list[int] | None = None) -> MeterResult:
@@ -170,6 +176,42 @@ def test_events_without_event_field_use_data_type() -> None:
     )
 
 
+# --- any serialisation counts the same; the compact form is only the cheap path -----------------
+
+DATA_STYLES = ["compact", "spaced", "type last", "type last, spaced"]
+
+
+def _json(value: dict[str, Any], style: str) -> str:
+    if "type last" in style:
+        value = {**{k: v for k, v in value.items() if k != "type"}, "type": value["type"]}
+    return json.dumps(value) if "spaced" in style else json.dumps(value, separators=(",", ":"))
+
+
+def _styled_event(event: dict[str, Any], style: str, *, named: bool, multiline: bool) -> bytes:
+    text = _json(event, style)
+    # JSON allows a line feed between tokens, so splitting before each key keeps it valid once the
+    # data lines are joined again.
+    lines = text.replace(',"', ',\n"').split("\n") if multiline else [text]
+    head = f"event: {event['type']}\n" if named else ""
+    return (head + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+@pytest.mark.parametrize("multiline", [False, True], ids=["one data line", "data split over lines"])
+@pytest.mark.parametrize("named", [True, False], ids=["event line", "no event line"])
+@pytest.mark.parametrize("style", DATA_STYLES)
+def test_any_serialisation_counts_the_same(style: str, named: bool, multiline: bool, newline: str) -> None:
+    """Events with or without an event line, spaced or with keys reordered, with data over several
+    lines and any line ending give exactly the counts of the compact recording, at any chunking."""
+    text = b"".join(
+        _styled_event(event, style, named=named, multiline=multiline)
+        for event in make_streams._two_block_events()
+    )
+    data = text.replace(b"\n", newline.encode())
+    expected = dataclasses.replace(EXPECTED["vertex_cache.sse"], bytes_seen=len(data))
+    assert _same_at_any_chunking(data) == expected
+
+
 def test_content_block_delta_events_are_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Only message_start, message_delta, message_stop and error events are parsed as JSON."""
     decoded: list[bytes] = []
@@ -221,29 +263,145 @@ def test_unterminated_last_event_is_not_dispatched() -> None:
     assert not _meter(data).complete
 
 
-def test_malformed_json_is_recorded_not_raised() -> None:
-    """Invalid JSON in a usage event records malformed_stream and stops parsing."""
-    data = b"event: message_start\ndata: {not json\n\n" + sse_event({"type": "message_stop"})
-    result = _meter(data)
-    assert result.error_type == "malformed_stream"
-    assert not result.complete
-    assert result.bytes_seen == len(data)
+# --- malformed upstream data: recorded, and never the end of counting ----------------------------
 
 
-def test_non_object_event_is_malformed() -> None:
-    """A usage event whose data is JSON but not an object records malformed_stream."""
-    assert _meter(b"event: message_delta\ndata: [1, 2]\n\n").error_type == "malformed_stream"
+def _same_at_any_chunking(data: bytes) -> MeterResult:
+    """The result of feeding ``data`` whole, after checking that one byte at a time and ten seeded
+    random chunkings give exactly it."""
+    whole = _meter(data)
+    for plan in _chunkings(data)[1:12]:
+        assert _meter(data, plan) == whole
+    return whole
+
+
+def _events_56() -> list[dict[str, Any]]:
+    return canned_events(model="m", text_chunks=["a", "b", "c", "d"], usage=Usage(5, 56))
+
+
+BAD_EVENTS = [
+    (b"event: message_start\ndata: {not json\n\n", "SSE message_start event", "JSONDecodeError"),
+    (b"data: {not json\n\n", "unnamed SSE event", "JSONDecodeError"),
+    (b"event: message_delta\ndata: [1, 2]\n\n", "SSE message_delta event", "MalformedEvent"),
+    (b"event: error\ndata: \x80abc\n\n", "SSE error event", "UnicodeDecodeError"),
+    (b"event: message_delta\ndata: " + b"[" * 100_000 + b"\n\n", "SSE message_delta event", "RecursionError"),
+]
+
+
+@pytest.mark.parametrize(("bad", "name", "exception"), BAD_EVENTS, ids=[e[1] + e[2] for e in BAD_EVENTS])
+def test_malformed_event_is_recorded_and_later_events_counted(bad: bytes, name: str, exception: str) -> None:
+    """An event whose data is not a JSON object is recorded as malformed (name and exception type,
+    no data) and the events after it are still counted, at any chunking."""
+    events = [sse_event(event) for event in _events_56()]
+    data = b"".join(events[:4]) + bad + b"".join(events[4:])
+    result = _same_at_any_chunking(data) if len(bad) < 1000 else _meter(data)
+    assert (result.usage, result.complete, result.estimated_output_tokens) == (Usage(5, 56), True, 4)
+    assert result.error_type is None
+    assert result.malformed == f"{name} could not be decoded ({exception})"
+
+
+def test_malformation_is_not_an_in_stream_error() -> None:
+    """A malformed event and an error event are reported apart: the first of each is kept."""
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    data = b"event: message_delta\ndata: {\n\n" + sse_event(error)
+    result = _same_at_any_chunking(data)
+    assert result.malformed == "SSE message_delta event could not be decoded (JSONDecodeError)"
+    assert (result.error_type, result.error_message) == ("overloaded_error", "Overloaded")
+
+
+@pytest.mark.parametrize("where", ["data", "comment", "event name", "own event"])
+def test_overlong_line_is_dropped_with_its_event(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A line over the cap is recorded and dropped with the event it belongs to (never buffered);
+    the events after it are counted, whatever the chunking."""
+    monkeypatch.setattr(sse, "_MAX_LINE", 1000)
+    long = b"x" * 1001
+    lines = {
+        "data": b'event: ping\ndata: {"type":"ping","pad":"' + long + b'"}\n\n',
+        "comment": b": " + long + b'\nevent: ping\ndata: {"type":"ping"}\n\n',
+        "event name": b"event: " + long + b'\ndata: {"type":"ping"}\n\n',
+        "own event": b"data: " + long + b"\r\n\r\n",
+    }
+    events = [sse_event(event) for event in _events_56()]
+    data = b"".join(events[:3]) + lines[where] + b"".join(events[3:])
+    result = _same_at_any_chunking(data)
+    assert (result.usage, result.complete, result.estimated_output_tokens) == (Usage(5, 56), True, 4)
+    assert result.malformed == "an SSE line exceeds 1000 bytes"
+
+
+def test_overlong_line_drops_the_usage_event_it_belongs_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A usage event with an overlong line is dropped, not half-read: the usage before it stands."""
+    monkeypatch.setattr(sse, "_MAX_LINE", 1000)
+    events = _events_56()
+    delta = sse_event({**events[-2], "pad": "x" * 1000})
+    data = b"".join(sse_event(event) for event in events[:-2]) + delta + sse_event(events[-1])
+    result = _same_at_any_chunking(data)
+    assert (result.usage, result.complete, result.malformed) == (
+        Usage(5, 1),
+        True,
+        "an SSE line exceeds 1000 bytes",
+    )
+
+
+def test_overlong_line_at_the_real_cap_is_not_buffered() -> None:
+    """A line growing past 16 MiB without a terminator is recorded and its bytes are not kept."""
+    meter = SseMeter()
+    meter.feed(b"data: ")
+    meter.feed(b"x" * (16 * 1024 * 1024 + 1))
+    assert meter.result().malformed == f"an SSE line exceeds {16 * 1024 * 1024} bytes"
+    assert meter._partial == bytearray()
+    meter.feed(b"x\n\n" + b"".join(sse_event(event) for event in _events_56()))
+    assert meter.result().usage == Usage(5, 56)
+
+
+def test_cr_followed_by_more_text_is_not_half_of_a_crlf() -> None:
+    """A CR line end with more text after it in the same chunk does not swallow an LF that starts
+    the next chunk: that LF ends the next line."""
+    data = b'data: {"type":"message_stop"}\rid: 1\n\n'
+    split = data.index(b"\n")
+    assert _meter(data, [split]) == _meter(data) == MeterResult(complete=True, bytes_seen=len(data))
+
+
+MUTATIONS = ["flip", "insert", "delete", "duplicate", "newline"]
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    """``data`` with a few random corruptions, line ends among them."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(MUTATIONS)
+        at = rng.randrange(len(out))
+        if kind == "flip":
+            out[at] ^= 1 << rng.randrange(8)
+        elif kind == "insert":
+            out[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        elif kind == "delete":
+            del out[at : at + rng.randint(1, 40)]
+        elif kind == "duplicate":
+            out[at:at] = out[at : at + rng.randint(1, 300)]
+        else:
+            out[at:at] = rng.choice([b"\r", b"\n", b"\r\n", b"\n\n", b"\r\r"])
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cap", [400, 16 * 1024 * 1024])
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_corrupted_streams_never_raise_and_ignore_chunking(
+    name: str, cap: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Randomly corrupted recordings never make the meter raise, and every chunking of the same
+    corrupt bytes gives the same result (also with a line cap just above the longest real line,
+    so corruption makes overlong lines too)."""
+    monkeypatch.setattr(sse, "_MAX_LINE", cap)
+    data = (STREAMS / name).read_bytes()
+    for seed in range(25):
+        broken = _mutate(data, random.Random(seed))
+        whole = _meter(broken)
+        assert whole.bytes_seen == len(broken)
+        for plan in [[1] * len(broken), *_chunkings(broken)[2:8]]:
+            assert _meter(broken, plan) == whole, seed
 
 
 def test_error_event_without_details() -> None:
     """An error event lacking the error object still records an error."""
     result = _meter(b'event: error\ndata: {"type":"error"}\n\n')
     assert (result.error_type, result.error_message) == ("error", None)
-
-
-def test_overlong_line_is_malformed() -> None:
-    """A line growing past the cap without a terminator stops the meter instead of buffering forever."""
-    meter = SseMeter()
-    meter.feed(b"data: ")
-    meter.feed(b"x" * (16 * 1024 * 1024 + 1))
-    assert meter.result().error_type == "malformed_stream"

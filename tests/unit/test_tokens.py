@@ -114,6 +114,19 @@ def test_round_trip_returns_the_minted_claims() -> None:
     )
 
 
+def test_session_start_and_idp_session_round_trip() -> None:
+    """auth_time and idp_sid, when minted, come back in the claims (what a back-channel logout is
+    matched on without the database); a non-numeric auth_time or non-string idp_sid is malformed."""
+    ks = _keyset()
+    claims = _verifier(ks).verify(_mint(ks, auth_time=NOW - 3600.7, idp_sid="idp-s1"), NOW)
+    assert (claims.auth_time, claims.idp_sid) == (int(NOW) - 3601, "idp-s1")
+    key = generate_signing_key("k1")
+    base = {"iss": ISS, "aud": AUD, "sub": "u", "sid": "s", "jti": "j", "iat": int(NOW), "exp": int(NOW) + 60}
+    verifier = _verifier(_keyset(signing=key))
+    assert _reason(verifier, _sign_with(key, {**base, "auth_time": "yesterday"})) == "malformed"
+    assert _reason(verifier, _sign_with(key, {**base, "idp_sid": 7})) == "malformed"
+
+
 def test_minted_header_names_kid_alg_and_access_token_type() -> None:
     """The header carries the signing key's kid and alg and typ at+jwt (RFC 9068 §2.1)."""
     ks = _keyset()

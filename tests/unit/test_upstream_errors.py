@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from authz.gateway.envelope import ErrorReply
-from authz.gateway.upstream_errors import MappedError, map_upstream_error
+from authz.translate.envelope import ErrorReply
+from authz.translate.errors import MappedError, map_upstream_error
 
 ACCOUNT = "123456789012"
 ROLE_ARN = f"arn:aws:sts::{ACCOUNT}:assumed-role/claude-gateway/alice"

@@ -17,9 +17,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth.exceptions import RefreshError
 
-from backends.base import BackendError, Caller, UnsupportedPathError
-from backends.factory import build_upstream
-from backends.vertex import (
+from backends.base import Caller, ModelRef
+from backends.errors import BackendError
+from backends.kinds import KINDS
+from backends.vertex import VertexConfig
+from backends.vertex.upstream import (
     ApplicationDefault,
     GoogleCredentials,
     ServiceAccountFile,
@@ -113,7 +115,10 @@ async def bearer(upstream: VertexUpstream) -> str:
 def test_regional_endpoint() -> None:
     """A region maps to https://{region}-aiplatform.googleapis.com."""
     upstream = VertexUpstream(settings(region="europe-west1"))
-    assert (upstream.scheme, upstream.authority) == ("https", "europe-west1-aiplatform.googleapis.com")
+    assert (upstream.endpoint.scheme, upstream.authority) == (
+        "https",
+        "europe-west1-aiplatform.googleapis.com",
+    )
     assert (upstream.kind, upstream.name) == ("vertex", "vertex-main")
 
 
@@ -125,7 +130,7 @@ def test_global_endpoint() -> None:
 def test_base_url_overrides_the_endpoint() -> None:
     """A loopback base_url (the emulator) sets scheme and authority."""
     upstream = VertexUpstream(settings(base_url="http://localhost:8090"))
-    assert (upstream.scheme, upstream.authority) == ("http", "localhost:8090")
+    assert (upstream.endpoint.scheme, upstream.authority) == ("http", "localhost:8090")
 
 
 def test_plain_http_to_a_remote_host_is_refused() -> None:
@@ -143,76 +148,52 @@ def test_invalid_region_or_project_is_refused(field: str, value: str) -> None:
         VertexUpstream(settings(**{field: value}))
 
 
-def test_factory_builds_vertex_and_refuses_unknown_kinds() -> None:
-    """build_upstream returns a VertexUpstream for VertexSettings and names an unknown settings type."""
-    assert isinstance(build_upstream(settings()), VertexUpstream)
-    with pytest.raises(BackendError, match="AnthropicSettings"):
-
-        class AnthropicSettings:
-            pass
-
-        build_upstream(AnthropicSettings())  # type: ignore[arg-type]
+def test_kind_table_builds_vertex_upstream() -> None:
+    """The vertex kind's descriptor builds a VertexUpstream from its YAML settings."""
+    built = KINDS["vertex"].build("vertex-main", VertexConfig(region="us-east5", project="gateway-prod"))
+    assert isinstance(built, VertexUpstream) and built.name == "vertex-main"
 
 
 # --- paths ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["rawPredict", "streamRawPredict"])
-def test_path_uses_configured_project_and_region(method: str) -> None:
-    """The client's project and region are replaced by the configured ones; model and method are kept."""
-    upstream = VertexUpstream(settings())
-    out = upstream.upstream_path(f"{BASE}/claude-opus-5-5:{method}", "claude-opus-5-5")
+@pytest.mark.parametrize(("operation", "method"), [("invoke", "rawPredict"), ("stream", "streamRawPredict")])
+def test_path_uses_configured_project_and_region(operation: str, method: str) -> None:
+    """Paths name the configured project and region (a client never picks who is billed)."""
+    out = VertexUpstream(settings()).path(operation, "claude-opus-5-5")  # type: ignore[arg-type]
     assert out == f"{OURS}/claude-opus-5-5:{method}"
 
 
 def test_path_for_global_region() -> None:
-    """With region global the path names locations/global whatever the client sent."""
+    """With region global the path names locations/global."""
     upstream = VertexUpstream(settings(region="global"))
-    out = upstream.upstream_path(f"{BASE}/claude-haiku-4-5@20251001:rawPredict", "claude-haiku-4-5@20251001")
+    out = upstream.path("invoke", "claude-haiku-4-5@20251001")
     assert out == "/v1/projects/gateway-prod/locations/global/publishers/anthropic/models/" + (
         "claude-haiku-4-5@20251001:rawPredict"
     )
 
 
 def test_count_tokens_path_is_rewritten() -> None:
-    """count-tokens:rawPredict is rewritten onto the configured project and region and never model-mapped."""
-    upstream = VertexUpstream(settings(model_map={"count-tokens": "nope"}))
-    out = upstream.upstream_path(f"{BASE}/count-tokens:rawPredict", "")
+    """count-tokens:rawPredict is built on the configured project and region, with no model."""
+    out = VertexUpstream(settings()).path("count_tokens", None)
     assert out == f"{OURS}/count-tokens:rawPredict"
 
 
 def test_model_map_replaces_the_model() -> None:
-    """A model_map entry replaces the canonical model id; unmapped ids pass through as sent."""
+    """A model_map entry replaces the canonical model id; unmapped ids keep their parsed form."""
     upstream = VertexUpstream(settings(model_map={"claude-opus-5-5": "claude-opus-5-5@20260101"}))
-    mapped = upstream.upstream_path(f"{BASE}/claude-opus-5-5:streamRawPredict", "claude-opus-5-5")
-    assert mapped.endswith("/models/claude-opus-5-5@20260101:streamRawPredict")
-    kept = upstream.upstream_path(
-        f"{BASE}/claude-haiku-4-5%4020251001:rawPredict", "claude-haiku-4-5@20251001"
+    assert (
+        upstream.model_id(ModelRef("claude-opus-5-5", "claude-opus-5-5", True)) == "claude-opus-5-5@20260101"
     )
-    assert kept.endswith("/models/claude-haiku-4-5%4020251001:rawPredict")
+    haiku = ModelRef("claude-haiku-4-5@20251001", "claude-haiku-4-5-20251001", True)
+    assert upstream.model_id(haiku) == "claude-haiku-4-5@20251001"
 
 
-def test_query_string_is_kept() -> None:
-    """A query string on the ingress path is kept."""
-    out = VertexUpstream(settings()).upstream_path(f"{BASE}/claude-opus-5-5:streamRawPredict?alt=sse", "")
-    assert out.endswith(":streamRawPredict?alt=sse")
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        f"{BASE}/claude-opus-5-5:predict",
-        f"{BASE}/count-tokens:streamRawPredict",
-        "/v1/projects/p/locations/l/publishers/google/models/gemini:rawPredict",
-        "/v1/projects/p/locations/l/publishers/anthropic/models/a/b:rawPredict",
-        "/v1/messages",
-        f"{BASE}/..:rawPredict",
-    ],
-)
-def test_unsupported_path_is_refused(path: str) -> None:
-    """Paths other than Anthropic rawPredict/streamRawPredict raise UnsupportedPathError."""
-    with pytest.raises(UnsupportedPathError):
-        VertexUpstream(settings()).upstream_path(path, "")
+@pytest.mark.parametrize("operation", ["list_profiles", "list_models"])
+def test_unsupported_operation_is_refused(operation: str) -> None:
+    """Operations Vertex has no route for raise BackendError."""
+    with pytest.raises(BackendError):
+        VertexUpstream(settings()).path(operation, "claude-opus-5-5")  # type: ignore[arg-type]
 
 
 # --- tokens ---------------------------------------------------------------------------------------

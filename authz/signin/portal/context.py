@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from authz.configtypes import GatewayConfig
+from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, TokenSet
 from authz.signin.portal.device import RateLimiter
-from authz.signin.portal.http import origin_of
+from authz.signin.portal.http import cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
 from authz.signin.tokens import KeySet, TokenVerifier
 from authz.store import sessions as store
@@ -26,6 +27,9 @@ class IdentityProvider(Protocol):
 
     def start_authorization(self, redirect_uri: str) -> AuthorizationStart:
         """A fresh authentication request (URL, state, nonce, PKCE verifier)."""
+
+    async def check_authorization_response_issuer(self, iss: str | None) -> None:
+        """Refuse a callback's ``iss`` that is not the IdP's (RFC 9207)."""
 
     async def exchange_code(self, code: str, redirect_uri: str, code_verifier: str) -> TokenSet:
         """Redeem an authorization code."""
@@ -86,6 +90,8 @@ class PortalDeps:
     answer 503 ``temporarily_unavailable`` while discovery, JWKS and revocation keep working.
     ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
+    ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
+    they need PostgreSQL (503 otherwise).
     """
 
     config: GatewayConfig
@@ -94,6 +100,7 @@ class PortalDeps:
     oidc: IdentityProvider | None
     clock: Callable[[], datetime] = field(default=utc_now)
     healthy: Callable[[], bool] = field(default=_always_healthy)
+    logouts: BackchannelLogouts | None = None
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
 
 
@@ -107,14 +114,17 @@ class PortalContext:
         self.pool = deps.pool
         self.keyset = deps.keyset
         self.oidc = deps.oidc
+        self.logouts = deps.logouts
         self.public_url = config.portal.public_url.rstrip("/")
         origin = origin_of(self.public_url)
         if origin is None:
             raise ValueError("portal.public_url must be an http(s) URL")
         self.origin = origin
-        # Cookies are Secure whenever the browser reaches us over https (RFC 6265bis §4.1.2.5);
-        # tests on http://127.0.0.1 could not send them back otherwise.
+        # Cookies are Secure, and __Host- prefixed, whenever the browser reaches us over https
+        # (RFC 6265bis §4.1.2.5, §4.1.3.2). A plain-http public URL is the loopback development
+        # setup: browsers other than Chromium and Firefox keep no Secure cookie over http.
         self.secure_cookies = urlsplit(self.public_url).scheme == "https"
+        self.csrf_cookie, self.browser_cookie = cookie_names(self.secure_cookies)
         self.callback_url = f"{self.public_url}/oauth/callback"
         self.limiter = RateLimiter(
             config.portal.user_code_attempts_per_minute, lambda: deps.clock().timestamp()

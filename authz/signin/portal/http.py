@@ -15,6 +15,14 @@ MAX_USER_AGENT = 512
 # RFC 6749 §5.1 (and RFC 8628 §3.5, RFC 7009 §2.2): token responses must not be cached.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
+# The sign-in pages' cookies: the double-submit CSRF token and the value binding a sign-in to the
+# browser that started it.
+CSRF_COOKIE = "gw_csrf"
+BROWSER_COOKIE = "gw_browser"
+# RFC 6265bis §4.1.3.2: a browser keeps a cookie so named only if it is Secure, has Path=/ and no
+# Domain, and was set from a secure origin: nobody but this host over https can set it.
+HOST_PREFIX = "__Host-"
+
 
 class FormError(Exception):
     """The request body is not a form, or repeats a parameter (RFC 6749 §3.1)."""
@@ -48,6 +56,12 @@ async def read_form(request: web.Request) -> Form:
     except ValueError as exc:
         raise FormError("body") from exc
     return Form(data)
+
+
+def cookie_names(secure: bool) -> tuple[str, str]:
+    """(CSRF cookie, browser cookie) names: ``__Host-`` prefixed whenever the cookies are Secure."""
+    prefix = HOST_PREFIX if secure else ""
+    return f"{prefix}{CSRF_COOKIE}", f"{prefix}{BROWSER_COOKIE}"
 
 
 def origin_of(url: str) -> str | None:

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from authz.errors import TokenError
+from authz.errors import StoreError, TokenError
+from authz.signin.backchannel import LOGOUT_REASON, write_logout
 from authz.signin.idtoken import ID_TOKEN_REASONS, LOGOUT_TOKEN_MAX_AGE
 from authz.signin.oidc import IdpRefused, IdpUnavailable, OidcError
 from authz.signin.portal.device import (
@@ -39,6 +40,7 @@ from authz.signin.portal.http import (
 from authz.signin.secretbox import SecretBoxError
 from authz.signin.tokens import mint
 from authz.store import sessions as store
+from authz.store.logout_spool import SpooledLogout, new_entry_id
 
 if TYPE_CHECKING:
     from authz.signin.portal.context import PortalContext
@@ -227,6 +229,9 @@ class OAuthEndpoints:
             sid=session.id,
             ttl=sessions.access_token_ttl,
             now=now.timestamp(),
+            # What a back-channel logout is matched on while PostgreSQL is unreachable.
+            auth_time=session.created_at.timestamp(),
+            idp_sid=session.idp_sid,
         )
         return oauth_json(
             {
@@ -282,6 +287,15 @@ class OAuthEndpoints:
                 "unknown_refresh_token" if session is None else (session.revoked_reason or "session_expired")
             )
             await self._audit(caller, "refresh", "denied", reason, session_id=session_id)
+            return oauth_error("invalid_grant", 401)
+        if ctx.logouts is not None and ctx.logouts.revocations.logged_out(
+            session.sub, session.idp_sid, session.created_at.timestamp()
+        ):
+            # A back-channel logout still waiting in the journal (PostgreSQL was down when it came).
+            await store.revoke_session(ctx.pool, session.id, LOGOUT_REASON, now)
+            await self._audit(
+                caller, "refresh", "denied", LOGOUT_REASON, email=session.email, session_id=session.id
+            )
             return oauth_error("invalid_grant", 401)
 
         groups = session.groups
@@ -432,7 +446,12 @@ class OAuthEndpoints:
     # --- OIDC Back-Channel Logout 1.0 ------------------------------------------------------------
 
     async def backchannel_logout(self, request: web.Request) -> web.Response:
-        """Revoke the sessions a valid logout token names (§2.5-2.8)."""
+        """Revoke the sessions a valid logout token names (§2.5-2.8), PostgreSQL or not.
+
+        The answer is 200 once the logout is durable: in PostgreSQL, or in the local journal while
+        PostgreSQL does not answer (:mod:`authz.signin.backchannel`); the IdP does not retry.
+        Audit rows are best effort here, since this must work without the database.
+        """
         ctx = self._ctx
         caller = _Caller(client_ip(request), user_agent(request))
         try:
@@ -441,7 +460,7 @@ class OAuthEndpoints:
         except FormError:
             token = None
         if not token:
-            await self._audit(caller, "backchannel_logout", "denied", "logout_token_missing")
+            await self._audit_if_possible(caller, "backchannel_logout", "denied", "logout_token_missing")
             return oauth_error("invalid_request")
         oidc = ctx.oidc
         if oidc is None:
@@ -451,37 +470,47 @@ class OAuthEndpoints:
             await oidc.ensure_signing_key(token)
             claims = oidc.validate_logout_token(token)
         except IdpUnavailable as exc:
-            await self._audit(
+            await self._audit_if_possible(
                 caller, "backchannel_logout", "error", "idp_unavailable", detail={"idp_reason": exc.reason}
             )
             return oauth_error("temporarily_unavailable", 503)
         except OidcError as exc:
             # §2.8: a logout token that fails validation gets 400.
-            await self._audit(caller, "backchannel_logout", "denied", exc.reason)
+            await self._audit_if_possible(caller, "backchannel_logout", "denied", exc.reason)
             return oauth_error("invalid_request")
         # §2.6 step 7: refuse a jti already seen; remember it as long as the token could still pass.
         skew = ctx.config.oidc.clock_skew if ctx.config.oidc is not None else 0
-        iat = float(claims["iat"])
-        until = iat + LOGOUT_TOKEN_MAX_AGE
+        until = float(claims["iat"]) + LOGOUT_TOKEN_MAX_AGE
         if isinstance(claims.get("exp"), int | float) and not isinstance(claims.get("exp"), bool):
             until = max(until, float(claims["exp"]))
-        expires_at = datetime.fromtimestamp(until + skew, now.tzinfo)
-        if not await store.remember_logout_jti(
-            ctx.pool, str(claims["jti"]), str(claims["iss"]), expires_at, now
-        ):
-            await self._audit(caller, "backchannel_logout", "denied", "logout_jti_replay")
-            return oauth_error("invalid_request")
         sub = claims.get("sub") if isinstance(claims.get("sub"), str) else None
         sid = claims.get("sid") if isinstance(claims.get("sid"), str) else None
-        revoked = await store.revoke_sessions_by_idp(
-            ctx.pool, sub=sub or None, idp_sid=sid or None, reason="backchannel_logout", now=now
+        logout = SpooledLogout(
+            entry=new_entry_id(),
+            issuer=str(claims["iss"]),
+            jti=str(claims["jti"]),
+            sub=sub or None,
+            sid=sid or None,
+            accepted_at=now.timestamp(),
+            jti_expires_at=until + skew,
+            client_ip=caller.ip,
+            user_agent=caller.user_agent,
         )
-        await self._audit(
-            caller,
-            "backchannel_logout",
-            "ok",
-            detail={"sessions": len(revoked), "by": "sid" if sid else "sub"},
-            session_id=revoked[0] if len(revoked) == 1 else None,
-        )
+        if ctx.logouts is not None:
+            replay = (await ctx.logouts.accept(logout)).status == "replay"
+        else:
+            # No journal (a portal run on its own): PostgreSQL or a 503.
+            replay = (await write_logout(ctx.pool, logout, now=logout.accepted_at)).status == "replay"
+        if replay:
+            await self._audit_if_possible(caller, "backchannel_logout", "denied", "logout_jti_replay")
+            return oauth_error("invalid_request")
         # §2.8: 200 on success, with Cache-Control: no-store.
         return web.Response(status=200, headers=NO_STORE)
+
+    async def _audit_if_possible(
+        self, caller: _Caller, kind: str, outcome: str, reason: str, *, detail: dict[str, Any] | None = None
+    ) -> None:
+        try:
+            await self._audit(caller, kind, outcome, reason, detail=detail)
+        except StoreError as exc:
+            log.warning("%s %s (%s) not audited: %s", kind, outcome, reason, exc)

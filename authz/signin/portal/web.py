@@ -10,7 +10,17 @@ Defences: state-changing POSTs must come from our own origin (the ``Origin`` hea
 ``Referer`` without it) and carry a double-submit CSRF token; user-code entry is rate limited per
 client address (RFC 8628 §5.1); the only redirect ever issued goes to the URL the OIDC client
 built for the IdP's authorization endpoint, whatever ``next`` or ``redirect_uri`` parameters a
-request carries; pages carry a script-free Content-Security-Policy. Every refusal is audited.
+request carries; the callback refuses a response naming another issuer (RFC 9207); pages carry a
+script-free Content-Security-Policy. Every refusal is audited.
+
+Cookies (against session fixation): the CSRF and browser-binding values are always fresh random
+values minted here, never taken from the request: the form page mints a CSRF value, and each
+login step (code entry, callback, approval) mints new ones, re-binding the sign-in to the new
+browser value in PostgreSQL; a value the server did not mint is never set back. Over https they
+are ``__Host-`` cookies (RFC 6265bis §4.1.3.2: Secure, ``Path=/``, no ``Domain``), so a sibling
+subdomain or a plain-http response cannot plant or overwrite them. A plain-http public URL (the
+loopback development and test setups) gets the same cookies without the prefix and without
+Secure, which browsers other than Chromium and Firefox do not store over http.
 """
 
 from __future__ import annotations
@@ -40,9 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("authz.signin.portal.web")
 
-CSRF_COOKIE = "gw_csrf"
-BROWSER_COOKIE = "gw_browser"
-
 # The round trip to the IdP, and the wait on the approval page, are bounded well inside the
 # device code's own lifetime.
 AUTH_REQUEST_TTL = timedelta(minutes=10)
@@ -55,6 +62,7 @@ _MAX_PARAM = 512
 
 
 def _cookie(request: web.Request, name: str) -> str | None:
+    # Only compared with what the server stored or put in the form: never set back to the browser.
     value = request.cookies.get(name)
     return value if value is not None and _COOKIE_VALUE.fullmatch(value) else None
 
@@ -105,6 +113,7 @@ def unavailable(ctx: PortalContext) -> web.Response:
 def _set_cookie(
     ctx: PortalContext, response: web.StreamResponse, name: str, value: str, *, samesite: str
 ) -> None:
+    # Path=/ and no Domain: required of __Host- cookies, and host-only cookies elsewhere too.
     response.set_cookie(
         name,
         value,
@@ -114,6 +123,30 @@ def _set_cookie(
         secure=ctx.secure_cookies,
         samesite=samesite,
     )
+
+
+def _new_csrf(ctx: PortalContext, response: web.StreamResponse) -> str:
+    """Mint a CSRF value and set its cookie. SameSite=Strict (RFC 6265bis §5.4.7): the cookie half
+    of the token never rides a cross-site request."""
+    csrf = generate_secret()
+    _set_cookie(ctx, response, ctx.csrf_cookie, csrf, samesite="Strict")
+    return csrf
+
+
+def _new_browser(ctx: PortalContext, response: web.StreamResponse) -> str:
+    """Mint a browser-binding value and set its cookie. SameSite=Lax: the browser must send it back
+    on the IdP's cross-site redirect to /oauth/callback, a top-level GET navigation
+    (RFC 6265bis §5.4.7.1); Strict would not."""
+    browser = generate_secret()
+    _set_cookie(ctx, response, ctx.browser_cookie, browser, samesite="Lax")
+    return browser
+
+
+def _end_cookies(ctx: PortalContext, response: web.StreamResponse) -> None:
+    """Expire both cookies: the sign-in they bound is over. Secure is repeated, since a browser
+    ignores a __Host- Set-Cookie without it, the expiring one included."""
+    for name in (ctx.csrf_cookie, ctx.browser_cookie):
+        response.del_cookie(name, path="/", secure=ctx.secure_cookies, httponly=True)
 
 
 class BrowserPages:
@@ -147,15 +180,11 @@ class BrowserPages:
     def _error(self, status: int, title: str, message: str) -> web.Response:
         return html(self._ctx, pages.error_page(title, message), status)
 
-    def _form_page(
-        self, request: web.Request, *, user_code: str, error: str | None, status: int
-    ) -> web.Response:
-        """The code form, with a CSRF token matching the ``gw_csrf`` cookie (set or renewed)."""
-        csrf = _cookie(request, CSRF_COOKIE) or generate_secret()
-        response = html(self._ctx, pages.device_page(user_code=user_code, csrf=csrf, error=error), status)
-        # SameSite=Strict (RFC 6265bis §5.4.7): the cookie half of the token never rides a
-        # cross-site request.
-        _set_cookie(self._ctx, response, CSRF_COOKIE, csrf, samesite="Strict")
+    def _form_page(self, *, user_code: str, error: str | None, status: int) -> web.Response:
+        """The code form, with a freshly minted CSRF token in the form and in its cookie."""
+        response = html(self._ctx, "", status)
+        csrf = _new_csrf(self._ctx, response)
+        response.text = pages.device_page(user_code=user_code, csrf=csrf, error=error)
         return response
 
     def _same_origin(self, request: web.Request) -> bool:
@@ -190,7 +219,7 @@ class BrowserPages:
             return values, self._error(
                 403, "Request refused", "This form must be sent from the sign-in page itself."
             )
-        cookie = _cookie(request, CSRF_COOKIE)
+        cookie = _cookie(request, self._ctx.csrf_cookie)
         if cookie is None or not values["csrf"] or not same_secret(cookie, values["csrf"]):
             await self._audit(request, kind, "denied", "csrf_mismatch")
             return values, self._error(
@@ -229,7 +258,7 @@ class BrowserPages:
                 log.warning("cannot read the IdP's metadata yet: %s", exc)
         normalised = normalise_user_code(request.query.get("user_code", ""))
         prefill = format_user_code(normalised) if normalised else ""
-        return self._form_page(request, user_code=prefill, error=None, status=200)
+        return self._form_page(user_code=prefill, error=None, status=200)
 
     # --- POST /device -----------------------------------------------------------------------------
 
@@ -253,7 +282,6 @@ class BrowserPages:
         if user_code is None:
             await self._audit(request, kind, "denied", "malformed_code")
             return self._form_page(
-                request,
                 user_code="",
                 error="That is not a valid code. Check your terminal and try again.",
                 status=400,
@@ -263,7 +291,6 @@ class BrowserPages:
             reason = "unknown_code" if device is None else "code_not_pending"
             await self._audit(request, kind, "denied", reason)
             return self._form_page(
-                request,
                 user_code=format_user_code(user_code),
                 error="That code is unknown, expired or already used. Start again in your terminal.",
                 status=400,
@@ -273,7 +300,13 @@ class BrowserPages:
         except OidcError as exc:
             await self._audit(request, kind, "error", "idp_unavailable", detail={"idp_reason": exc.reason})
             return unavailable(ctx)
-        browser = _cookie(request, BROWSER_COOKIE) or generate_secret()
+        # 303 (RFC 9110 §15.4.4) turns the POST into a GET at the IdP. The target is the URL the OIDC
+        # client built from the IdP's own authorization endpoint, never a request parameter.
+        response = web.Response(status=303, headers={"Location": start.url})
+        _harden(ctx, response)
+        # A login step: fresh values, whatever the browser sent (a planted value is never bound).
+        browser = _new_browser(ctx, response)
+        _new_csrf(ctx, response)
         remaining = device.expires_at - now
         await store.create_auth_request(
             ctx.pool,
@@ -288,13 +321,6 @@ class BrowserPages:
             now=now,
         )
         await self._audit(request, kind, "ok", detail={"surface": device.surface})
-        # 303 (RFC 9110 §15.4.4) turns the POST into a GET at the IdP. The target is the URL the OIDC
-        # client built from the IdP's own authorization endpoint, never a request parameter.
-        response = web.Response(status=303, headers={"Location": start.url})
-        _harden(ctx, response)
-        # SameSite=Lax: the browser must send it back on the IdP's cross-site redirect to
-        # /oauth/callback, a top-level GET navigation (RFC 6265bis §5.4.7.1); Strict would not.
-        _set_cookie(ctx, response, BROWSER_COOKIE, browser, samesite="Lax")
         return response
 
     # --- GET /oauth/callback ----------------------------------------------------------------------
@@ -308,8 +334,11 @@ class BrowserPages:
         if not state:
             await self._audit(request, kind, "denied", "state_missing")
             return self._error(400, "Sign-in failed", "The sign-in response is incomplete. Start again.")
-        browser = _cookie(request, BROWSER_COOKIE) or ""
+        browser = _cookie(request, ctx.browser_cookie) or ""
         now = ctx.now()
+        oidc = ctx.oidc
+        if oidc is None:
+            return unavailable(ctx)
         # Consumed first, before anything in the response is believed: an IdP error or a code
         # only counts for the browser that started this sign-in, and only once.
         auth = await store.consume_auth_request(ctx.pool, state, secret_hash(browser), now)
@@ -319,6 +348,21 @@ class BrowserPages:
                 400,
                 "Sign-in failed",
                 "This sign-in link is not valid in this browser, or was already used. Start again.",
+            )
+        # RFC 9207 §2.4: a response (an error one too) naming another issuer is a mix-up attack's.
+        iss = query.get("iss")
+        try:
+            await oidc.check_authorization_response_issuer(iss)
+        except IdpUnavailable as exc:
+            await self._audit(request, kind, "error", "idp_unavailable", detail={"idp_reason": exc.reason})
+            return unavailable(ctx)
+        except OidcError as exc:
+            detail = None if iss is None else {"iss": iss[:200]}
+            await self._audit(request, kind, "denied", exc.reason, detail=detail)
+            return self._error(
+                400,
+                "Sign-in failed",
+                "The sign-in response did not come from your identity provider. Start again.",
             )
         error = query.get("error")
         if error is not None:
@@ -338,9 +382,6 @@ class BrowserPages:
         if not code:
             await self._audit(request, kind, "denied", "code_missing")
             return self._error(400, "Sign-in failed", "The sign-in response is incomplete. Start again.")
-        oidc = ctx.oidc
-        if oidc is None:
-            return unavailable(ctx)
         try:
             tokens = await oidc.exchange_code(code, ctx.callback_url, auth.code_verifier)
             if tokens.id_token is None:
@@ -391,10 +432,16 @@ class BrowserPages:
                 tokens.refresh_token.encode("utf-8"), associated_data=idp_token_binding(identity.sub)
             )
         approval_id = generate_secret()
+        response = html(ctx, "")
+        # A login step: the approval is bound to a new browser value, and a new CSRF value (the
+        # Strict one did not ride the IdP's cross-site redirect anyway).
+        new_browser = _new_browser(ctx, response)
+        csrf = _new_csrf(ctx, response)
         stored = await store.store_approval(
             ctx.pool,
             state=auth.state,
             approval_id=approval_id,
+            browser_hash=secret_hash(new_browser),
             identity=store.VerifiedIdentity(
                 sub=identity.sub,
                 email=identity.email,
@@ -409,17 +456,13 @@ class BrowserPages:
             await self._audit(request, kind, "denied", "approval_not_stored", email=identity.email)
             return self._error(400, "Sign-in failed", "This sign-in was already completed. Start again.")
         await self._audit(request, kind, "ok", email=identity.email)
-        # The Strict CSRF cookie did not ride the IdP's cross-site redirect; issue one if missing.
-        csrf = _cookie(request, CSRF_COOKIE) or generate_secret()
-        page = pages.approval_page(
+        response.text = pages.approval_page(
             surface=device.surface,
             email=identity.email,
             user_code=format_user_code(auth.user_code),
             approval_id=approval_id,
             csrf=csrf,
         )
-        response = html(ctx, page)
-        _set_cookie(ctx, response, CSRF_COOKIE, csrf, samesite="Strict")
         return response
 
     # --- POST /device/approve ---------------------------------------------------------------------
@@ -435,7 +478,7 @@ class BrowserPages:
         if decision not in ("approve", "deny") or not values["approval_id"]:
             return self._error(400, "Bad request", "The form could not be read. Start again.")
         now = ctx.now()
-        browser = _cookie(request, BROWSER_COOKIE) or ""
+        browser = _cookie(request, ctx.browser_cookie) or ""
         taken = await store.take_approval(ctx.pool, values["approval_id"], secret_hash(browser), now)
         if isinstance(taken, str):
             await self._audit(request, kind, "denied", taken)
@@ -446,7 +489,9 @@ class BrowserPages:
         if decision == "deny":
             await store.deny_device(ctx.pool, taken.user_code, now, email=identity.email)
             await self._audit(request, kind, "denied", "user_denied", email=identity.email)
-            return html(ctx, pages.denied_page())
+            response = html(ctx, pages.denied_page())
+            _end_cookies(ctx, response)
+            return response
         device = await store.find_device_by_user_code(ctx.pool, taken.user_code, now)
         if device is None or device.status != "pending":
             await self._audit(request, kind, "denied", "code_not_pending", email=identity.email)
@@ -479,7 +524,10 @@ class BrowserPages:
                 400, "Sign-in expired", "The code expired or was already used. Start again in your terminal."
             )
         await self._audit(request, kind, "ok", email=identity.email, session_id=session.id)
-        return html(ctx, pages.done_page(email=identity.email))
+        response = html(ctx, pages.done_page(email=identity.email))
+        # The last login step: the values that bound this sign-in are of no further use.
+        _end_cookies(ctx, response)
+        return response
 
 
 _ADMISSION_MESSAGES = {

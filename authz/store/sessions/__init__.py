@@ -12,8 +12,9 @@ transaction, so the notification is delivered when, and only if, the revocation 
 The functions live in submodules by concern and are re-exported here, so callers import them from
 this package: :mod:`~authz.store.sessions.device` (the device flow),
 :mod:`~authz.store.sessions.signin` (the browser's round trip to the IdP),
-:mod:`~authz.store.sessions.lifecycle` (sessions, refresh tokens, revocation) and
-:mod:`~authz.store.sessions.audit_log` (audit events, logout replay, pruning).
+:mod:`~authz.store.sessions.lifecycle` (sessions, refresh tokens, revocation),
+:mod:`~authz.store.sessions.logout` (back-channel logouts and their jti replay check) and
+:mod:`~authz.store.sessions.audit_log` (audit events, pruning).
 """
 
 from authz.store.sessions._common import (
@@ -37,7 +38,6 @@ from authz.store.sessions.audit_log import (
     audit,
     prune_expired,
     recent_audit,
-    remember_logout_jti,
 )
 from authz.store.sessions.device import (
     SLOW_DOWN_STEP,
@@ -62,6 +62,7 @@ from authz.store.sessions.lifecycle import (
     session_id_for_refresh_token,
     update_session_after_refresh,
 )
+from authz.store.sessions.logout import LogoutResult, LogoutStatus, record_backchannel_logout
 from authz.store.sessions.signin import (
     consume_auth_request,
     create_auth_request,
@@ -80,6 +81,8 @@ __all__ = [
     "AuthRequestFailure",
     "DeviceCode",
     "DeviceStatus",
+    "LogoutResult",
+    "LogoutStatus",
     "PollError",
     "PollResult",
     "RotateResult",
@@ -102,7 +105,7 @@ __all__ = [
     "poll_device",
     "prune_expired",
     "recent_audit",
-    "remember_logout_jti",
+    "record_backchannel_logout",
     "revoke_session",
     "revoke_sessions_by_idp",
     "revoke_sessions_for_user",

@@ -1,4 +1,4 @@
-"""The audit trail, back-channel logout replay protection, and pruning of expired rows."""
+"""The audit trail and the pruning of expired rows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from authz.store.db import Connection, Pool
 from authz.store.sessions._common import AuditEvent, _failing, _transaction
 
-# --- audit and back-channel logout replay ------------------------------------------------------
+# --- audit -------------------------------------------------------------------------------------
 
 
 async def audit(
@@ -69,27 +69,6 @@ async def recent_audit(db: Pool | Connection, limit: int = 50, kind: str | None 
         )
         for r in records
     ]
-
-
-async def remember_logout_jti(
-    db: Pool | Connection, jti: str, issuer: str, expires_at: datetime, now: datetime
-) -> bool:
-    """Record a back-channel logout token's ``jti``; False if it was seen before (a replay).
-
-    ``expires_at`` is when the token stops passing validation (its exp plus the allowed clock skew):
-    until then the jti is remembered; expired entries are pruned here.
-    """
-    with _failing("record a logout token id"):
-        async with _transaction(db) as conn:
-            await conn.execute("DELETE FROM logout_jtis WHERE expires_at <= $1", now)
-            record = await conn.fetchrow(
-                "INSERT INTO logout_jtis (jti, issuer, expires_at) VALUES ($1, $2, $3)"
-                " ON CONFLICT (issuer, jti) DO NOTHING RETURNING 1",
-                jti,
-                issuer,
-                expires_at,
-            )
-    return record is not None
 
 
 async def prune_expired(db: Pool | Connection, now: datetime, *, keep_sessions: timedelta) -> int:

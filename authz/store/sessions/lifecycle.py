@@ -184,7 +184,7 @@ async def list_sessions(
 # revocation, and a revoked one keeps its first reason.
 _BY_ID = "id = $3"
 _BY_EMAIL = "lower(email) = lower($3)"
-_BY_SUB = "sub = $3"
+_BY_SUB = "sub = $3 AND ($4::timestamptz IS NULL OR created_at <= $4)"
 _BY_SID = "idp_sid = $3 AND ($4::text IS NULL OR sub = $4)"
 
 
@@ -217,16 +217,27 @@ async def revoke_sessions_for_user(
 
 
 async def revoke_sessions_by_idp(
-    db: Pool | Connection, *, sub: str | None, idp_sid: str | None, reason: str, now: datetime
+    db: Pool | Connection,
+    *,
+    sub: str | None,
+    idp_sid: str | None,
+    reason: str,
+    now: datetime,
+    signed_in_by: datetime | None = None,
 ) -> list[str]:
     """Revoke what an OIDC back-channel logout names: the sessions with IdP session ``idp_sid``
     (and ``sub``, when given too), else all of ``sub``'s sessions (Back-Channel Logout 1.0,
-    section 2.4). Return their ids. ValueError if neither is given."""
+    section 2.4). Return their ids. ValueError if neither is given.
+
+    ``signed_in_by`` leaves out, of a logout by ``sub`` alone, the sessions created after it: one
+    replayed from the journal long after it arrived must not end a sign-in the user made since. An
+    IdP session, once logged out, never signs anyone in again, so ``idp_sid`` needs no such bound.
+    """
     with _failing("revoke sessions for an IdP logout"):
         if idp_sid is not None:
             return await _revoke(db, _BY_SID, (idp_sid, sub), reason, now)
         if sub is not None:
-            return await _revoke(db, _BY_SUB, (sub,), reason, now)
+            return await _revoke(db, _BY_SUB, (sub, signed_in_by), reason, now)
     raise ValueError("a logout names a sub, an IdP session id, or both")
 
 

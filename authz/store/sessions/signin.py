@@ -78,22 +78,27 @@ async def store_approval(
     *,
     state: str,
     approval_id: str,
+    browser_hash: bytes,
     identity: VerifiedIdentity,
     ttl: timedelta,
     now: datetime,
 ) -> bool:
-    """Park the identity verified at the callback of ``state`` under ``approval_id`` for the approve POST.
+    """Park the identity verified at the callback of ``state`` under ``approval_id`` for the approve
+    POST, bound from now on to the browser whose new cookie hashes to ``browser_hash`` (the binding
+    cookie is rotated at every sign-in step).
 
     False unless the auth request was consumed and holds no approval yet.
     """
     with _failing("store an approval"):
         record = await db.fetchrow(
-            "UPDATE auth_requests SET approval_id = $2, identity = $3::jsonb, approval_expires_at = $4"
+            "UPDATE auth_requests SET approval_id = $2, identity = $3::jsonb, approval_expires_at = $4,"
+            " browser_hash = $5"
             " WHERE state = $1 AND used_at IS NOT NULL AND approval_id IS NULL RETURNING 1",
             state,
             approval_id,
             _identity_json(identity),
             now + ttl,
+            browser_hash,
         )
     return record is not None
 

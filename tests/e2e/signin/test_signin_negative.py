@@ -175,6 +175,7 @@ def test_user_code_guessing_is_rate_limited_per_address(signin: SignInEnv) -> No
         assert form.status_code == 200
         match = CSRF_FIELD.search(form.text)
         assert match is not None
+        csrf = match.group(1)
         since = last_audit_id(signin.dsn)
         statuses = []
         for _ in range(USER_CODE_ATTEMPTS + 5):
@@ -183,10 +184,13 @@ def test_user_code_guessing_is_rate_limited_per_address(signin: SignInEnv) -> No
             spoofed = f"10.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{secrets.randbelow(256)}"
             response = guesser.post(
                 "/device",
-                data={"user_code": guess, "csrf": match.group(1)},
+                data={"user_code": guess, "csrf": csrf},
                 headers={"Origin": signin.url, "X-Forwarded-For": spoofed},
             )
             statuses.append(response.status_code)
+            # Each form page comes with a freshly minted token (and its cookie).
+            if (fresh := CSRF_FIELD.search(response.text)) is not None:
+                csrf = fresh.group(1)
             if response.status_code == 429:
                 assert int(response.headers["retry-after"]) >= 1
                 break

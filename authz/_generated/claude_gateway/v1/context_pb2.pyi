@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "started_at", "sub", "email", "groups", "session_id", "cc_session_id", "agent_id", "parent_agent_id", "user_agent", "ingress_format", "operation", "streaming", "upstream", "model_raw", "model", "model_segment", "regional")
+    __slots__ = ("request_id", "started_at", "sub", "email", "groups", "session_id", "cc_session_id", "agent_id", "parent_agent_id", "user_agent", "client_format", "operation", "streaming", "upstream", "requested_model", "model", "upstream_model", "regional", "policy", "upstream_kind", "upstream_query", "request_bytes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SUB_FIELD_NUMBER: _ClassVar[int]
@@ -18,14 +18,18 @@ class RequestContext(_message.Message):
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARENT_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     USER_AGENT_FIELD_NUMBER: _ClassVar[int]
-    INGRESS_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     STREAMING_FIELD_NUMBER: _ClassVar[int]
     UPSTREAM_FIELD_NUMBER: _ClassVar[int]
-    MODEL_RAW_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
     REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_KIND_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_QUERY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started_at: float
     sub: str
@@ -36,12 +40,16 @@ class RequestContext(_message.Message):
     agent_id: str
     parent_agent_id: str
     user_agent: str
-    ingress_format: str
+    client_format: str
     operation: str
     streaming: bool
     upstream: str
-    model_raw: str
+    requested_model: str
     model: str
-    model_segment: str
+    upstream_model: str
     regional: bool
-    def __init__(self, request_id: _Optional[str] = ..., started_at: _Optional[float] = ..., sub: _Optional[str] = ..., email: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., cc_session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_agent_id: _Optional[str] = ..., user_agent: _Optional[str] = ..., ingress_format: _Optional[str] = ..., operation: _Optional[str] = ..., streaming: _Optional[bool] = ..., upstream: _Optional[str] = ..., model_raw: _Optional[str] = ..., model: _Optional[str] = ..., model_segment: _Optional[str] = ..., regional: _Optional[bool] = ...) -> None: ...
+    policy: str
+    upstream_kind: str
+    upstream_query: str
+    request_bytes: int
+    def __init__(self, request_id: _Optional[str] = ..., started_at: _Optional[float] = ..., sub: _Optional[str] = ..., email: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., cc_session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_agent_id: _Optional[str] = ..., user_agent: _Optional[str] = ..., client_format: _Optional[str] = ..., operation: _Optional[str] = ..., streaming: _Optional[bool] = ..., upstream: _Optional[str] = ..., requested_model: _Optional[str] = ..., model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., regional: _Optional[bool] = ..., policy: _Optional[str] = ..., upstream_kind: _Optional[str] = ..., upstream_query: _Optional[str] = ..., request_bytes: _Optional[int] = ...) -> None: ...

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote, unquote
 
 import botocore.session
 from botocore.auth import SigV4Auth
@@ -24,18 +23,16 @@ from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
 from botocore.exceptions import BotoCoreError, ClientError
 
-from backends.base import BackendError, Caller, SignedRequest, UnsupportedPathError, endpoint_from_url
+from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest
+from backends.bedrock import ids
 from backends.credentials import NEVER, Expiring, RefreshingCache
+from backends.errors import BackendError
 
 # Bedrock Runtime signs as service "bedrock" (its endpoint prefix differs from its signing name).
 # https://docs.aws.amazon.com/bedrock/latest/userguide/inference-invoke.html
 SIGNING_NAME = "bedrock"
 
 _REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)+")
-_MODEL_PATH = re.compile(
-    r"/model/(?P<model>[^/?]+)/(?P<action>invoke|invoke-with-response-stream|count-tokens)(?P<query>\?.*)?"
-)
-_PROFILES_PATH = re.compile(r"/inference-profiles(?:\?.*)?")
 
 # STS caps session durations at 12 hours and refuses less than 15 minutes.
 # https://docs.aws.amazon.com/STS/latest/APIReference/API_AssumeRole.html
@@ -143,25 +140,23 @@ def session_tags(caller: Caller) -> list[dict[str, str]]:
     return tags
 
 
-def _encode_model_id(model_id: str) -> str:
-    # Percent-encode the way botocore serialises the modelId URI label (everything but
-    # unreserved characters), so an ARN's '/' and ':' stay inside one path segment.
-    return quote(model_id, safe="-_.~")
-
-
 def _client_error(exc: ClientError | BotoCoreError) -> str:
     if isinstance(exc, ClientError):
         return str(exc.response.get("Error", {}).get("Code", "unknown error"))
     return type(exc).__name__
 
 
-def default_host(region: str, *, fips: bool = False) -> str:
-    """The Bedrock runtime host for ``region`` (the FIPS one when asked).
-
-    https://docs.aws.amazon.com/general/latest/gr/bedrock.html
+def endpoint(region: str, base_url: str | None, *, fips: bool = False) -> Endpoint:
+    """``base_url`` (VPC interface endpoints, the local emulator) or the Bedrock runtime host for
+    ``region`` (the FIPS one when asked). https://docs.aws.amazon.com/general/latest/gr/bedrock.html
     """
+    if base_url is not None:
+        try:
+            return Endpoint.parse(base_url)
+        except BackendError as exc:
+            raise BackendError(f"base_url {exc}") from exc.__cause__
     prefix = "bedrock-runtime-fips" if fips else "bedrock-runtime"
-    return f"{prefix}.{region}.amazonaws.com"
+    return Endpoint.https(f"{prefix}.{region}.amazonaws.com")
 
 
 class BedrockUpstream:
@@ -194,11 +189,8 @@ class BedrockUpstream:
                 )
         self.name = settings.name
         self.settings = settings
-        if settings.base_url is not None:
-            # VPC interface endpoints and the local emulator.
-            self.scheme, self.authority = endpoint_from_url(settings.base_url)
-        else:
-            self.scheme, self.authority = "https", default_host(settings.region, fips=settings.fips)
+        self.endpoint = endpoint(settings.region, settings.base_url, fips=settings.fips)
+        self.authority = self.endpoint.authority
         self._model_map = dict(settings.model_map)
         self._sts_client = sts_client
         self._owns_sts_client = sts_client is None
@@ -209,24 +201,15 @@ class BedrockUpstream:
             name=f"AWS credentials for bedrock upstream {settings.name!r}", clock=clock, maxsize=cache_size
         )
 
-    def upstream_path(self, ingress_path: str, model_id: str) -> str:
-        """Keep the Bedrock path, substituting the model id only when ``model_map`` maps it.
+    def model_id(self, model: ModelRef) -> str:
+        """``model_map``'s Bedrock id for the canonical model, else the id as parsed and rebuilt."""
+        return self._model_map.get(model.canonical, model.upstream_id)
 
-        The client's model segment is otherwise passed through byte for byte (an inference-profile
-        ARN keeps its ``%2F``), because the signature covers the exact path sent.
-        """
-        if _PROFILES_PATH.fullmatch(ingress_path):
-            # ListInferenceProfiles belongs to the control plane (bedrock.{region}.amazonaws.com),
-            # which shares the "bedrock" signing name; the runtime host does not serve it, so
-            # against real AWS the caller should answer this start-up probe itself.
-            return ingress_path
-        match = _MODEL_PATH.fullmatch(ingress_path)
-        if match is None or match["model"] in (".", ".."):
-            raise UnsupportedPathError(f"bedrock upstream {self.name!r} does not serve this path")
-        canonical = model_id or unquote(match["model"])
-        mapped = self._model_map.get(canonical)
-        segment = match["model"] if mapped is None else _encode_model_id(mapped)
-        return f"/model/{segment}/{match['action']}{match['query'] or ''}"
+    def path(self, operation: Operation, model_id: str | None, query: str = "") -> str:
+        """The Bedrock Runtime path (ListInferenceProfiles belongs to the control plane,
+        ``bedrock.{region}.amazonaws.com``, which shares the "bedrock" signing name; the runtime
+        host serves it only behind the emulator, so against real AWS it is refused there)."""
+        return ids.request_path(operation, model_id, query)
 
     async def sign(
         self,
@@ -250,7 +233,10 @@ class BedrockUpstream:
             if lname == _SIGNED_HEADER or (lname.startswith(_SIGNED_PREFIX) and lname not in _SIGNER_HEADERS):
                 to_sign[lname] = value
         request = AWSRequest(
-            method=method.upper(), url=f"{self.scheme}://{self.authority}{path}", data=body, headers=to_sign
+            method=method.upper(),
+            url=f"{self.endpoint.scheme}://{self.authority}{path}",
+            data=body,
+            headers=to_sign,
         )
         signer = SigV4Auth(credentials, SIGNING_NAME, self.settings.region)
         if len(body) > _INLINE_SIGN_MAX_BODY:

@@ -8,13 +8,11 @@ authorised with its own Google credential.
 from __future__ import annotations
 
 import datetime
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-from urllib.parse import quote, unquote
 
 import urllib3
 from google.auth import default as application_default
@@ -22,22 +20,14 @@ from google.auth import exceptions as google_exceptions
 from google.auth.transport.urllib3 import Request
 from google.oauth2 import service_account
 
-from backends.base import BackendError, Caller, SignedRequest, UnsupportedPathError, endpoint_from_url
+from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest
 from backends.credentials import Expiring, RefreshingCache
+from backends.errors import BackendError
+from backends.vertex import ids
 
 # https://cloud.google.com/vertex-ai/generative-ai/docs/partner-models/claude/use-claude
 SCOPES = ("https://www.googleapis.com/auth/cloud-platform",)
 
-_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-# Project ids are 6-30 characters of lower-case letters, digits and hyphens; older projects may
-# carry a domain prefix ("example.com:project").
-# https://cloud.google.com/resource-manager/docs/creating-managing-projects
-_PROJECT = re.compile(r"(?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9]")
-_MODEL_PATH = re.compile(
-    r"/v1/projects/[^/?]+/locations/[^/?]+/publishers/anthropic/models/"
-    r"(?P<model>[^/?]+):(?P<method>rawPredict|streamRawPredict)(?P<query>\?.*)?"
-)
-_COUNT_TOKENS = "count-tokens"
 # A token without a stated expiry is refreshed after this long rather than trusted forever.
 _UNKNOWN_EXPIRY_TTL = 15 * 60
 
@@ -116,12 +106,19 @@ def _auth_transport() -> Any:
     return Request(urllib3.PoolManager(timeout=urllib3.Timeout(connect=5, read=10)))  # type: ignore[no-untyped-call]
 
 
-def default_host(region: str) -> str:
-    """The Vertex AI host for ``region``; the global endpoint has no region prefix.
-
+def endpoint(region: str, base_url: str | None) -> Endpoint:
+    """``base_url`` (the local emulator, a private endpoint), else the Vertex AI host for ``region``;
+    the global endpoint has no region prefix.
     https://cloud.google.com/vertex-ai/generative-ai/docs/learn/locations#global-endpoint
     """
-    return "aiplatform.googleapis.com" if region == "global" else f"{region}-aiplatform.googleapis.com"
+    if base_url is not None:
+        try:
+            return Endpoint.parse(base_url)
+        except BackendError as exc:
+            raise BackendError(f"base_url {exc}") from exc.__cause__
+    return Endpoint.https(
+        "aiplatform.googleapis.com" if region == "global" else f"{region}-aiplatform.googleapis.com"
+    )
 
 
 class VertexUpstream:
@@ -141,16 +138,14 @@ class VertexUpstream:
         auth_request: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not _REGION.fullmatch(settings.region):
+        if not ids.REGION.fullmatch(settings.region):
             raise BackendError(f"vertex upstream {settings.name!r}: region {settings.region!r} is invalid")
-        if not _PROJECT.fullmatch(settings.project):
+        if not ids.PROJECT.fullmatch(settings.project):
             raise BackendError(f"vertex upstream {settings.name!r}: project {settings.project!r} is invalid")
         self.name = settings.name
         self.settings = settings
-        if settings.base_url is not None:
-            self.scheme, self.authority = endpoint_from_url(settings.base_url)
-        else:
-            self.scheme, self.authority = "https", default_host(settings.region)
+        self.endpoint = endpoint(settings.region, settings.base_url)
+        self.authority = self.endpoint.authority
         self._model_map = dict(settings.model_map)
         self._credentials = credentials
         self._transport: Any = auth_request
@@ -161,29 +156,14 @@ class VertexUpstream:
             name=f"Google access token for vertex upstream {settings.name!r}", clock=clock, maxsize=1
         )
 
-    def upstream_path(self, ingress_path: str, model_id: str) -> str:
-        """Rewrite the ingress path onto the configured project and region.
+    def model_id(self, model: ModelRef) -> str:
+        """``model_map``'s Vertex id for the canonical model, else the id as parsed and rebuilt."""
+        return self._model_map.get(model.canonical, model.upstream_id)
 
-        The client's project and region are ignored (a client must not pick which project is
-        billed); the method and the model (or ``model_map``'s replacement) are kept. Count-tokens
-        (``models/count-tokens:rawPredict``) is kept as is.
-        """
-        match = _MODEL_PATH.fullmatch(ingress_path)
-        if match is None or match["model"] in (".", ".."):
-            raise UnsupportedPathError(f"vertex upstream {self.name!r} does not serve this path")
-        segment, method = match["model"], match["method"]
-        if segment == _COUNT_TOKENS:
-            if method != "rawPredict":
-                raise UnsupportedPathError(f"vertex upstream {self.name!r}: count-tokens takes rawPredict")
-        else:
-            mapped = self._model_map.get(model_id or unquote(segment))
-            if mapped is not None:
-                # '@' separates a Vertex model's version ("claude-haiku-4-5@20251001").
-                segment = quote(mapped, safe="-_.~@")
-        return (
-            f"/v1/projects/{self.settings.project}/locations/{self.settings.region}"
-            f"/publishers/anthropic/models/{segment}:{method}{match['query'] or ''}"
-        )
+    def path(self, operation: Operation, model_id: str | None, query: str = "") -> str:
+        """The path in the configured project and region: a client must not pick which project is
+        billed, so the one it named is never used."""
+        return ids.request_path(self.settings.project, self.settings.region, operation, model_id)
 
     async def sign(
         self,

@@ -1,4 +1,5 @@
-"""The ext_proc handlers: signing requests, rewriting upstream errors, and writing one usage row each."""
+"""The ext_proc exchange: preparing requests, relaying and metering responses, rewriting upstream
+errors, and writing exactly one usage row per request."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ import pytest
 
 from authz.billing.pricing import PriceBook
 from authz.billing.usagerow import UsageRow
-from authz.gateway.context import RequestContext
-from authz.gateway.process import CONTINUE, Continue, Deps, MeterHandler, Reply, SignHandler
-from backends.base import BackendError, Caller, SignedRequest, UnsupportedPathError, Upstream
-from backends.messages import canned_message
+from authz.gateway.exchange import CONTINUE, Continue, Deps, Exchange, Reply
+from authz.identity import Caller as Who
+from authz.identity import ClientFacts, RequestIdentity
+from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest, Upstream
+from backends.emulator.canned import canned_message
+from backends.errors import BackendError
 from backends.usage import Usage
 
 STREAMS = Path(__file__).parent.parent / "fixtures" / "streams"
@@ -38,30 +41,33 @@ SIGNED = SignedRequest(
 class FakeUpstream:
     """An upstream that returns a fixed signature (or raises) and records what it was asked."""
 
-    kind = "bedrock"
-    scheme = "https"
-    authority = SIGNED.authority
+    endpoint = Endpoint.https(SIGNED.authority)
 
     def __init__(
         self,
         name: str = "bedrock-us",
         *,
+        kind: str = "bedrock",
         signed: SignedRequest = SIGNED,
         sign_error: BackendError | None = None,
         path_error: BackendError | None = None,
     ) -> None:
         self.name = name
+        self.kind = kind
         self.signed = signed
         self.sign_error = sign_error
         self.path_error = path_error
-        self.paths: list[tuple[str, str]] = []
+        self.paths: list[tuple[str, str | None, str]] = []
         self.calls: list[dict[str, object]] = []
 
-    def upstream_path(self, ingress_path: str, model_id: str) -> str:
-        self.paths.append((ingress_path, model_id))
+    def model_id(self, model: ModelRef) -> str:
+        return model.upstream_id
+
+    def path(self, operation: Operation, model_id: str | None, query: str = "") -> str:
+        self.paths.append((operation, model_id, query))
         if self.path_error is not None:
             raise self.path_error
-        return "/upstream" + ingress_path
+        return f"/upstream/{operation}/{model_id}" + (f"?{query}" if query else "")
 
     async def sign(
         self, *, method: str, path: str, headers: Mapping[str, str], body: bytes, caller: Caller
@@ -91,38 +97,46 @@ class Clock:
         return self.now
 
 
-BEDROCK_CTX = RequestContext(
+BEDROCK_CTX = RequestIdentity(
     request_id="req-1",
     started_at=T0,
-    sub="00u-alice",
-    email="alice@example.com",
-    groups=("eng",),
-    session_id="sess-1",
-    cc_session_id="cc-1",
-    agent_id="agent-7",
-    parent_agent_id="agent-1",
-    user_agent="claude-cli/2.1.0 (external, cli)",
-    ingress_format="bedrock",
+    client_format="bedrock",
     operation="stream",
     streaming=True,
+    caller=Who(sub="00u-alice", email="alice@example.com", groups=("eng",), session_id="sess-1"),
+    client=ClientFacts(
+        cc_session_id="cc-1",
+        agent_id="agent-7",
+        parent_agent_id="agent-1",
+        user_agent="claude-cli/2.1.0 (external, cli)",
+    ),
+    policy="eng",
     upstream="bedrock-us",
-    model_raw="us.anthropic.claude-opus-5-5",
+    upstream_kind="bedrock",
+    requested_model="us.anthropic.claude-opus-5-5",
     model="claude-opus-5-5",
-    model_segment="us.anthropic.claude-opus-5-5",
+    upstream_model="us.anthropic.claude-opus-5-5-v2",
     regional=True,
+    request_bytes=74,
 )
 VERTEX_CTX = dataclasses.replace(
     BEDROCK_CTX,
-    ingress_format="vertex",
+    client_format="vertex",
     upstream="vertex-main",
-    model_raw="claude-sonnet-4-5@20250929",
+    upstream_kind="vertex",
+    requested_model="claude-sonnet-4-5@20250929",
     model="claude-sonnet-4-5-20250929",
-    model_segment="claude-sonnet-4-5@20250929",
+    upstream_model="claude-sonnet-4-5@20250929",
     regional=False,
 )
 BEDROCK_INVOKE_CTX = dataclasses.replace(BEDROCK_CTX, operation="invoke", streaming=False)
 COUNT_CTX = dataclasses.replace(
-    VERTEX_CTX, operation="count_tokens", streaming=False, model=None, model_raw=None, model_segment=None
+    VERTEX_CTX,
+    operation="count_tokens",
+    streaming=False,
+    model=None,
+    requested_model=None,
+    upstream_model=None,
 )
 
 BEDROCK_PATH = "/model/us.anthropic.claude-opus-5-5/invoke-with-response-stream"
@@ -152,10 +166,9 @@ def _world(**bedrock: object) -> World:
     rows: list[UsageRow] = []
     clock = Clock(T0 + 0.1)
     up = FakeUpstream("bedrock-us", **bedrock)  # type: ignore[arg-type]
-    vertex = FakeUpstream("vertex-main")
+    vertex = FakeUpstream("vertex-main", kind="vertex")
     deps = Deps(
         upstreams={"bedrock-us": up, "vertex-main": vertex},
-        model_maps={"bedrock-us": {"claude-opus-5-5": "us.anthropic.claude-opus-5-5-v2"}},
         prices=PriceBook(),
         record=rows.append,
         clock=clock,
@@ -173,28 +186,35 @@ def _only_row(world: World) -> UsageRow:
     return world.rows[0]
 
 
-# --- signing ----------------------------------------------------------------------------------
+# --- preparing the upstream request ------------------------------------------------------------
 
 
 async def test_request_without_body_is_signed_on_headers(world: World) -> None:
-    """A bodiless request (GET /inference-profiles) is signed at once, over an empty body."""
+    """A bodiless request (GET /inference-profiles) is signed at once, over an empty body, on the
+    path the gateway builds (the re-serialised query included)."""
     ctx = dataclasses.replace(
-        BEDROCK_CTX, operation="list_profiles", streaming=False, model=None, model_raw=None
+        BEDROCK_CTX,
+        operation="list_profiles",
+        streaming=False,
+        model=None,
+        requested_model=None,
+        upstream_model=None,
+        upstream_query="type=SYSTEM_DEFINED",
     )
-    handler = SignHandler(world.deps)
+    exchange = Exchange(world.deps)
     headers = {
         ":method": "GET",
-        ":path": "/inference-profiles?type=SYSTEM_DEFINED",
+        ":path": "/inference-profiles?type=SYSTEM_DEFINED&evil=1",
         "accept-encoding": "gzip",
     }
 
-    action = await handler.on_request_headers(headers, True, ctx)
+    action = await exchange.on_request_headers(headers, True, ctx)
 
-    assert world.bedrock.paths == [("/inference-profiles?type=SYSTEM_DEFINED", "")]
+    assert world.bedrock.paths == [("list_profiles", None, "type=SYSTEM_DEFINED")]
     assert world.bedrock.calls == [
         {
             "method": "GET",
-            "path": "/upstream/inference-profiles?type=SYSTEM_DEFINED",
+            "path": "/upstream/list_profiles/None?type=SYSTEM_DEFINED",
             "headers": {},
             "body": b"",
             "caller": Caller(sub="00u-alice", email="alice@example.com", groups=("eng",)),
@@ -208,17 +228,18 @@ async def test_request_without_body_is_signed_on_headers(world: World) -> None:
 async def test_request_with_body_is_signed_on_the_body(world: World) -> None:
     """With a body, headers pass untouched and the body's exact bytes are signed; the answer sets
     :authority, :path and the credential headers (sorted) and removes accept-encoding."""
-    handler = SignHandler(world.deps)
+    exchange = Exchange(world.deps)
 
-    assert await handler.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX) == CONTINUE
+    assert await exchange.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX) == CONTINUE
     assert world.bedrock.calls == []
 
-    action = await handler.on_request_body(BODY)
+    action = await exchange.on_request_body(BODY)
 
-    assert world.bedrock.paths == [(BEDROCK_PATH, "claude-opus-5-5")]
+    # The path names the model ext_authz resolved, never the client's path segment.
+    assert world.bedrock.paths == [("stream", "us.anthropic.claude-opus-5-5-v2", "")]
     (call,) = world.bedrock.calls
     assert call["method"] == "POST"
-    assert call["path"] == "/upstream" + BEDROCK_PATH
+    assert call["path"] == "/upstream/stream/us.anthropic.claude-opus-5-5-v2"
     assert call["headers"] == {"content-type": "application/json"}
     assert call["body"] == BODY
     assert action == Continue(
@@ -234,14 +255,23 @@ async def test_request_with_body_is_signed_on_the_body(world: World) -> None:
     assert world.rows == []
 
 
+async def test_vertex_is_prepared_on_headers_without_the_body(world: World) -> None:
+    """A bearer token covers no body, so a Vertex request is prepared as soon as its headers arrive."""
+    exchange = Exchange(world.deps)
+    action = await exchange.on_request_headers(REQUEST_HEADERS, False, VERTEX_CTX)
+    assert isinstance(action, Continue) and action.set_headers
+    assert world.vertex.paths == [("stream", "claude-sonnet-4-5@20250929", "")]
+    assert world.vertex.calls[0]["body"] == b""
+
+
 async def test_missing_context_fails_closed_without_calling_upstream(world: World) -> None:
     """Without the ext_authz context the request is answered with a 5xx api_error and never signed."""
-    handler = SignHandler(world.deps)
-    action = await handler.on_request_headers(REQUEST_HEADERS, False, None)
+    exchange = Exchange(world.deps)
+    action = await exchange.on_request_headers(REQUEST_HEADERS, False, None)
     assert isinstance(action, Reply)
     assert action.reply.status >= 500
     assert json.loads(action.reply.body)["error"]["type"] == "api_error"
-    handler.on_close()
+    exchange.on_close()
     assert world.bedrock.paths == [] and world.bedrock.calls == []
     assert world.rows == []
 
@@ -249,54 +279,52 @@ async def test_missing_context_fails_closed_without_calling_upstream(world: Worl
 async def test_signing_failure_is_502_and_an_error_row() -> None:
     """A BackendError while signing answers 502 api_error (no upstream detail) and writes one error row."""
     world = _world(sign_error=BackendError(f"AssumeRole failed for arn:aws:iam::{ACCOUNT}:role/gw"))
-    handler = SignHandler(world.deps)
-    await handler.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
     world.clock.now = T0 + 0.25
 
-    action = await handler.on_request_body(BODY)
+    action = await exchange.on_request_body(BODY)
 
     assert isinstance(action, Reply)
     assert action.reply.status == 502
     assert json.loads(action.reply.body)["error"]["type"] == "api_error"
     assert ACCOUNT not in action.reply.body.decode()
-    handler.on_close()
+    exchange.on_close()
     row = _only_row(world)
     assert (row.status, row.outcome) == (502, "error")
-    assert row.reason is not None and row.reason.startswith("credentials:")
+    assert row.reason is not None and row.reason.startswith("upstream preparation:")
     assert row.latency_ms == 250.0
     assert row.cost_usd == 0
 
 
-async def test_unsupported_path_is_a_404_and_an_error_row() -> None:
-    """A path the upstream cannot serve is answered 404 not_found_error, unsigned, with one error row."""
-    world = _world(path_error=UnsupportedPathError("bedrock upstream 'bedrock-us' does not serve this path"))
-    handler = SignHandler(world.deps)
-    await handler.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
-    action = await handler.on_request_body(BODY)
-    handler.on_close()
+async def test_unsupported_operation_is_a_502_and_an_error_row() -> None:
+    """An operation the upstream has no path for is answered 502, unsigned, with one error row."""
+    world = _world(path_error=BackendError("Bedrock has no list_models route"))
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
+    action = await exchange.on_request_body(BODY)
+    exchange.on_close()
     assert isinstance(action, Reply)
-    assert action.reply.status == 404
-    assert json.loads(action.reply.body)["error"]["type"] == "not_found_error"
+    assert action.reply.status == 502
     assert world.bedrock.calls == []
     row = _only_row(world)
-    assert (row.status, row.outcome) == (404, "error")
+    assert (row.status, row.outcome) == (502, "error")
 
 
 async def test_unknown_upstream_is_a_reply_and_an_error_row(world: World) -> None:
     """A context naming an upstream this process does not have fails closed with a reply and an error row."""
-    handler = SignHandler(world.deps)
+    exchange = Exchange(world.deps)
     ctx = dataclasses.replace(BEDROCK_CTX, upstream="removed-in-reload")
-    await handler.on_request_headers(REQUEST_HEADERS, False, ctx)
     try:
-        action = await handler.on_request_body(BODY)
+        action = await exchange.on_request_headers(REQUEST_HEADERS, False, ctx)
     finally:
-        handler.on_close()
+        exchange.on_close()
     assert isinstance(action, Reply)
     assert action.reply.status >= 500
     assert [row.outcome for row in world.rows] == ["error"]
 
 
-# --- streaming responses: the meter owns the row ----------------------------------------------
+# --- streaming responses: metered chunk by chunk ----------------------------------------------
 
 
 def _random_chunks(data: bytes, seed: int) -> list[bytes]:
@@ -334,7 +362,9 @@ STREAM_CASES = [
     # Sonnet 4.5 on global Vertex: 3*3 + 210*15 + 1000*3.75 + 500*6 + 20000*0.30 = 15909 per 1e6.
     (
         "bedrock_cache_split_padding.eventstream",
-        dataclasses.replace(VERTEX_CTX, ingress_format="bedrock", upstream="bedrock-us"),
+        dataclasses.replace(
+            VERTEX_CTX, client_format="bedrock", upstream="bedrock-us", upstream_kind="bedrock"
+        ),
         CACHE_USAGE,
         Decimal("0.01590900"),
     ),
@@ -346,52 +376,59 @@ STREAM_CASES = [
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize(("name", "ctx", "usage", "cost"), STREAM_CASES, ids=[c[0] for c in STREAM_CASES])
 async def test_streamed_response_writes_exactly_one_complete_row(
-    name: str, ctx: RequestContext, usage: Usage, cost: Decimal, seed: int
+    name: str, ctx: RequestIdentity, usage: Usage, cost: Decimal, seed: int
 ) -> None:
-    """A 2xx stream: the sign handler writes nothing, the meter fed the recorded stream in random
-    chunks writes one 'complete' row with the exact usage, cost and timings."""
+    """A 2xx stream fed in random chunks is relayed unchanged and written as one 'complete' row
+    with the exact usage, cost and timings."""
     world = _world()
-    sign = SignHandler(world.deps)
-    meter = MeterHandler(world.deps)
-    await sign.on_request_headers(REQUEST_HEADERS, False, ctx)
-    await sign.on_request_body(BODY)
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(REQUEST_HEADERS, False, ctx)
+    await exchange.on_request_body(BODY)
 
     world.clock.now = T0 + 0.5
     response = {":status": "200", "content-type": "application/vnd.amazon.eventstream"}
-    assert sign.on_response_headers(response) == CONTINUE  # no buffering: the body flows untouched
-    meter.on_response_headers(response, ctx)
+    assert exchange.on_response_headers(200, response) == CONTINUE  # no buffering: the body flows
     for chunk in _random_chunks((STREAMS / name).read_bytes(), seed):
-        meter.on_response_body(chunk, False)
+        assert exchange.on_response_body(chunk, False) == CONTINUE  # relayed unchanged
+    assert world.rows == []
     world.clock.now = T0 + 2.0
-    meter.on_response_body(b"", True)
-    sign.on_close()
-    meter.on_close()
+    exchange.on_response_body(b"", True)
+    exchange.on_close()
 
     row = _only_row(world)
     assert (row.status, row.outcome, row.reason) == (200, "complete", None)
     assert row.input_tokens == usage.input_tokens
     assert row.output_tokens == usage.output_tokens
     assert row.output_tokens_estimated is False
+    assert row.input_tokens_estimated is False
     assert row.cache_write_tokens == usage.cache_creation_input_tokens
     assert row.cache_write_5m_tokens == usage.cache_creation_5m_input_tokens
     assert row.cache_write_1h_tokens == usage.cache_creation_1h_input_tokens
     assert row.cache_read_tokens == usage.cache_read_input_tokens
     assert row.cost_usd == cost
     assert (row.ttfb_ms, row.latency_ms) == (500.0, 2000.0)
-    assert (row.request_id, row.user_sub, row.upstream, row.requested_model) == (
+    assert (row.request_id, row.user_sub, row.upstream, row.requested_model, row.policy) == (
         "req-1",
         "00u-alice",
         ctx.upstream,
-        ctx.model_raw,
+        ctx.requested_model,
+        "eng",
     )
 
 
-async def test_row_names_the_mapped_upstream_model(world: World) -> None:
-    """upstream_model is the upstream's model_map entry when there is one, else the client's model id."""
+async def _streaming(world: World, ctx: RequestIdentity) -> Exchange:
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(REQUEST_HEADERS, False, ctx)
+    await exchange.on_request_body(BODY)
+    exchange.on_response_headers(200, {":status": "200"})
+    return exchange
+
+
+async def test_row_names_the_upstream_model_ext_authz_resolved(world: World) -> None:
+    """upstream_model is the id ext_authz resolved (model_map's entry, or the parsed id)."""
     for ctx in (BEDROCK_CTX, VERTEX_CTX):
-        meter = MeterHandler(world.deps)
-        meter.on_response_headers({":status": "200"}, ctx)
-        meter.on_response_body((STREAMS / "vertex_basic.sse").read_bytes(), True)
+        exchange = await _streaming(world, ctx)
+        exchange.on_response_body((STREAMS / "vertex_basic.sse").read_bytes(), True)
     assert [row.upstream_model for row in world.rows] == [
         "us.anthropic.claude-opus-5-5-v2",
         "claude-sonnet-4-5@20250929",
@@ -405,8 +442,7 @@ async def test_meter_closed_mid_stream_writes_client_aborted_with_estimate(world
     # deltas plus half of the next frame.
     ends = _frame_ends(data)
     cut = ends[5] + (ends[6] - ends[5]) // 2
-    meter = MeterHandler(world.deps)
-    meter.on_response_headers({":status": "200"}, BEDROCK_CTX)
+    meter = await _streaming(world, BEDROCK_CTX)
     for chunk in _random_chunks(data[:cut], 1):
         meter.on_response_body(chunk, False)
     meter.on_close()
@@ -415,6 +451,7 @@ async def test_meter_closed_mid_stream_writes_client_aborted_with_estimate(world
     row = _only_row(world)
     assert (row.status, row.outcome) == (200, "client_aborted")
     assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (25, 4, True)
+    assert row.input_tokens_estimated is False  # the upstream reported the input
     # Opus 5.5 regional: (25 * 4 + 4 * 20) / 1e6 * 1.10.
     assert row.cost_usd == Decimal("0.00019800")
 
@@ -433,11 +470,10 @@ async def test_meter_closed_mid_stream_writes_client_aborted_with_estimate(world
     ],
 )
 async def test_in_stream_error_writes_upstream_error(
-    world: World, name: str, ctx: RequestContext, reason: str, input_tokens: int, output_tokens: int
+    world: World, name: str, ctx: RequestIdentity, reason: str, input_tokens: int, output_tokens: int
 ) -> None:
     """An exception frame or SSE error event ends the row as upstream_error, usage so far estimated."""
-    meter = MeterHandler(world.deps)
-    meter.on_response_headers({":status": "200"}, ctx)
+    meter = await _streaming(world, ctx)
     for chunk in _random_chunks((STREAMS / name).read_bytes(), 3):
         meter.on_response_body(chunk, False)
     meter.on_response_body(b"", True)
@@ -455,28 +491,83 @@ async def test_in_stream_error_writes_upstream_error(
 async def test_stream_ending_without_message_stop_is_an_upstream_error(world: World) -> None:
     """A stream that ends cleanly but before message_stop is recorded as upstream_error."""
     data = (STREAMS / "vertex_basic.sse").read_bytes()
-    meter = MeterHandler(world.deps)
-    meter.on_response_headers({":status": "200"}, VERTEX_CTX)
+    meter = await _streaming(world, VERTEX_CTX)
     meter.on_response_body(data[: data.index(b"event: message_delta")], True)
     row = _only_row(world)
-    assert (row.outcome, row.reason) == ("upstream_error", "stream ended before message_stop")
+    assert (row.outcome, row.reason) == ("upstream_error", "the response ended before its final event")
 
 
-async def test_meter_ignores_error_and_non_streaming_responses(world: World) -> None:
-    """The meter writes nothing for an error status, a non-streaming route or a missing context."""
-    for status, ctx in (("403", BEDROCK_CTX), ("200", BEDROCK_INVOKE_CTX), ("200", None)):
-        meter = MeterHandler(world.deps)
-        meter.on_response_headers({":status": status}, ctx)
-        meter.on_response_body(b'{"usage":{"input_tokens":5}}', True)
+def _bad_crc_after_two_deltas(data: bytes) -> tuple[bytes, int]:
+    """bedrock_basic with the third delta's message CRC broken, and where that frame starts."""
+    ends = _frame_ends(data)
+    broken = bytearray(data)
+    broken[ends[4] - 1] ^= 0x01
+    return bytes(broken), ends[3]
+
+
+def _bad_sse_event(data: bytes) -> bytes:
+    """vertex_basic with an event whose data is not JSON just before message_delta."""
+    at = data.index(b"event: message_delta")
+    return data[:at] + b"event: message_start\r\ndata: {oops\r\n\r\n" + data[at:]
+
+
+async def test_malformed_stream_is_an_upstream_error_with_the_tokens_seen(world: World) -> None:
+    """A stream with a bad frame or event is recorded as upstream_error naming the malformation,
+    with the tokens counted around it (the final message_delta included)."""
+    bedrock = (STREAMS / "bedrock_basic.eventstream").read_bytes()
+    broken, position = _bad_crc_after_two_deltas(bedrock)
+    cases = [
+        (BEDROCK_CTX, broken, f"event-stream frame at byte {position} fails its message CRC"),
+        (
+            VERTEX_CTX,
+            _bad_sse_event((STREAMS / "vertex_basic.sse").read_bytes()),
+            "SSE message_start event could not be decoded (JSONDecodeError)",
+        ),
+    ]
+    for seed, (ctx, data, malformed) in enumerate(cases):
+        meter = await _streaming(world, ctx)
+        for chunk in _random_chunks(data, seed):
+            meter.on_response_body(chunk, False)
+        meter.on_response_body(b"", True)
         meter.on_close()
-    assert world.rows == []
+        row = world.rows[-1]
+        assert (row.status, row.outcome, row.reason) == (
+            200,
+            "upstream_error",
+            f"malformed upstream response: {malformed}",
+        )
+        assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (25, 12, False)
+    assert len(world.rows) == 2
 
 
-# --- buffered responses: the sign handler owns the row ----------------------------------------
+async def test_malformed_stream_cut_early_is_an_upstream_error(world: World) -> None:
+    """A stream closed after a bad frame is the upstream's failure, not the client's: upstream_error
+    with the output estimated from the deltas counted on both sides of the bad frame."""
+    data, position = _bad_crc_after_two_deltas((STREAMS / "bedrock_basic.eventstream").read_bytes())
+    meter = await _streaming(world, BEDROCK_CTX)
+    meter.on_response_body(data[: _frame_ends(data)[5]], False)
+    meter.on_close()
+    row = _only_row(world)
+    assert (row.outcome, row.reason) == (
+        "upstream_error",
+        f"malformed upstream response: event-stream frame at byte {position} fails its message CRC",
+    )
+    assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (25, 3, True)
 
 
-async def _signed(world: World, ctx: RequestContext) -> SignHandler:
-    handler = SignHandler(world.deps)
+async def test_streaming_error_is_buffered_and_rewritten(world: World) -> None:
+    """An error status on a streaming route switches the body to BUFFERED so it can be rewritten."""
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
+    await exchange.on_request_body(BODY)
+    assert exchange.on_response_headers(403, {":status": "403"}) == Continue(buffer_response_body=True)
+
+
+# --- buffered responses ------------------------------------------------------------------------
+
+
+async def _signed(world: World, ctx: RequestIdentity) -> Exchange:
+    handler = Exchange(world.deps)
     await handler.on_request_headers(REQUEST_HEADERS, False, ctx)
     await handler.on_request_body(BODY)
     return handler
@@ -486,14 +577,15 @@ async def test_non_streaming_json_answer_is_buffered_and_counted(world: World) -
     """A 2xx JSON answer is buffered and written as one complete row with the body's usage."""
     handler = await _signed(world, BEDROCK_INVOKE_CTX)
     world.clock.now = T0 + 1.0
-    assert handler.on_response_headers({":status": "200", "content-type": "application/json"}) == Continue(
-        buffer_response_body=True
+    # Non-streaming routes are BUFFERED by configuration: nothing to switch.
+    assert (
+        handler.on_response_headers(200, {":status": "200", "content-type": "application/json"}) == CONTINUE
     )
     usage = Usage(input_tokens=30, output_tokens=9, cache_read_input_tokens=100)
     body = json.dumps(canned_message(model="claude-opus-5-5", text="hi", usage=usage)).encode()
     world.clock.now = T0 + 1.5
 
-    assert handler.on_response_body(body) == CONTINUE
+    assert handler.on_response_body(body, True) == CONTINUE
     handler.on_close()
 
     row = _only_row(world)
@@ -507,28 +599,39 @@ async def test_non_streaming_json_answer_is_buffered_and_counted(world: World) -
 async def test_count_tokens_costs_nothing(world: World) -> None:
     """A count_tokens answer is recorded as complete at zero cost, the count kept in the reason."""
     handler = await _signed(world, COUNT_CTX)
-    handler.on_response_headers({":status": "200"})
-    handler.on_response_body(b'{"input_tokens": 1234}')
+    handler.on_response_headers(200, {":status": "200"})
+    handler.on_response_body(b'{"input_tokens": 1234}', True)
     row = _only_row(world)
     assert (row.outcome, row.cost_usd) == ("complete", Decimal(0))
     assert row.reason == "counted 1234 input tokens"
 
 
+async def test_non_json_success_body_is_an_upstream_error(world: World) -> None:
+    """A 2xx non-streaming answer that is not JSON is recorded as upstream_error, not as complete."""
+    handler = await _signed(world, BEDROCK_INVOKE_CTX)
+    handler.on_response_headers(200, {":status": "200", "content-type": "application/json"})
+    assert handler.on_response_body(b"<html>upstream proxy</html>", True) == CONTINUE
+    handler.on_close()
+    row = _only_row(world)
+    assert (row.status, row.outcome, row.reason) == (
+        200,
+        "upstream_error",
+        "malformed upstream response: response body is not JSON (JSONDecodeError)",
+    )
+    assert (row.input_tokens, row.output_tokens) == (0, 0)
+
+
 async def test_upstream_403_with_arn_becomes_502_and_an_upstream_error_row(world: World) -> None:
     """An upstream 403 naming an ARN is replaced by a 502 with no account detail; one upstream_error row."""
     handler = await _signed(world, BEDROCK_CTX)
-    meter = MeterHandler(world.deps)
     headers = {":status": "403", "content-type": "application/json"}
-    assert handler.on_response_headers(headers) == Continue(buffer_response_body=True)
-    meter.on_response_headers(headers, BEDROCK_CTX)
+    assert handler.on_response_headers(403, headers) == Continue(buffer_response_body=True)
     body = json.dumps(
         {"message": f"User: arn:aws:sts::{ACCOUNT}:assumed-role/gw/alice is not authorized"}
     ).encode()
 
-    action = handler.on_response_body(body)
-    meter.on_response_body(body, True)
+    action = handler.on_response_body(body, True)
     handler.on_close()
-    meter.on_close()
 
     assert isinstance(action, Reply)
     assert action.reply.status == 502
@@ -540,8 +643,8 @@ async def test_upstream_403_with_arn_becomes_502_and_an_upstream_error_row(world
 async def test_recoverable_upstream_400_passes_through_with_a_row(world: World) -> None:
     """Bedrock's 'Input is too long.' reaches the client untouched and is recorded with its 400."""
     handler = await _signed(world, BEDROCK_INVOKE_CTX)
-    handler.on_response_headers({":status": "400"})
-    assert handler.on_response_body(b'{"message":"Input is too long."}') == CONTINUE
+    handler.on_response_headers(400, {":status": "400"})
+    assert handler.on_response_body(b'{"message":"Input is too long."}', True) == CONTINUE
     row = _only_row(world)
     assert (row.status, row.outcome) == (400, "upstream_error")
     assert row.reason is not None and "Input is too long." in row.reason
@@ -550,46 +653,43 @@ async def test_recoverable_upstream_400_passes_through_with_a_row(world: World) 
 # --- aborts and the one-row rule ---------------------------------------------------------------
 
 
-async def test_close_before_any_response_writes_one_499_row(world: World) -> None:
-    """A request closed before the upstream answered is one client_aborted row with status 499."""
-    handler = await _signed(world, BEDROCK_CTX)
+async def test_close_before_any_response_estimates_the_input_it_sent(world: World) -> None:
+    """A client gone before the upstream's first byte leaves one client_aborted 499 row whose input
+    is estimated from the body the upstream received (a 400 KB prompt is not free)."""
+    handler = await _signed(world, dataclasses.replace(BEDROCK_CTX, request_bytes=400_000))
     world.clock.now = T0 + 3.0
     handler.on_close()
     handler.on_close()
     row = _only_row(world)
     assert (row.status, row.outcome, row.ttfb_ms, row.latency_ms) == (499, "client_aborted", None, 3000.0)
-    assert (row.input_tokens, row.output_tokens, row.cost_usd) == (0, 0, Decimal(0))
+    assert (row.input_tokens, row.input_tokens_estimated, row.output_tokens) == (100_000, True, 0)
+    # Opus 5.5 regional: 100000 * 4 / 1e6 * 1.10.
+    assert row.cost_usd == Decimal("0.44000000")
 
 
 async def test_close_before_the_body_arrived_writes_one_499_row(world: World) -> None:
-    """Closed after the request headers but before the body (nothing signed yet): still one 499 row."""
-    handler = SignHandler(world.deps)
+    """Closed after the request headers but before the body (nothing sent upstream): one 499 row
+    with nothing estimated, since no upstream saw the prompt."""
+    handler = Exchange(world.deps)
     await handler.on_request_headers(REQUEST_HEADERS, False, BEDROCK_CTX)
     handler.on_close()
     assert world.bedrock.calls == []
-    assert [(r.status, r.outcome) for r in world.rows] == [(499, "client_aborted")]
+    assert [(r.status, r.outcome, r.input_tokens) for r in world.rows] == [(499, "client_aborted", 0)]
 
 
 async def test_never_two_rows_for_one_request(world: World) -> None:
-    """Whatever order the two filters finish in, a request yields exactly one row."""
+    """A duplicate end and a close after the end leave exactly one row."""
     data = (STREAMS / "bedrock_basic.eventstream").read_bytes()
-    for close_sign_first in (True, False):
-        world.rows.clear()
-        sign = await _signed(world, BEDROCK_CTX)
-        meter = MeterHandler(world.deps)
-        sign.on_response_headers({":status": "200"})
-        meter.on_response_headers({":status": "200"}, BEDROCK_CTX)
-        meter.on_response_body(data, True)
-        meter.on_response_body(data, True)  # a duplicate end is ignored
-        closers = [sign.on_close, meter.on_close] if close_sign_first else [meter.on_close, sign.on_close]
-        for close in closers:
-            close()
-        assert [r.outcome for r in world.rows] == ["complete"]
+    exchange = await _streaming(world, BEDROCK_CTX)
+    exchange.on_response_body(data, True)
+    exchange.on_response_body(data, True)  # a duplicate end is ignored
+    exchange.on_close()
+    assert [r.outcome for r in world.rows] == ["complete"]
 
     world.rows.clear()
     sign = await _signed(world, BEDROCK_INVOKE_CTX)
-    sign.on_response_headers({":status": "200"})
-    sign.on_response_body(b'{"usage":{"input_tokens":1,"output_tokens":1}}')
-    sign.on_response_body(b'{"usage":{"input_tokens":1,"output_tokens":1}}')
+    sign.on_response_headers(200, {":status": "200"})
+    sign.on_response_body(b'{"usage":{"input_tokens":1,"output_tokens":1}}', True)
+    sign.on_response_body(b'{"usage":{"input_tokens":1,"output_tokens":1}}', True)
     sign.on_close()
     assert [r.outcome for r in world.rows] == ["complete"]

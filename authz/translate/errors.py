@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from authz.gateway.envelope import ErrorReply, error_reply
+from authz.translate.envelope import ErrorReply, error_reply
 
 BEDROCK_TOO_LONG = "Input is too long."
 

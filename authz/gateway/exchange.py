@@ -1,0 +1,275 @@
+"""One request's ext_proc messages, as a state machine over plain data.
+
+One blocking ext_proc filter sees each inference request (docs/architecture.md counts the
+messages per route): the request headers (and the buffered body when the translator rewrites it
+or the upstream signs over it), then the response headers and the response body, whole for
+errors and non-streaming answers, chunk by chunk for streams. Because the filter is blocking,
+no byte reaches the client before the meter has counted it: usage cannot fall behind the relay.
+
+The exchange asks the translator for the upstream request, the backend for its credentials, and
+writes exactly one usage row per request: when the response ends, when the upstream fails, or
+when the stream closes early (with estimates, and the row says so).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from authz.billing.accounting import usage_row
+from authz.billing.pricing import PriceBook
+from authz.billing.usagerow import UsageRow
+from authz.identity import RequestIdentity
+from authz.translate.base import Translator
+from authz.translate.envelope import ErrorReply, error_reply
+from authz.translate.registry import translator_for
+from backends.base import Caller, Upstream
+from backends.errors import BackendError
+from backends.jsonbody import JsonMeter
+from backends.kinds import KINDS
+from backends.usage import MeterResult
+
+log = logging.getLogger("authz.gateway.exchange")
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Let the message through, with header changes, a replacement body, and whether the response
+    body must now arrive whole (``mode_override`` to BUFFERED)."""
+
+    set_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: tuple[str, ...] = ()
+    body: bytes | None = None
+    buffer_response_body: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Stop and answer the client with this reply instead."""
+
+    reply: ErrorReply
+
+
+Action = Continue | Reply
+
+CONTINUE = Continue()
+
+
+@dataclass
+class Deps:
+    """What an exchange needs from the process: upstreams, prices, the ledger and a clock."""
+
+    upstreams: Mapping[str, Upstream]
+    prices: PriceBook
+    record: Callable[[UsageRow], None]
+    clock: Callable[[], float] = time.time
+
+
+def outcome_of(result: MeterResult) -> tuple[str, str | None]:
+    """``(outcome, reason)`` for a response body that ended: complete, or why not."""
+    if result.malformed:
+        return "upstream_error", f"malformed upstream response: {result.malformed}"
+    if result.error_type:
+        return "upstream_error", f"in-stream {result.error_type}: {result.error_message or ''}".rstrip()
+    if result.complete:
+        return "complete", None
+    return "upstream_error", "the response ended before its final event"
+
+
+class Exchange:
+    """Handles one request's ext_proc messages."""
+
+    __slots__ = (
+        "_deps",
+        "_first_byte_at",
+        "_headers",
+        "_identity",
+        "_sent",
+        "_status",
+        "_translator",
+        "_upstream",
+        "_written",
+    )
+
+    def __init__(self, deps: Deps) -> None:
+        self._deps = deps
+        self._identity: RequestIdentity | None = None
+        self._upstream: Upstream | None = None
+        self._translator: Translator | None = None
+        self._headers: Mapping[str, str] = {}
+        self._status: int | None = None
+        self._first_byte_at: float | None = None
+        self._sent = False
+        self._written = False
+
+    async def on_request_headers(
+        self, headers: Mapping[str, str], end_of_stream: bool, identity: RequestIdentity | None
+    ) -> Action:
+        """Remember the request; prepare it now unless the body must be seen first."""
+        if identity is None:
+            # ext_authz attaches the identity to every allowed request; without it nobody knows who
+            # is calling, so fail closed (and there is nobody to write a row for).
+            log.error("ext_proc request without the ext_authz context: refused")
+            self._written = True
+            return Reply(error_reply("api_error", "Gateway misconfiguration: missing request context."))
+        self._identity = identity
+        self._headers = headers
+        upstream = self._deps.upstreams.get(identity.upstream or "")
+        translator = translator_for(identity, upstream) if upstream is not None else None
+        if upstream is None or translator is None:
+            # ext_authz and this process disagree about the configuration (e.g. mid-rollout).
+            reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
+            self._write(reply.status, "error", f"no translator for upstream {identity.upstream!r}")
+            return Reply(reply)
+        self._upstream, self._translator = upstream, translator
+        if not end_of_stream and (translator.needs_request_body or KINDS[upstream.kind].signs_body):
+            return CONTINUE
+        return await self._prepare(b"")
+
+    async def on_request_body(self, body: bytes) -> Action:
+        """The whole request body arrived: prepare the upstream request over its exact bytes."""
+        if self._translator is None:
+            if self._written:
+                return CONTINUE
+            self._written = True
+            return Reply(error_reply("api_error", "Gateway misconfiguration: body before headers."))
+        return await self._prepare(body)
+
+    async def _prepare(self, body: bytes) -> Action:
+        identity, upstream, translator = self._identity, self._upstream, self._translator
+        assert identity is not None and upstream is not None and translator is not None
+        try:
+            request = translator.request(self._headers, body)
+            final = request.body if request.body is not None else body
+            content_type = self._headers.get("content-type")
+            caller = identity.caller
+            assert caller is not None
+            signed = await upstream.sign(
+                method=self._headers.get(":method", "POST"),
+                path=request.path,
+                headers={"content-type": content_type} if content_type else {},
+                body=final,
+                caller=Caller(sub=caller.sub, email=caller.email, groups=caller.groups),
+            )
+        except BackendError as exc:
+            log.error("request %s: cannot prepare upstream %s: %s", identity.request_id, upstream.name, exc)
+            reply = error_reply(
+                "api_error", "The gateway could not prepare the upstream request.", status=502
+            )
+            self._write(reply.status, "error", f"upstream preparation: {exc}")
+            return Reply(reply)
+        sets = [(":authority", signed.authority), (":path", signed.path), *sorted(signed.headers.items())]
+        sets.extend(request.set_headers)
+        if request.body is not None:
+            sets.append(("content-length", str(len(request.body))))
+        self._sent = True
+        return Continue(set_headers=tuple(sets), remove_headers=request.remove_headers, body=request.body)
+
+    def on_response_headers(self, status: int, headers: Mapping[str, str]) -> Action:
+        """React to the upstream's status: errors are buffered to be rewritten."""
+        self._first_byte_at = self._deps.clock()
+        self._status = status
+        self._headers = headers
+        if self._translator is None:
+            return CONTINUE
+        start = self._translator.response_headers(status, headers)
+        identity = self._identity
+        assert identity is not None
+        # Non-streaming routes buffer their bodies by configuration; a streaming route switches to
+        # BUFFERED for an error it must rewrite whole.
+        return Continue(
+            set_headers=start.set_headers,
+            remove_headers=start.remove_headers,
+            buffer_response_body=start.buffer and identity.streaming,
+        )
+
+    def on_response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
+        """Rewrite an upstream error, or relay (and meter) a chunk of a successful answer."""
+        translator, identity = self._translator, self._identity
+        if translator is None or identity is None or self._written:
+            return CONTINUE
+        status = self._status or 0
+        if status >= 400:
+            return self._upstream_error(status, chunk)
+        out = translator.response_chunk(chunk, end_of_stream)
+        if end_of_stream:
+            result = translator.usage()
+            if identity.operation == "count_tokens" and not result.malformed:
+                counted = result.usage.input_tokens
+                self._write(status, "complete", f"counted {counted} input tokens", MeterResult(complete=True))
+            else:
+                outcome, reason = outcome_of(result)
+                self._write(status, outcome, reason, result)
+        return CONTINUE if out is None else Continue(body=out)
+
+    def _upstream_error(self, status: int, body: bytes) -> Action:
+        translator, identity = self._translator, self._identity
+        assert translator is not None and identity is not None
+        mapped = translator.error(status, body, self._headers)
+        if mapped.reply is not None:
+            # Operator-only detail: the upstream text may name accounts and roles.
+            log.warning(
+                "request %s: upstream %s answered %s: %s",
+                identity.request_id,
+                identity.upstream,
+                status,
+                body[:2000].decode("utf-8", "replace"),
+            )
+        errors = JsonMeter()
+        errors.feed(body)
+        client_status = mapped.reply.status if mapped.reply else status
+        self._write(client_status, "upstream_error", mapped.summary, errors.result())
+        return Reply(mapped.reply) if mapped.reply else CONTINUE
+
+    def on_close(self) -> None:
+        """The stream ended: if nobody accounted for the request yet, record what happened.
+
+        A request the upstream received but never answered still cost its prompt, so the input is
+        estimated from the body size; a stream cut mid-way keeps what was counted and estimates
+        the output from what was relayed.
+        """
+        if self._identity is None or self._written:
+            return
+        if self._status is None:
+            why = (
+                "closed before the upstream answered" if self._sent else "closed before the request was sent"
+            )
+            self._write(499, "client_aborted", why, None, estimate_input=self._sent)
+            return
+        result = self._translator.usage() if self._translator is not None else None
+        if result is not None and result.malformed:
+            # Clients stop reading at a bad frame, so the cut is most likely the upstream's doing.
+            outcome, reason = outcome_of(result)
+            self._write(self._status, outcome, reason, result, estimate_input=True)
+            return
+        self._write(self._status, "client_aborted", "stream cut before the end", result, estimate_input=True)
+
+    def _write(
+        self,
+        status: int,
+        outcome: str,
+        reason: str | None,
+        meter: MeterResult | None = None,
+        *,
+        estimate_input: bool = False,
+    ) -> None:
+        identity = self._identity
+        if identity is None or self._written:
+            return
+        self._written = True
+        deps = self._deps
+        deps.record(
+            usage_row(
+                identity,
+                status=status,
+                outcome=outcome,
+                reason=reason,
+                prices=deps.prices,
+                ended_at=deps.clock(),
+                meter=meter,
+                first_byte_at=self._first_byte_at,
+                estimate_input=estimate_input,
+            )
+        )

@@ -1,0 +1,81 @@
+"""Who made one request and what the gateway decided for it: built once, carried everywhere.
+
+ext_authz builds a :class:`RequestIdentity` from the verified token, the request line and headers
+and the policy decision; Envoy carries it to ext_proc (``authz.gateway.context``, a protobuf in
+dynamic metadata); the usage row is built from it by one builder (``authz.billing.accounting``).
+A refused request carries what was known when it was refused (no policy, perhaps no user).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Bounds on client-supplied strings kept in rows (the header limit bounds them already; these
+# keep one request from making a row several kilobytes wide).
+_MAX_HEADER_VALUE = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The verified subject of a gateway token."""
+
+    sub: str
+    email: str
+    groups: tuple[str, ...]
+    session_id: str | None
+    models: tuple[str, ...] | None = None
+    """The token's own model limit (a service token's ``--models``, authz.signin.service_tokens),
+    applied on top of the policy's; ext_authz only: it does not travel to ext_proc."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientFacts:
+    """What the client said about itself in headers (recorded, never trusted for decisions)."""
+
+    cc_session_id: str | None = None
+    agent_id: str | None = None
+    parent_agent_id: str | None = None
+    user_agent: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> ClientFacts:
+        """Claude Code's session and agent ids and the User-Agent, bounded."""
+
+        def get(name: str) -> str | None:
+            value = headers.get(name)
+            return value[:_MAX_HEADER_VALUE] if value else None
+
+        return cls(
+            cc_session_id=get("x-claude-code-session-id"),
+            agent_id=get("x-claude-code-agent-id"),
+            parent_agent_id=get("x-claude-code-parent-agent-id"),
+            user_agent=get("user-agent"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIdentity:
+    """Identity and decisions for one request (``protos/claude_gateway/v1/context.proto``).
+
+    ``requested_model`` is the model as the client named it, parsed by the upstream kind's
+    grammar and re-serialised; ``model`` its canonical first-party id (policy and prices);
+    ``upstream_model`` the id the upstream receives. ``request_bytes`` is the declared body length.
+    """
+
+    request_id: str
+    started_at: float
+    client_format: str
+    operation: str
+    streaming: bool = False
+    caller: Caller | None = None
+    client: ClientFacts = ClientFacts()
+    policy: str | None = None
+    upstream: str | None = None
+    upstream_kind: str | None = None
+    requested_model: str | None = None
+    model: str | None = None
+    upstream_model: str | None = None
+    regional: bool = False
+    upstream_query: str = ""
+    request_bytes: int = 0

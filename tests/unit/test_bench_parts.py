@@ -1,0 +1,168 @@
+"""The benchmark's parts that need no process: canned bodies, arms, the load generator's reader."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import pytest
+from botocore.eventstream import EventStreamBuffer
+
+from backends.eventstream import EventStreamMeter
+from backends.jsonbody import JsonMeter
+from backends.messages import BEDROCK_METRICS_KEY
+from backends.sse import SseMeter
+from backends.usage import Meter
+from tests.bench_arms import SCENARIOS, select_scenarios, select_variants
+from tests.bench_load import ProtocolError, read_response
+from tests.bench_upstream import (
+    CANNED_USAGE,
+    STREAM_DELTAS,
+    bedrock_stream_body,
+    canned_bootstrap,
+    message_body,
+    upstream_operations,
+    vertex_stream_body,
+)
+
+
+def _feed(meter: Meter, body: bytes, size: int) -> Meter:
+    for start in range(0, len(body), size):
+        meter.feed(body[start : start + size])
+    return meter
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 1 << 20])
+def test_bedrock_stream_meters_to_the_canned_usage(size: int) -> None:
+    """The canned event-stream body, fed in chunks of any size, meters to the canned counts, complete."""
+    result = _feed(EventStreamMeter(), bedrock_stream_body(), size).result()
+    assert result.usage == CANNED_USAGE
+    assert result.complete and result.error_type is None
+    assert result.estimated_output_tokens == STREAM_DELTAS
+
+
+def test_bedrock_stream_is_framed_as_bedrock_frames_it() -> None:
+    """Every frame passes botocore's CRC checks as a chunk event; message_stop carries the metrics."""
+    parser = EventStreamBuffer()
+    parser.add_data(bedrock_stream_body())
+    kinds = []
+    for message in parser:
+        assert message.headers == {
+            ":event-type": "chunk",
+            ":content-type": "application/json",
+            ":message-type": "event",
+        }
+        payload = json.loads(message.payload)
+        assert set(payload) == {"bytes", "p"}  # Bedrock's padding field is there
+        event = json.loads(base64.b64decode(payload["bytes"]))
+        kinds.append(event["type"])
+        if event["type"] == "message_stop":
+            metrics = event[BEDROCK_METRICS_KEY]
+            assert metrics["inputTokenCount"] == CANNED_USAGE.input_tokens
+            assert metrics["outputTokenCount"] == CANNED_USAGE.output_tokens
+        else:
+            assert BEDROCK_METRICS_KEY not in event
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * STREAM_DELTAS,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 5, 4096])
+def test_vertex_stream_meters_to_the_canned_usage(size: int) -> None:
+    """The canned SSE body, fed in chunks of any size, meters to the canned counts, complete."""
+    result = _feed(SseMeter(), vertex_stream_body(), size).result()
+    assert result.usage == CANNED_USAGE
+    assert result.complete and result.error_type is None
+    assert result.estimated_output_tokens == STREAM_DELTAS
+
+
+def test_message_body_meters_to_the_canned_usage() -> None:
+    """The canned invoke / rawPredict answer meters to the canned counts with the JSON meter."""
+    result = _feed(JsonMeter(), message_body(), 100).result()
+    assert result.usage == CANNED_USAGE
+    assert result.complete and result.error_type is None
+
+
+def test_canned_routes_carry_each_body_and_content_type() -> None:
+    """Each direct_response route holds its answer's bytes and content type, under the raised cap."""
+    answers = upstream_operations()
+    route_config = canned_bootstrap(1, 2)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][
+        0
+    ]["typed_config"]["route_config"]
+    # Envoy refuses direct response bodies over this cap (default 4096 bytes).
+    assert route_config["max_direct_response_body_size_bytes"] >= max(len(a.body) for a in answers)
+    assert max(len(a.body) for a in answers) > 4096
+    routes = {r["name"]: r for r in route_config["virtual_hosts"][0]["routes"]}
+    for answer in answers:
+        route = routes[answer.key]
+        assert base64.b64decode(route["direct_response"]["body"]["inline_bytes"]) == answer.body
+        headers = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
+        assert headers["content-type"] == answer.content_type
+    assert {a.key: a.content_type for a in answers} == {
+        "bedrock_invoke": "application/json",
+        "bedrock_stream": "application/vnd.amazon.eventstream",
+        "vertex_raw": "application/json",
+        "vertex_stream": "text/event-stream",
+    }
+
+
+def test_every_scenario_ends_on_a_canned_answer_and_has_its_body() -> None:
+    """Each scenario names an existing canned answer; the 60 KB ones carry about 60 KB, the others little."""
+    answers = {a.key: a for a in upstream_operations()}
+    for scenario in SCENARIOS:
+        assert scenario.upstream_op in answers
+        assert answers[scenario.upstream_op].streaming == scenario.streaming
+        size = len(scenario.body())
+        assert (size > 55_000) if scenario.body_bytes else (size < 1_000), scenario.key
+
+
+def test_scenario_and_variant_selection() -> None:
+    """--only takes keys and globs in table order and rejects unknown names; --variants likewise."""
+    assert [s.key for s in select_scenarios("vertex_stream,bedrock_invoke")] == [
+        "bedrock_invoke",
+        "vertex_stream",
+    ]
+    assert {s.key for s in select_scenarios("bedrock_*")} == {
+        "bedrock_invoke",
+        "bedrock_invoke_60k",
+        "bedrock_stream",
+        "bedrock_stream_60k",
+    }
+    assert len(select_scenarios(None)) == len(SCENARIOS)
+    with pytest.raises(ValueError, match="no scenario matches nope"):
+        select_scenarios("bedrock_invoke,nope")
+    assert [v.key for v in select_variants("gateway")] == ["gateway"]
+    with pytest.raises(ValueError, match="unknown gateway variant"):
+        select_variants("gateway,nope")
+
+
+def _reader(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def test_read_response_frames_length_and_chunked_bodies() -> None:
+    """The load generator reads Content-Length and chunked answers (with trailers) to their last byte."""
+    two = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\nT: 1\r\n\r\n"
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    reader = _reader(two)
+    assert await read_response(reader) == (200, 5, False)
+    assert await read_response(reader) == (200, 5, False)
+    assert await read_response(reader) == (503, 0, True)
+
+
+async def test_read_response_rejects_what_is_not_http() -> None:
+    """A reply that is not HTTP/1.x is a protocol error, not a silent success."""
+    with pytest.raises(ProtocolError):
+        await read_response(_reader(b"SSH-2.0-OpenSSH\r\n\r\n"))
