@@ -1,12 +1,13 @@
 """The ``authz`` command line.
 
 ``authz serve`` runs the gateway services, ``authz envoy`` runs (or prints) Envoy's configuration,
-``authz run`` runs everything, ``authz token mint`` issues a token for local use and service
-identities, and ``authz usage`` shows recent usage rows.
+``authz run`` runs everything, ``authz doctor`` checks a deployment's configuration, ``authz usage``
+shows recent usage rows, and ``authz token mint`` signs a short-lived token for development.
 
 For developers: ``authz login`` signs in to a gateway (device flow), ``authz token`` prints a fresh
 access token (Claude Code's ``apiKeyHelper``), ``authz logout`` ends the session, and ``authz setup
-claude-code`` prints or writes the Claude Code settings. For admins: ``authz sessions list|revoke``.
+claude-code`` prints or writes the Claude Code settings. For admins: ``authz sessions list|revoke``
+and ``authz service-tokens create|list|revoke`` (tokens for CI jobs and other service identities).
 """
 
 from __future__ import annotations
@@ -43,43 +44,71 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the ext_authz/ext_proc gRPC services and the portal until SIGTERM."""
     from authz.service import serve
 
-    serve(Path(args.config), dict(os.environ))
-    return 0
+    return serve(Path(args.config), dict(os.environ), args.state_dir)
 
 
 def cmd_envoy(args: argparse.Namespace) -> int:
-    """Print the rendered Envoy bootstrap, or run Envoy with it."""
-    from authz.envoy.render import render_yaml
+    """Print (or write) the rendered Envoy bootstrap, or run Envoy with it."""
+    from authz.envoy.render import load_for_render, render_yaml
 
-    config = _config(args)
-    text = render_yaml(config)
     if args.render:
-        sys.stdout.write(text)
+        # The bootstrap never contains the ${file:...} secrets, so they are not read (a Kubernetes
+        # init container renders it without the key Secret mounted).
+        text = render_yaml(load_for_render(args.config, os.environ))
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
         return 0
+    text = render_yaml(_config(args))
     from authz.envoy.binary import envoy_binary
+    from authz.statedir import state_dir
 
-    out = Path(args.output or Path(".run") / "envoy.yaml")
+    root = state_dir(args.config, args.state_dir, os.environ)
+    out = Path(args.output) if args.output else root / "envoy.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     binary = envoy_binary()
-    os.execv(binary, [binary, "-c", str(out), "--log-level", args.log_level])  # noqa: S606 - replaces this process by design
+    # A base id of its own, so several Envoys (several gateways) can share the host.
+    argv = [binary, "-c", str(out), "--log-level", args.log_level, "--use-dynamic-base-id"]
+    os.execv(binary, argv)  # noqa: S606 - replaces this process by design
     return 0  # pragma: no cover - execv does not return
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Start the gateway services and Envoy together."""
+    from authz.statedir import state_dir
     from authz.supervisor import run
 
-    return run(config_path=Path(args.config), root=Path(args.state_dir), environ=dict(os.environ))
+    root = state_dir(args.config, args.state_dir, os.environ)
+    return run(config_path=Path(args.config), root=root, environ=dict(os.environ))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check a deployment's configuration, keys, database, IdP, upstreams and Envoy config."""
+    from authz.ops.doctor import doctor
+
+    return doctor(Path(args.config), os.environ, sys.stdout, envoy=not args.skip_envoy)
 
 
 def cmd_token_mint(args: argparse.Namespace) -> int:
-    """Print an access token for ``--user`` signed with the configured signing key."""
+    """Print an access token for ``--user`` signed with the configured signing key (development:
+    such a token is not recorded anywhere and cannot be revoked, so its lifetime is capped)."""
+    from authz.serviceid import SID_PREFIX
     from authz.signin.tokens import KeySet, mint
 
     config = _config(args)
     if config.sessions.signing_key is None:
         raise GatewayError("sessions.signing_key is not configured: cannot mint tokens")
+    cap = config.sessions.access_token_ttl
+    if args.ttl > cap and not args.dev:
+        raise GatewayError(
+            f"--ttl {args.ttl} exceeds sessions.access_token_ttl ({cap} seconds): a minted token cannot be "
+            "revoked. For a CI job or another service use `authz service-tokens create`; for local "
+            "development add --dev"
+        )
+    if args.sid and args.sid.startswith(SID_PREFIX):
+        raise GatewayError(f"--sid must not start with {SID_PREFIX!r}: that prefix marks service tokens")
     keyset = KeySet.from_config(config.sessions)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     token = mint(
@@ -383,6 +412,42 @@ def cmd_sessions_revoke(args: argparse.Namespace) -> int:
     )
 
 
+_STATE_DIR_HELP = (
+    "where run state goes (rendered Envoy config, logs, the usage spool); default: a directory "
+    "derived from the config file's path under $XDG_STATE_HOME/claude-gateway/"
+)
+
+
+# --- admin: service tokens ---------------------------------------------------------------------
+
+
+def cmd_service_tokens_create(args: argparse.Namespace) -> int:
+    """Create a service token and print it once."""
+    from authz.signin.service_tokens import create_command
+
+    return asyncio.run(
+        create_command(_config(args), name=args.name, groups=args.groups, models=args.models, ttl=args.ttl)
+    )
+
+
+def cmd_service_tokens_list(args: argparse.Namespace) -> int:
+    """List service tokens."""
+    from authz.signin.service_tokens import list_command
+
+    return asyncio.run(list_command(_config(args), name=args.name, include_inactive=args.all))
+
+
+def cmd_service_tokens_revoke(args: argparse.Namespace) -> int:
+    """Revoke service tokens and audit it."""
+    from authz.signin.service_tokens import revoke_command
+
+    return asyncio.run(
+        revoke_command(
+            _config(args), token_id=args.token_id, name=args.name, token=args.token, reason=args.reason
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="authz", description=__doc__)
@@ -390,19 +455,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the gateway services (ext_authz, ext_proc, portal)")
     p.add_argument("--config", required=True)
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("envoy", help="run Envoy with the rendered configuration")
     p.add_argument("--config", required=True)
-    p.add_argument("--render", action="store_true", help="print the bootstrap YAML and exit")
-    p.add_argument("--output", help="where to write the rendered bootstrap before starting Envoy")
+    p.add_argument(
+        "--render", action="store_true", help="print (with --output: write) the bootstrap, then exit"
+    )
+    p.add_argument("--output", help="where to write the rendered bootstrap (default: STATE_DIR/envoy.yaml)")
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_envoy)
 
     p = sub.add_parser("run", help="run the gateway services and Envoy together")
     p.add_argument("--config", required=True)
-    p.add_argument("--state-dir", default=".run", help="where the rendered Envoy config and logs go")
+    p.add_argument("--state-dir", help=_STATE_DIR_HELP)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check what a first deployment gets wrong: config, keys, PostgreSQL, IdP, upstreams, Envoy",
+        description="One line per check, with the field it concerns and the fix; exit status 1 if any fails.",
+    )
+    p.add_argument("--config", required=True)
+    p.add_argument(
+        "--skip-envoy", action="store_true", help="skip validating Envoy's bootstrap with the binary"
+    )
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "token",
@@ -413,13 +493,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", help="fail unless signed in to this gateway URL")
     p.set_defaults(func=cmd_token_print)
     tsub = p.add_subparsers(dest="token_command", required=False)
-    m = tsub.add_parser("mint", help="print an access token signed with the configured key")
+    m = tsub.add_parser(
+        "mint",
+        help="development: print a short-lived access token signed with the configured key",
+        description="A development tool: the token is recorded nowhere and cannot be revoked, so its "
+        "lifetime is capped at sessions.access_token_ttl unless --dev. Service identities (CI jobs) "
+        "use `authz service-tokens create`.",
+    )
     m.add_argument("--config", required=True)
     m.add_argument("--user", required=True, help="the user's email")
     m.add_argument("--groups", default="", help="comma-separated groups")
     m.add_argument("--sub", help="subject (defaults to the email)")
     m.add_argument("--sid", help="session id (defaults to a fresh one)")
-    m.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    m.add_argument("--ttl", type=int, default=900, help="lifetime in seconds (default 900)")
+    m.add_argument(
+        "--dev",
+        action="store_true",
+        help="allow a lifetime over sessions.access_token_ttl (development only)",
+    )
     m.set_defaults(func=cmd_token_mint)
 
     p = sub.add_parser("login", help="sign in to a gateway (opens a browser when there is one)")
@@ -458,6 +549,36 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--session", metavar="ID", help="revoke this session")
     s.add_argument("--reason", default="revoked by an administrator", help="recorded with the revocation")
     s.set_defaults(func=cmd_sessions_revoke)
+
+    p = sub.add_parser("service-tokens", help="create, list or revoke tokens of service identities (admin)")
+    vsub = p.add_subparsers(dest="service_tokens_command", required=True)
+    v = vsub.add_parser(
+        "create",
+        help="create a token for a service identity; prints it once on stdout",
+        description="The token is a gateway access token for NAME with GROUPS (what policies match), "
+        "optionally limited to model PATTERNS, stored hashed, revocable, at most service_tokens.max_ttl.",
+    )
+    v.add_argument("--config", required=True)
+    v.add_argument("--name", required=True, help="the service identity, such as ci-nightly")
+    v.add_argument("--groups", required=True, help="comma-separated groups the policies admit it by")
+    v.add_argument("--models", metavar="PATTERNS", help="comma-separated model patterns it is limited to")
+    v.add_argument(
+        "--ttl", type=int, required=True, help="lifetime in seconds (at most service_tokens.max_ttl)"
+    )
+    v.set_defaults(func=cmd_service_tokens_create)
+    v = vsub.add_parser("list", help="list service tokens, newest first")
+    v.add_argument("--config", required=True)
+    v.add_argument("--name", help="only this service identity's tokens")
+    v.add_argument("--all", action="store_true", help="include revoked and expired tokens")
+    v.set_defaults(func=cmd_service_tokens_list)
+    v = vsub.add_parser("revoke", help="revoke a service token, or all tokens of a service identity")
+    v.add_argument("--config", required=True)
+    which = v.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", dest="token_id", help="revoke the token with this id")
+    which.add_argument("--name", help="revoke every active token of this service identity")
+    which.add_argument("--token", help="revoke this token (the token string itself)")
+    v.add_argument("--reason", default="revoked by an administrator", help="recorded with the revocation")
+    v.set_defaults(func=cmd_service_tokens_revoke)
 
     p = sub.add_parser("usage", help="show recent usage rows")
     p.add_argument("--config", required=True)

@@ -219,6 +219,16 @@ def validate(config: GatewayConfig) -> None:
     _validate_price("pricing.fallback", config.pricing.fallback)
     if config.pricing.fallback.input <= 0 or config.pricing.fallback.output <= 0:
         raise ConfigError("pricing.fallback", "must be non-zero so unknown models are never free")
+    if config.service_tokens.max_ttl <= 0:
+        raise ConfigError("service_tokens.max_ttl", "must be positive (seconds)")
+    retention = config.retention
+    for name in ("usage_days", "audit_days", "expired_session_days"):
+        if getattr(retention, name) < 1:
+            raise ConfigError(f"retention.{name}", "must be at least 1 (day)")
+    if retention.interval <= 0:
+        raise ConfigError("retention.interval", "must be positive (seconds)")
+    if retention.batch_size < 1:
+        raise ConfigError("retention.batch_size", "must be at least 1")
     if config.limits.max_request_body_bytes <= 0:
         raise ConfigError("limits.max_request_body_bytes", "must be positive")
     sessions = config.sessions

@@ -97,7 +97,7 @@ class Store:
     """PostgreSQL and the local spool used while it is unreachable."""
 
     url: str = ""
-    spool_dir: str = "./.run/spool"
+    spool_dir: str = ""
     logout_spool_dir: str = ""
     batch_size: int = 200
     flush_interval: float = 0.2
@@ -166,6 +166,24 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceTokens:
+    """Access tokens for service identities (``authz service-tokens``): CI jobs, batch agents."""
+
+    max_ttl: int = 30 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long rows are kept, and how the pruner deletes them (in bounded batches, no long locks)."""
+
+    usage_days: int = 400
+    audit_days: int = 400
+    interval: float = 3600.0
+    batch_size: int = 5000
+    expired_session_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -179,6 +197,8 @@ class GatewayConfig:
     policies: tuple[Policy, ...] = ()
     pricing: Pricing = field(default_factory=Pricing)
     limits: Limits = field(default_factory=Limits)
+    service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
+    retention: Retention = field(default_factory=Retention)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""

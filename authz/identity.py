@@ -24,6 +24,9 @@ class Caller:
     email: str
     groups: tuple[str, ...]
     session_id: str | None
+    models: tuple[str, ...] | None = None
+    """The token's own model limit (a service token's ``--models``, authz.signin.service_tokens),
+    applied on top of the policy's; ext_authz only: it does not travel to ext_proc."""
 
 
 @dataclass(frozen=True, slots=True)

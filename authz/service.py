@@ -1,21 +1,29 @@
 """Process wiring for ``authz serve``: the gRPC services, the portal and the usage ledger.
 
-Each worker process serves ext_authz and ext_proc on ``listen.grpc.port + index`` (Envoy's gRPC
-cluster lists every worker port and balances between them); worker 0 also serves the portal. On
-SIGTERM a worker fails its health check, waits for Envoy to stop sending new requests, lets
-in-flight streams finish within the grace period, and flushes the ledger so their usage is
-recorded (STYLE.md, habit 12).
+Each worker process serves ext_authz, ext_proc and the gRPC health protocol on
+``listen.grpc.port + index`` (Envoy's gRPC cluster lists every worker port, health-checks each and
+balances between the healthy ones); worker 0 also serves the portal (with ``/healthz`` and
+``/readyz``) and runs the retention pruner. On SIGTERM a worker reports NOT_SERVING, waits until
+Envoy has stopped sending it new requests, lets in-flight streams finish within the grace period,
+and flushes the ledger so their usage is recorded (STYLE.md, habit 12). SIGINT stops without the
+wait (still flushing). With several workers, the parent process stops them all and exits non-zero
+as soon as one dies, naming it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
 
 import grpc
@@ -24,6 +32,7 @@ from aiohttp import web
 from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
+from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
 from authz.errors import StoreError
 from authz.gateway.accesslog import AccessLog
 from authz.gateway.authorize import Authorizer
@@ -34,11 +43,14 @@ from authz.gateway.servicer import (
     ExternalProcessorServicer,
     add_servicers,
 )
+from authz.ops.health import Readiness, WorkerHealth
+from authz.ops.retention import Pruner
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.tokens import KeySet, TokenVerifier
+from authz.statedir import state_dir, with_state_dir
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.logout_spool import LogoutSpool, logout_spool_dir
@@ -48,8 +60,13 @@ from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
 
-DRAIN_SECONDS = 2.0
+# How long a draining worker keeps serving after it reports NOT_SERVING: until Envoy's health
+# check has certainly noticed (authz.envoy.clusters), so no new request arrives after it stops.
+DRAIN_SECONDS = HEALTH_CHECK_DETECTION_SECONDS + 0.5
+# How long in-flight streams may take to finish once the worker stops accepting new ones.
 GRACE_SECONDS = 30.0
+# After SIGINT: no drain, and streams get this long.
+FAST_GRACE_SECONDS = 0.5
 
 
 @dataclass
@@ -62,20 +79,28 @@ class Worker:
     upstreams: dict[str, Upstream]
     grpc_server: grpc.aio.Server
     grpc_port: int
+    health: WorkerHealth = field(default_factory=WorkerHealth)
     watcher: RevocationWatcher | None = None
     logouts: BackchannelLogouts | None = None
     portal: web.AppRunner | None = None
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
-    healthy: bool = True
+    pruner: Pruner | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the worker started draining."""
+        return not self.health.draining
+
     async def stop(self, drain: float = DRAIN_SECONDS, grace: float = GRACE_SECONDS) -> None:
-        """Fail health checks, drain, stop the servers, then flush the ledger."""
-        self.healthy = False
+        """Report NOT_SERVING, drain, stop the servers, then flush the ledger."""
+        await self.health.drain()
         if drain:
             await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
+        if self.pruner is not None:
+            await self.pruner.aclose()
         if self.portal is not None:
             await self.portal.cleanup()
         if self.portal_pool is not None:
@@ -105,11 +130,38 @@ async def _migrate_if_reachable(url: str, connect_timeout: float) -> None:
         await conn.close()
 
 
+def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
+    config = worker.config
+
+    async def ping() -> None:
+        try:
+            async with pool.acquire(timeout=config.store.connect_timeout) as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"PostgreSQL does not answer: {exc or type(exc).__name__}") from exc
+        except Exception as exc:  # asyncpg's own errors: their text says what went wrong
+            raise StoreError(f"PostgreSQL does not answer: {exc}") from exc
+
+    watcher = worker.watcher
+    grpc = config.listen.grpc
+    return Readiness(
+        ping_database=ping,
+        revocations_connected=lambda: watcher is not None and watcher.connected,
+        signing_kid=keyset.signing_kid,
+        signing_required=config.oidc is not None,
+        upstreams=list(worker.upstreams.values()),
+        draining=lambda: not worker.healthy,
+        worker_host=_connect_host(grpc.address),
+        worker_ports=[grpc.port + i for i in range(config.workers) if i != worker.index] if grpc.port else [],
+    )
+
+
 async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     config = worker.config
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
     oidc = OidcClient(config.oidc) if config.oidc is not None else None
+    readiness = _readiness(worker, keyset, pool)
     app = build_portal(
         PortalDeps(
             config=config,
@@ -118,6 +170,7 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
             oidc=oidc,
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
+            readiness=readiness.report,
         )
     )
     runner = web.AppRunner(app, access_log=None)
@@ -127,6 +180,9 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
     worker.portal = runner
     worker.portal_pool = pool
     worker.oidc = oidc
+    # One pruner per replica (worker 0); replicas take turns through an advisory lock.
+    worker.pruner = Pruner(pool, config.retention)
+    worker.pruner.start()
 
 
 async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
@@ -175,46 +231,67 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
     refusals: Counter[str] = Counter()
+
+    def count_refusal(reason: str) -> None:
+        refusals[reason] += 1
+
+    access_log = AccessLog(
+        identify=authorizer.identify, record=ledger.record, prices=prices, count_refusal=count_refusal
+    )
     add_servicers(
         server,
-        AuthorizationServicer(authorizer, ledger.record, count_refusal=refusals.update),
+        AuthorizationServicer(authorizer, ledger.record, count_refusal=count_refusal),
         ExternalProcessorServicer(deps),
-        AccessLogServicer(
-            AccessLog(
-                identify=authorizer.identify,
-                record=ledger.record,
-                prices=prices,
-                count_refusal=refusals.update,
-            )
-        ),
+        AccessLogServicer(access_log),
     )
+    health = WorkerHealth()
+    health.add_to(server)
     address = config.listen.grpc.address
     port = server.add_insecure_port(
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher, logouts=logouts)
+    worker = Worker(
+        config, index, ledger, upstreams, server, port, health=health, watcher=watcher, logouts=logouts
+    )
     if index == 0:
         await _start_portal(worker, keyset)
-    log.info("worker %d serving gRPC on %s:%d", index, address, port)
+    await health.serving()
+    log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker
 
 
 async def run_worker(config: GatewayConfig, index: int) -> None:
-    """Run one worker until SIGTERM or SIGINT."""
+    """Run one worker until SIGTERM (drain) or SIGINT (stop now)."""
     worker = await start_worker(config, index)
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    log.info("worker %d stopping", index)
-    await worker.stop()
+    if received[0] == signal.SIGINT:
+        log.info("worker %d stopping now (SIGINT)", index)
+        await worker.stop(drain=0, grace=FAST_GRACE_SECONDS)
+    else:
+        log.info(
+            "worker %d draining (SIGTERM): NOT_SERVING for %gs, then up to %gs for streams",
+            index,
+            DRAIN_SECONDS,
+            GRACE_SECONDS,
+        )
+        await worker.stop()
+    log.info("worker %d stopped; usage rows flushed", index)
 
 
-def _worker_main(config_path: str, environ: Mapping[str, str], index: int) -> None:
+def _worker_main(config_path: str, environ: Mapping[str, str], index: int, root: str) -> None:
     configure_logging()
-    config = load(config_path, environ)
+    config = with_state_dir(load(config_path, environ), Path(root))
     asyncio.run(run_worker(config, index))
 
 
@@ -223,32 +300,95 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def serve(config_path: Path, environ: Mapping[str, str]) -> None:
-    """Run ``workers`` worker processes (or one in this process) until SIGTERM."""
+# A worker that dies on its own is restarted (its sibling workers keep serving, and receive the
+# access-log reports of the requests it held); one that dies this often in this window is a crash
+# loop, and the whole process stops so the supervisor (authz run, Kubernetes) sees it.
+RESTARTS_ALLOWED = 3
+RESTART_WINDOW = 60.0
+
+
+@dataclass
+class RestartBudget:
+    """How many restarts a worker may still have: at most ``allowed`` within ``window`` seconds."""
+
+    allowed: int = RESTARTS_ALLOWED
+    window: float = RESTART_WINDOW
+    clock: Callable[[], float] = time.monotonic
+    _deaths: dict[int, list[float]] = field(default_factory=dict)
+
+    def may_restart(self, index: int) -> bool:
+        """Record worker ``index``'s death; True while it has not died too often lately."""
+        now = self.clock()
+        recent = [t for t in self._deaths.get(index, []) if now - t < self.window]
+        recent.append(now)
+        self._deaths[index] = recent
+        return len(recent) <= self.allowed
+
+
+def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str | None = None) -> int:
+    """Run ``workers`` worker processes (or one in this process) until a signal; return the exit
+    status: 0 after a signal, 1 when a worker kept dying on its own."""
     configure_logging()
-    config = load(config_path, environ)
+    root = state_dir(config_path, explicit_state_dir, environ)
+    config = with_state_dir(load(config_path, environ), root)
+    log.info("state directory %s (usage spool %s)", root, config.store.spool_dir)
     if config.workers == 1:
         asyncio.run(run_worker(config, 0))
-        return
+        return 0
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=_worker_main, args=(str(config_path), dict(environ), i), daemon=False)
-        for i in range(config.workers)
-    ]
-    for proc in procs:
+
+    def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        proc = ctx.Process(
+            target=_worker_main,
+            args=(str(config_path), dict(environ), i, str(root)),
+            name=f"worker {i}",
+            daemon=False,
+        )
         proc.start()
+        return proc
+
+    running = {i: spawn(i) for i in range(config.workers)}
+    stopping: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid is not None:
-                try:
-                    import os
-
-                    os.kill(proc.pid, signum)
-                except ProcessLookupError:
-                    pass
+        stopping.append(signum)
+        _signal_all(list(running.values()), signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    status = 0
+    budget = RestartBudget()
+    while running:
+        finished = wait_for_exit([p.sentinel for p in running.values()])
+        for index, proc in [(i, p) for i, p in running.items() if p.sentinel in finished]:
+            proc.join()
+            del running[index]
+            if stopping:
+                continue
+            died = f"authz serve: {proc.name} (pid {proc.pid}) {_exit_description(proc.exitcode)}"
+            if budget.may_restart(index):
+                print(f"{died}; restarting it", file=sys.stderr, flush=True)
+                running[index] = spawn(index)
+                continue
+            loop = f"more than {RESTARTS_ALLOWED} times in {RESTART_WINDOW:.0f} s"
+            print(f"{died}, {loop}; stopping the other workers", file=sys.stderr, flush=True)
+            status = 1
+            stopping.append(signal.SIGINT)
+            _signal_all(list(running.values()), signal.SIGINT)
+    return status
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _signal_all(procs: Sequence[multiprocessing.process.BaseProcess], signum: int) -> None:
     for proc in procs:
-        proc.join()
+        if proc.is_alive() and proc.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)

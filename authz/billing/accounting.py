@@ -13,6 +13,7 @@ from decimal import Decimal
 from authz.billing.pricing import PriceBook
 from authz.billing.usagerow import UsageRow
 from authz.identity import RequestIdentity
+from authz.serviceid import service_identity
 from backends.usage import MeterResult, Usage
 
 # Anthropic models average about four bytes of JSON request body per input token (text is about
@@ -92,6 +93,7 @@ def usage_row(
         latency_ms=round((ended_at - identity.started_at) * 1000.0, 3),
         ttfb_ms=round((first_byte_at - identity.started_at) * 1000.0, 3) if first_byte_at else None,
         recorded_by=recorded_by,
+        service_identity=service_identity(caller.sub, caller.session_id) if caller else None,
     )
 
 

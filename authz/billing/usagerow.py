@@ -14,7 +14,12 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 # Fields added after the first release, with the value older spooled rows stand for.
-_ADDED_FIELDS: dict[str, Any] = {"policy": None, "input_tokens_estimated": False, "recorded_by": "ext_proc"}
+_ADDED_FIELDS: dict[str, Any] = {
+    "policy": None,
+    "input_tokens_estimated": False,
+    "recorded_by": "ext_proc",
+    "service_identity": None,
+}
 
 # Who wrote a row. A refusal (ext_authz) or an exchange that saw its request end (ext_proc) is final;
 # an exchange whose stream closed early (ext_proc_cut) and Envoy's access-log report of a request no
@@ -66,6 +71,8 @@ class UsageRow:
     ttfb_ms: float | None
     recorded_by: str = "ext_proc"
     """``ext_authz``, ``ext_proc``, ``ext_proc_cut`` or ``access_log`` (see :func:`merge_rows`)."""
+    service_identity: str | None = None
+    """The service identity whose token made the request (``authz service-tokens``), else None."""
 
     def __post_init__(self) -> None:
         # A naive datetime would be read as local time by some consumers and as UTC by others;
@@ -131,6 +138,7 @@ class UsageRow:
             latency_ms=_opt_float(data, "latency_ms"),
             ttfb_ms=_opt_float(data, "ttfb_ms"),
             recorded_by=_str(data, "recorded_by"),
+            service_identity=_opt_str(data, "service_identity"),
         )
 
 

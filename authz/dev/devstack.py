@@ -299,7 +299,16 @@ class Stack:
     def start_gateway(self) -> None:
         """Start ``authz serve`` and wait for the gRPC ports and the portal."""
         assert self.ports is not None and self.config_path is not None
-        argv = [sys.executable, "-m", "authz.cli", "serve", "--config", str(self.config_path)]
+        argv = [
+            sys.executable,
+            "-m",
+            "authz.cli",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--state-dir",
+            str(self.root),
+        ]
         proc = Proc("gateway", argv, self.root / "logs" / "gateway.log")
         self.procs["gateway"] = proc
         for i in range(self.workers):

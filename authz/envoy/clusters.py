@@ -17,6 +17,8 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 )
 from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
     Http1ProtocolOptions,
     Http2ProtocolOptions,
     TransportSocket,
@@ -54,6 +56,21 @@ _MAX_CONCURRENT = 100_000
 
 _HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
+# Active gRPC health checks on the workers (grpc.health.v1, served by authz.ops.health): Envoy's
+# main thread asks each worker once a second, whether or not traffic flowed (one tiny RPC per
+# worker per second: negligible next to the requests, even on two cores). A worker answering
+# NOT_SERVING (draining) or not answering within the timeout (stuck) twice in a row stops getting
+# new requests; one SERVING answer brings it back. Envoy's default panic threshold (50%) is kept
+# on purpose: when every worker of a replica drains at once, Envoy keeps using them rather than
+# refusing the requests still on their way to it.
+HEALTH_CHECK_INTERVAL = 1.0
+HEALTH_CHECK_TIMEOUT = 1.0
+HEALTH_CHECK_UNHEALTHY_THRESHOLD = 2
+HEALTH_CHECK_HEALTHY_THRESHOLD = 1
+# The longest a draining worker may keep receiving new requests: `unhealthy_threshold` checks, one
+# interval apart, each answered NOT_SERVING at once. authz.service waits at least this long.
+HEALTH_CHECK_DETECTION_SECONDS = HEALTH_CHECK_INTERVAL * HEALTH_CHECK_UNHEALTHY_THRESHOLD
+
 
 # --- clusters -----------------------------------------------------------------------------------
 
@@ -71,6 +88,21 @@ def _grpc_cluster(config: GatewayConfig, ports: Sequence[int]) -> Cluster:
                 http2_protocol_options=Http2ProtocolOptions()
             )
         ),
+        health_checks=[_grpc_health_check()],
+    )
+
+
+def _grpc_health_check() -> HealthCheck:
+    """The workers' active health check (HealthCheck.grpc_health_check; service "" is the server)."""
+    return HealthCheck(
+        timeout=_seconds(HEALTH_CHECK_TIMEOUT),
+        interval=_seconds(HEALTH_CHECK_INTERVAL),
+        # Default 60 s until the cluster has carried traffic: a worker stuck before the first
+        # request would go unnoticed for a minute (HealthCheck.no_traffic_interval).
+        no_traffic_interval=_seconds(HEALTH_CHECK_INTERVAL),
+        unhealthy_threshold=HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+        healthy_threshold=HEALTH_CHECK_HEALTHY_THRESHOLD,
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=""),
     )
 
 
@@ -163,6 +195,7 @@ def _cluster(
     connect_timeout: float,
     protocol: HttpProtocolOptions,
     transport: TransportSocket | None = None,
+    health_checks: Sequence[HealthCheck] = (),
 ) -> Cluster:
     ip = _is_ip(host)
     return Cluster(
@@ -194,6 +227,7 @@ def _cluster(
         ),
         typed_extension_protocol_options={_HPO_KEY: _pack(protocol)},
         transport_socket=transport,
+        health_checks=list(health_checks),
     )
 
 

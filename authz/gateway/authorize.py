@@ -254,7 +254,14 @@ class Authorizer:
         # By session id, or by the IdP subject/session a back-channel logout named (RevocationSet.blocks).
         if self._is_revoked(claims):
             raise TokenError("revoked")
-        return Caller(sub=claims.sub, email=claims.email, groups=claims.groups, session_id=claims.sid)
+        # A service token's own model patterns (authz.signin.service_tokens) narrow the policy.
+        return Caller(
+            sub=claims.sub,
+            email=claims.email,
+            groups=claims.groups,
+            session_id=claims.sid,
+            models=claims.models,
+        )
 
 
 def _content_length(headers: Mapping[str, str]) -> int:

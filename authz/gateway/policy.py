@@ -58,8 +58,9 @@ def decide(
        No matching policy: denied, "no policy admits this user".
     2. For invoke and stream, the canonical model id, or its family without the snapshot date,
        must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
-       denied, "model X is not allowed for your groups". ``list_profiles`` and ``count_tokens``
-       skip this check.
+       denied, "model X is not allowed for your groups". A token that carries its own model patterns
+       (a service token created with ``--models``) must match those too: the allowed models are the
+       intersection. ``list_profiles`` and ``count_tokens`` skip this check.
     3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
        format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
     """
@@ -74,6 +75,13 @@ def decide(
         if not _model_allowed(policy.models, route.model.canonical):
             return PolicyDecision(
                 False, f"model {route.model.canonical} is not allowed for your groups", policy.name, None
+            )
+        if identity.models is not None and not _model_allowed(identity.models, route.model.canonical):
+            return PolicyDecision(
+                False,
+                f"model {route.model.canonical} is not allowed for this service token",
+                policy.name,
+                None,
             )
 
     serving = PASS_THROUGH.get(client_format)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from authz.errors import GatewayError, StoreError
 from authz.signin.tokens import Claims
 from authz.store.listen import Listener, listen
+from authz.store.service_tokens import revoked_service_token_sids
 from authz.store.sessions import REVOCATION_CHANNEL, revoked_session_ids
 
 log = logging.getLogger("authz.signin.revocation")
@@ -59,7 +60,8 @@ class IdpLogout:
 
 
 class RevocationSet:
-    """The ids of revoked gateway sessions (the access token's ``sid`` claim), plus the
+    """The ids of revoked gateway sessions and service tokens (the access token's ``sid`` claim;
+    a service token's is ``svc:<id>``, :mod:`authz.serviceid`), plus the
     back-channel logouts not yet resolved to session ids (:class:`IdpLogout`)."""
 
     __slots__ = ("_by_idp_sid", "_by_sub", "_logouts", "_sids")
@@ -308,7 +310,10 @@ class RevocationWatcher:
         self._notified_during_resync = set()
         try:
             async with asyncio.timeout(self._timeout):
-                fetched = await revoked_session_ids(listener.connection, self._clock())
+                now = self._clock()
+                # Service tokens are revoked by their sid (svc:<id>, authz.serviceid) on the same channel.
+                fetched = await revoked_session_ids(listener.connection, now)
+                fetched |= await revoked_service_token_sids(listener.connection, now)
         finally:
             during, self._notified_during_resync = self._notified_during_resync, None
         self._revocations.replace(fetched | during)

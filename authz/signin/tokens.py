@@ -23,6 +23,7 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from authz.configtypes import Sessions, SigningKey
 from authz.errors import ConfigError, TokenError
+from authz.serviceid import service_identity
 
 Algorithm: TypeAlias = Literal["ES256", "EdDSA"]
 PrivateKey: TypeAlias = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -245,6 +246,13 @@ class Claims:
     aud: str
     auth_time: int | None = None
     idp_sid: str | None = None
+    models: tuple[str, ...] | None = None
+    """Model patterns the token is limited to (service tokens' ``--models``); None: no limit of its own."""
+
+    @property
+    def service(self) -> str | None:
+        """The service identity's name for a service token (:mod:`authz.serviceid`), else None."""
+        return service_identity(self.sub, self.sid)
 
 
 def mint(
@@ -261,6 +269,7 @@ def mint(
     jti: str | None = None,
     auth_time: float | None = None,
     idp_sid: str | None = None,
+    models: Iterable[str] | None = None,
 ) -> str:
     """Sign a new access token with the key set's signing key.
 
@@ -268,7 +277,8 @@ def mint(
     ``iat``/``exp`` are whole seconds (NumericDate, RFC 7519 §2); ``jti`` defaults to 128 random
     bits so every token can be revoked individually (RFC 7519 §4.1.7). ``auth_time`` (RFC 9068
     §2.2.1: when the user signed in, here the session's creation) and ``idp_sid`` (the IdP's
-    session id) are written when given.
+    session id) are written when given. ``models`` (a private claim) limits the token to those
+    model patterns on top of the policy (service tokens).
     """
     if ttl <= 0:
         raise ValueError("ttl must be positive")
@@ -289,6 +299,8 @@ def mint(
         payload["auth_time"] = int(auth_time)
     if idp_sid is not None:
         payload["idp_sid"] = idp_sid
+    if models is not None:
+        payload["models"] = list(models)
     return jwt.encode(payload, private, algorithm=algorithm, headers={"kid": kid, "typ": TOKEN_TYPE})
 
 
@@ -433,6 +445,11 @@ class TokenVerifier:
             raise TokenError("malformed")
         auth_time = _numeric(payload, "auth_time") if "auth_time" in payload else None
         idp_sid = _string(payload, "idp_sid") if "idp_sid" in payload else None
+        models = payload.get("models")
+        if models is not None and (
+            not isinstance(models, list) or not all(isinstance(m, str) for m in models)
+        ):
+            raise TokenError("malformed")
         return Claims(
             sub=_string(payload, "sub"),
             email=_string(payload, "email", ""),
@@ -446,4 +463,5 @@ class TokenVerifier:
             aud=self._audience,
             auth_time=auth_time,
             idp_sid=idp_sid,
+            models=tuple(models) if models is not None else None,
         )

@@ -47,6 +47,7 @@ _SEND_TYPES = {
     "latency_ms": "float8",
     "ttfb_ms": "float8",
     "recorded_by": "text",
+    "service_identity": "text",
 }
 
 # Column names are the field names; a field without a type above fails at import, not at 3 a.m.

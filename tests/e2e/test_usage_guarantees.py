@@ -4,9 +4,13 @@ and when Envoy answers a request itself."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,30 @@ def workers(stack: Stack) -> list[psutil.Process]:
     parent = psutil.Process(stack.procs["gateway"].popen.pid)
     spawned = [c for c in parent.children() if "spawn_main" in " ".join(c.cmdline())]
     return spawned or [parent]
+
+
+def worker_pids(stack: Stack) -> dict[int, int]:
+    """``{gRPC port: pid}`` of the workers, from their start-up log lines (the latest per port)."""
+    text = (stack.root / "logs" / "gateway.log").read_text()
+    return {
+        int(port): int(pid) for pid, port in re.findall(r"\(pid (\d+)\) serving gRPC on [^:]+:(\d+)", text)
+    }
+
+
+def active_per_worker(stack: Stack) -> dict[int, int]:
+    """Envoy's active requests to each gRPC worker (its admin /clusters page)."""
+    assert stack.ports is not None
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{stack.ports.admin}/clusters?format=json", timeout=5
+    ) as resp:
+        clusters = json.load(resp)["cluster_statuses"]
+    grpc = next(c for c in clusters if c["name"] == "gateway_grpc")
+    return {
+        h["address"]["socket_address"]["port_value"]: int(
+            next((s.get("value", 0) for s in h.get("stats", []) if s["name"] == "rq_active"), 0)
+        )
+        for h in grpc["host_statuses"]
+    }
 
 
 def access_log_rows(stack: Stack, email: str) -> list[dict[str, Any]]:
@@ -180,8 +208,9 @@ def test_killed_worker_leaves_a_row_for_each_of_its_requests(stack: Stack, uniqu
     token = stack.mint(unique_user)
     socks = [open_stream(stack, token) for _ in range(8)]
     time.sleep(0.5)
-    victim = workers(stack)[0]
-    victim.send_signal(signal.SIGKILL)
+    # The worker holding the most exchanges (Envoy's active requests per gRPC host).
+    port = max(active_per_worker(stack).items(), key=lambda item: item[1])[0]
+    os.kill(worker_pids(stack)[port], signal.SIGKILL)
     for sock in socks:
         sock.settimeout(20)
         try:

@@ -1312,8 +1312,8 @@ async def test_a_sign_in_behind_https_uses_host_prefixed_cookies_throughout(
     assert (await portal.poll(grant["device_code"]))[0] == 200
 
 
-async def test_healthz_follows_the_callable(make_portal: PortalFactory, clean_db: str) -> None:
-    """/healthz answers 503 while the worker says it is draining."""
+async def test_draining_fails_readyz_but_not_healthz(make_portal: PortalFactory, clean_db: str) -> None:
+    """While the worker drains, /readyz answers 503 "draining" and /healthz (liveness) still 200."""
     config = _config(clean_db)
     pool = await connect_pool(clean_db, timeout=10)
     try:
@@ -1324,7 +1324,10 @@ async def test_healthz_follows_the_callable(make_portal: PortalFactory, clean_db
         await server.start_server()
         try:
             async with aiohttp.ClientSession() as http:
-                assert (await http.get(server.make_url("/healthz"))).status == 503
+                assert (await http.get(server.make_url("/healthz"))).status == 200
+                ready = await http.get(server.make_url("/readyz"))
+                assert ready.status == 503
+                assert (await ready.json())["status"] == "draining"
         finally:
             await server.close()
     finally:

@@ -501,3 +501,60 @@ def test_denied_rows_name_the_policy_that_refused() -> None:
     """A model refusal records the policy whose allow-list refused it."""
     deny = _deny(_check(BEDROCK_SONNET, {"authorization": f"Bearer {_token()}"}))
     assert deny.row is not None and deny.row.policy == "eng"
+
+
+# --- service identities ---------------------------------------------------------------------------
+
+
+def _service_token(models: tuple[str, ...] | None) -> str:
+    return mint(
+        KeySet.from_config(Sessions(signing_key=SIGNING)),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        sub="service:ci-nightly",
+        email="",
+        groups=("eng",),
+        sid="svc:tok-1",
+        ttl=900,
+        now=NOW,
+        jti="tok-1",
+        models=models,
+    )
+
+
+def test_service_token_models_narrow_its_policy_and_rows_name_it() -> None:
+    """A service token limited to claude-haiku-* is allowed haiku and refused opus (which its policy
+    allows) with a 400; both the refusal's row and the finished row name the service identity."""
+    from authz.billing.accounting import usage_row
+    from authz.billing.pricing import PriceBook
+    from authz.configtypes import Pricing
+
+    headers = {"authorization": f"Bearer {_service_token(('claude-haiku-*',))}"}
+    deny = _deny(_check(BEDROCK_STREAM, headers))
+    assert deny.reply.status == 400
+    assert "not allowed for this service token" in _envelope(deny)["message"]
+    assert deny.row is not None and deny.row.service_identity == "ci-nightly"
+    allow = _allow(_check(VERTEX_INVOKE, headers))
+    row = usage_row(
+        allow.identity,
+        status=200,
+        outcome="complete",
+        reason=None,
+        prices=PriceBook(Pricing()),
+        ended_at=NOW + 1,
+    )
+    assert (row.service_identity, row.session_id, row.user_sub) == (
+        "ci-nightly",
+        "svc:tok-1",
+        "service:ci-nightly",
+    )
+    person = _deny(_check(BEDROCK_SONNET, {"authorization": f"Bearer {_token()}"}))
+    assert person.row is not None and person.row.service_identity is None
+
+
+def test_revoked_service_token_is_401() -> None:
+    """A service token whose sid (svc:<id>) is in the revocation set is refused like a revoked session."""
+    headers = {"authorization": f"Bearer {_service_token(None)}"}
+    assert isinstance(_check(BEDROCK_STREAM, headers), Allow)
+    deny = _deny(_check(BEDROCK_STREAM, headers, revoked=frozenset({"svc:tok-1"})))
+    assert deny.reply.status == 401 and deny.reason == "token_revoked"

@@ -207,11 +207,10 @@ def test_token_with_and_without_mint_dispatch_to_the_right_command() -> None:
     parser = build_parser()
     assert parser.parse_args(["token"]).func is cmd_token_print
     args = parser.parse_args(["token", "mint", "--config", "c.yaml", "--user", "ada@example.com"])
-    assert args.func is cmd_token_mint and args.ttl == 3600
+    assert args.func is cmd_token_mint and args.ttl == 900
 
 
-def test_token_mint_still_mints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``authz token mint`` prints a token signed with the configured key, as before."""
+def _mint_config(tmp_path: Path) -> Path:
     key = generate_signing_key("k1")
     config = tmp_path / "gateway.yaml"
     config.write_text(
@@ -232,11 +231,32 @@ def test_token_mint_still_mints(tmp_path: Path, capsys: pytest.CaptureFixture[st
         )
         + textwrap.indent(key.private_key or "", " " * 6)
     )
+    return config
+
+
+def test_token_mint_still_mints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``authz token mint`` prints a token signed with the configured key, as before."""
+    config = _mint_config(tmp_path)
     assert (
         main(["token", "mint", "--config", str(config), "--user", "ada@example.com", "--groups", "eng"]) == 0
     )
     claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
     assert claims["email"] == "ada@example.com" and claims["groups"] == ["eng"]
+
+
+def test_token_mint_caps_the_lifetime_unless_dev(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A minted token cannot be revoked, so a lifetime over sessions.access_token_ttl (900 s) is
+    refused, pointing at service tokens, unless --dev; a service-token session id is refused."""
+    config = str(_mint_config(tmp_path))
+    base = ["token", "mint", "--config", config, "--user", "ci@example.com"]
+    assert main([*base, "--ttl", "86400"]) == 2
+    err = capsys.readouterr().err
+    assert "sessions.access_token_ttl" in err and "authz service-tokens create" in err
+    assert main([*base, "--ttl", "86400", "--dev"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 86400
+    assert main([*base, "--sid", "svc:abc"]) == 2
+    assert "svc:" in capsys.readouterr().err
 
 
 # --- logout -------------------------------------------------------------------------------------
@@ -401,3 +421,17 @@ def test_sessions_table_shows_state_and_reason() -> None:
     assert lines[2].endswith("expired")
     assert lines[3].endswith("revoked 2027-01-01 12:00: laptop stolen")
     assert format_sessions([], now) == "No sessions.\n"
+
+
+def test_a_worker_is_restarted_until_it_crash_loops() -> None:
+    """A worker may die and be restarted three times within a minute; the fourth death in that
+    window is a crash loop, and deaths spread over time never add up to one."""
+    from authz.service import RestartBudget
+
+    now = [0.0]
+    budget = RestartBudget(clock=lambda: now[0])
+    assert [budget.may_restart(0) for _ in range(3)] == [True, True, True]
+    assert budget.may_restart(1) is True  # another worker has a budget of its own
+    assert budget.may_restart(0) is False
+    now[0] = 61.0
+    assert budget.may_restart(0) is True

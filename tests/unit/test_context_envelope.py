@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -130,12 +131,22 @@ def test_garbage_metadata_gives_none(fields: dict[str, Any]) -> None:
     assert from_metadata(fields) is None
 
 
+def test_a_context_without_email_round_trips() -> None:
+    """A service identity has no email: its identity still travels (email reads back empty)."""
+    assert CTX.caller is not None
+    service = replace(
+        CTX, caller=replace(CTX.caller, email="", sub="service:ci-nightly", session_id="svc:tok-1")
+    )
+    assert from_metadata(to_metadata(service)) == service
+
+
 def test_context_fields_match_the_proto() -> None:
     """The identity's dataclasses and protos/claude_gateway/v1/context.proto name the same fields."""
     proto_fields = {f.name for f in context_pb2.RequestContext.DESCRIPTOR.fields}
     flat = {f.name for f in dataclasses.fields(RequestIdentity)} - {"caller", "client"}
     flat |= {f.name for f in dataclasses.fields(ClientFacts)}
-    flat |= {f.name for f in dataclasses.fields(Caller)}
+    # A service token's own model limit is applied by ext_authz and never travels (authz.identity.Caller).
+    flat |= {f.name for f in dataclasses.fields(Caller)} - {"models"}
     assert proto_fields == flat
 
 

@@ -435,6 +435,22 @@ def test_grpc_cluster_lists_every_worker(example: dict[str, Any]) -> None:
     assert endpoints(cluster(custom, "gateway_grpc")) == [("127.0.0.1", 7001), ("127.0.0.1", 7005)]
 
 
+def test_workers_are_health_checked_over_grpc(example: dict[str, Any]) -> None:
+    """gateway_grpc health-checks every worker with the gRPC health protocol every second, twice
+    failing before a worker is dropped, and the drain outlasts that detection; no other cluster is
+    actively checked."""
+    from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS
+    from authz.service import DRAIN_SECONDS
+
+    (check,) = cluster(example, "gateway_grpc")["health_checks"]
+    assert check["grpc_health_check"] == {}
+    assert (check["interval"], check["no_traffic_interval"], check["timeout"]) == ("1s", "1s", "1s")
+    assert (check["unhealthy_threshold"], check["healthy_threshold"]) == (2, 1)
+    assert DRAIN_SECONDS >= HEALTH_CHECK_DETECTION_SECONDS >= 2 * 1.0
+    others = [c for c in example["static_resources"]["clusters"] if c["name"] != "gateway_grpc"]
+    assert all("health_checks" not in c for c in others)
+
+
 def test_https_clusters_verify_certificates_with_sni(example: dict[str, Any]) -> None:
     """Each cloud cluster resolves its host, sends SNI and checks the certificate chain and SAN."""
     for name, host in (

@@ -149,3 +149,32 @@ def test_route_without_a_model_is_denied_for_inference() -> None:
     route = ("bedrock", PassThroughRoute(operation="invoke", streaming=False, model=None))
     config = _config(Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)))
     assert not decide(ADA, route, config).allowed
+
+
+def test_a_service_tokens_own_models_narrow_the_policy() -> None:
+    """A token carrying model patterns (a service token's --models) gets only the models both its
+    patterns and its policy allow; without patterns the policy alone decides."""
+    config = _config(
+        Policy(
+            name="ci", groups=("ci",), models=("claude-haiku-*", "claude-sonnet-*"), upstreams=("bedrock-us",)
+        )
+    )
+    limited = Caller(
+        sub="service:nightly",
+        email="",
+        groups=("ci",),
+        session_id="svc:tok-1",
+        models=("claude-haiku-*", "claude-opus-*"),
+    )
+    assert decide(limited, BEDROCK_HAIKU, config).allowed
+    opus = decide(limited, BEDROCK_OPUS, config)
+    assert not opus.allowed and opus.reason == "model claude-opus-5-5 is not allowed for your groups"
+    sonnet = _route("POST", "/model/anthropic.claude-sonnet-4-5-20250929-v1:0/invoke")
+    denied = decide(limited, sonnet, config)
+    assert (
+        not denied.allowed
+        and denied.reason == "model claude-sonnet-4-5-20250929 is not allowed for this service token"
+    )
+    unlimited = Caller(sub="service:nightly", email="", groups=("ci",), session_id="svc:tok-1")
+    assert decide(unlimited, sonnet, config).allowed
+    assert decide(limited, LIST_PROFILES, config).allowed

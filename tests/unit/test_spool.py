@@ -131,6 +131,16 @@ def test_row_from_json_rejects_malformed_rows(mutate) -> None:
         UsageRow.from_json(json.dumps(data))
 
 
+def test_rows_spooled_before_service_identity_existed_still_replay() -> None:
+    """A spooled row written before the service_identity field existed reads back with it unset,
+    and a row that has it round-trips."""
+    data = json.loads(make_row().to_json())
+    del data["service_identity"]
+    assert UsageRow.from_json(json.dumps(data)) == make_row()
+    row = make_row(service_identity="ci-nightly")
+    assert UsageRow.from_json(row.to_json()).service_identity == "ci-nightly"
+
+
 def test_row_requires_an_aware_timestamp() -> None:
     """A naive started_at is refused when the row is built."""
     with pytest.raises(ValueError, match="timezone-aware"):

@@ -393,3 +393,22 @@ def test_unknown_algorithm_cannot_be_generated() -> None:
     """Only ES256 and EdDSA keys can be generated."""
     with pytest.raises(ConfigError):
         generate_signing_key("k", "HS256")
+
+
+def test_service_token_claims_name_the_service_and_its_models() -> None:
+    """A token minted for a service identity (sub service:NAME, sid svc:ID) verifies with
+    ``service`` set and its model patterns; a person's token has neither, even with a lookalike sub."""
+    keyset = _keyset()
+    token = _mint(keyset, sub="service:ci-nightly", email="", sid="svc:abc", models=["claude-haiku-*"])
+    claims = _verifier(keyset).verify(token, NOW)
+    assert (claims.service, claims.models, claims.email) == ("ci-nightly", ("claude-haiku-*",), "")
+    person = _verifier(keyset).verify(_mint(keyset, sub="service:ci-nightly", sid="portal-session"), NOW)
+    assert (person.service, person.models) == (None, None)
+
+
+def test_a_models_claim_that_is_not_a_list_of_strings_is_malformed() -> None:
+    """``models`` must be a list of strings; anything else refuses the token."""
+    key = generate_signing_key("k1")
+    keyset = _keyset(signing=key)
+    token = _sign_with(key, _payload(models="claude-*"))
+    assert _reason(_verifier(keyset), token) == "malformed"

@@ -10,14 +10,14 @@ rate limiter, which is a brake on guessing, not a source of truth.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
 from authz.errors import StoreError
 from authz.signin.portal import oauth
 from authz.signin.portal import web as pages_web
-from authz.signin.portal.context import PortalContext, PortalDeps
+from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
 from authz.signin.portal.http import oauth_error
 
 log = logging.getLogger("authz.signin.portal")
@@ -60,13 +60,28 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app[PORTAL] = context
 
     async def healthz(_request: web.Request) -> web.Response:
-        if deps.healthy():
-            return web.json_response({"status": "ok"})
-        return web.json_response({"status": "draining"}, status=503)
+        # Liveness only: a draining worker is alive, and must not be restarted mid-drain.
+        return web.json_response({"status": "ok" if deps.healthy() else "draining"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        # Readiness (authz.ops.health): 503 with the failing checks, and while draining.
+        checks: Mapping[str, ReadinessCheck] = {}
+        if deps.readiness is None:
+            ready = deps.healthy()
+        else:
+            ready, checks = await deps.readiness()
+        if not deps.healthy():
+            ready = False
+        body = {
+            "status": "ready" if ready else ("draining" if not deps.healthy() else "not_ready"),
+            "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in sorted(checks.items())},
+        }
+        return web.json_response(body, status=200 if ready else 503)
 
     endpoints = oauth.OAuthEndpoints(context)
     browser = pages_web.BrowserPages(context)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/.well-known/oauth-authorization-server", endpoints.metadata)
     app.router.add_get("/.well-known/jwks.json", endpoints.jwks)
     app.router.add_post("/oauth/device_authorization", endpoints.device_authorization)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -73,15 +73,25 @@ def _always_healthy() -> bool:
     return True
 
 
+class ReadinessCheck(Protocol):
+    """One line of ``/readyz`` (:class:`authz.ops.health.CheckResult` satisfies this)."""
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def detail(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PortalDeps:
     """What the portal needs from the process that runs it.
 
     ``oidc`` is None when the configuration has no ``oidc`` section: the sign-in endpoints then
     answer 503 ``temporarily_unavailable`` while discovery, JWKS and revocation keep working.
-    ``clock`` returns an aware datetime (tests move it); ``healthy`` feeds ``/healthz`` (False
-    while the worker drains). ``logouts`` lets back-channel logouts be accepted while PostgreSQL
-    is unreachable; without it they need PostgreSQL (503 otherwise).
+    ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
+    drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
+    ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
+    they need PostgreSQL (503 otherwise).
     """
 
     config: GatewayConfig
@@ -91,6 +101,7 @@ class PortalDeps:
     clock: Callable[[], datetime] = field(default=utc_now)
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
+    readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
 
 
 class PortalContext:

@@ -1,0 +1,1 @@
+"""Operations: health and readiness, retention of old rows, and the ``authz doctor`` checks."""
