@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, replace
 
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow
 from authz.configtypes import GatewayConfig
 from authz.envoy.common import UPSTREAM_HEADER
 from authz.envoy.upstreams import cluster_name
@@ -21,6 +20,7 @@ from authz.errors import BadModelId, TokenError
 from authz.gateway.policy import decide
 from authz.identity import Caller, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, TokenVerifier
+from authz.store.usagerow import UsageRow
 from authz.translate.envelope import ErrorReply, error_reply
 from backends.descriptor import PassThroughRoute
 from backends.kinds import KINDS, PASS_THROUGH

@@ -25,13 +25,13 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz.billing.usagerow import UsageRow
 from authz.envoy.common import RECORDED_NAMESPACE
 from authz.gateway.accesslog import AccessLog, AccessRecord
 from authz.gateway.authorize import Allow, Authorizer, CheckInput
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
 from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
 from authz.identity import RequestIdentity
+from authz.store.usagerow import UsageRow
 from authz.translate.envelope import ErrorReply
 
 log = logging.getLogger("authz.grpc")

@@ -28,13 +28,13 @@ from typing import TypeVar
 
 import asyncpg
 
-from authz.billing.usagerow import UsageRow
 from authz.configtypes import Store
 from authz.errors import StoreError
 from authz.store.db import Connection, Pool, connect_pool
 from authz.store.migrate import migrate as apply_migrations
 from authz.store.queries import insert_rows
 from authz.store.spool import Spool
+from authz.store.usagerow import UsageRow
 
 log = logging.getLogger("authz.store.ledger")
 

@@ -25,8 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz.billing.usagerow import UsageRow
 from authz.errors import StoreError
+from authz.store.usagerow import UsageRow
 
 log = logging.getLogger("authz.store.spool")
 
