@@ -13,7 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,10 @@ from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
+from authz.telemetry.relay import Relay
+from authz.telemetry.runtime import Telemetry, start_telemetry
 from backends.base import Upstream
+from backends.credentials import ReportsRefreshFailures
 from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
@@ -55,6 +58,8 @@ class Worker:
     upstreams: dict[str, Upstream]
     grpc_server: grpc.aio.Server
     grpc_port: int
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    relay: Relay | None = None
     watcher: RevocationWatcher | None = None
     logouts: BackchannelLogouts | None = None
     portal: web.AppRunner | None = None
@@ -71,6 +76,8 @@ class Worker:
         await self.grpc_server.stop(grace)
         if self.portal is not None:
             await self.portal.cleanup()
+        if self.relay is not None:
+            await self.relay.aclose()
         if self.portal_pool is not None:
             await self.portal_pool.close()
         if self.oidc is not None:
@@ -82,6 +89,8 @@ class Worker:
             await self.watcher.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        # The last export is a blocking network call.
+        await asyncio.to_thread(self.telemetry.close)
         self.stopped.set()
 
 
@@ -98,8 +107,14 @@ async def _migrate_if_reachable(url: str, connect_timeout: float) -> None:
         await conn.close()
 
 
-async def _start_portal(worker: Worker, keyset: KeySet) -> None:
+async def _start_portal(
+    worker: Worker, keyset: KeySet, verifier: TokenVerifier, revocations: RevocationSet
+) -> None:
     config = worker.config
+    # Claude Code's own telemetry, forwarded with the verified user added (POST /v1/metrics|logs|traces).
+    relay = Relay(config.telemetry, worker.telemetry)
+    await relay.start()
+    worker.relay = relay
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
     oidc = OidcClient(config.oidc) if config.oidc is not None else None
@@ -111,6 +126,9 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
             oidc=oidc,
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
+            verifier=verifier,
+            is_revoked=revocations.blocks,
+            relay=relay,
         )
     )
     runner = web.AppRunner(app, access_log=None)
@@ -152,10 +170,13 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     await logouts.start()
     upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
     prices = PriceBook(config.pricing)
+    telemetry = start_telemetry(config, index)
+    _observe(telemetry, ledger, watcher, upstreams.values())
+    record = telemetry.recorder(ledger.record)
     deps = Deps(
         upstreams=upstreams,
         prices=prices,
-        record=ledger.record,
+        record=record,
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
     max_message = config.limits.max_request_body_bytes + 1024 * 1024
@@ -169,20 +190,65 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     add_servicers(
         server,
         AuthorizationServicer(
-            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices), ledger.record
+            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices),
+            record,
+            count_refusal=telemetry.refusal,
+            telemetry=telemetry,
         ),
-        ExternalProcessorServicer(deps),
+        ExternalProcessorServicer(deps, telemetry=telemetry),
     )
     address = config.listen.grpc.address
     port = server.add_insecure_port(
         f"{address}:{config.listen.grpc.port + index if config.listen.grpc.port else 0}"
     )
     await server.start()
-    worker = Worker(config, index, ledger, upstreams, server, port, watcher=watcher, logouts=logouts)
+    worker = Worker(
+        config, index, ledger, upstreams, server, port, telemetry=telemetry, watcher=watcher, logouts=logouts
+    )
     if index == 0:
-        await _start_portal(worker, keyset)
+        await _start_portal(worker, keyset, verifier, revocations)
     log.info("worker %d serving gRPC on %s:%d", index, address, port)
     return worker
+
+
+def _observe(
+    telemetry: Telemetry, ledger: Ledger, watcher: RevocationWatcher, upstreams: Iterable[Upstream]
+) -> None:
+    """Gauges and counters read at collection time (off the event loop), and the credential
+    refresh failures the upstreams report."""
+    telemetry.gauge(
+        "gateway.ledger.queue",
+        "{row}",
+        "Usage rows queued in memory, not yet written.",
+        lambda: ledger.pending,
+    )
+    telemetry.gauge(
+        "gateway.ledger.spool",
+        "By",
+        "Bytes of usage rows in the local spool, waiting for PostgreSQL.",
+        lambda: float(ledger.spooled_bytes()),
+    )
+    telemetry.counter(
+        "gateway.ledger.rows",
+        "{row}",
+        "Usage rows by where they went: written, spooled, replayed from the spool, rejected.",
+        "gateway.ledger.disposition",
+        lambda: {
+            "written": ledger.rows_written,
+            "spooled": ledger.rows_spooled,
+            "replayed": ledger.rows_replayed,
+            "rejected": ledger.rows_rejected,
+        },
+    )
+    telemetry.gauge(
+        "gateway.revocation.lag",
+        "s",
+        "Seconds the revocation set may trail PostgreSQL (0 while its LISTEN connection is up).",
+        lambda: watcher.lag,
+    )
+    for upstream in upstreams:
+        if isinstance(upstream, ReportsRefreshFailures):
+            upstream.on_credential_refresh_failure(telemetry.credential_refresh_failed)
 
 
 async def run_worker(config: GatewayConfig, index: int) -> None:

@@ -14,9 +14,10 @@ from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, Token
 from authz.signin.portal.device import RateLimiter
 from authz.signin.portal.http import cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
-from authz.signin.tokens import KeySet, TokenVerifier
+from authz.signin.tokens import Claims, KeySet, TokenVerifier
 from authz.store import sessions as store
 from authz.store.db import Pool
+from authz.telemetry.relay import Relay
 
 
 class IdentityProvider(Protocol):
@@ -73,6 +74,10 @@ def _always_healthy() -> bool:
     return True
 
 
+def _never_revoked(_claims: Claims) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class PortalDeps:
     """What the portal needs from the process that runs it.
@@ -81,7 +86,9 @@ class PortalDeps:
     answer 503 ``temporarily_unavailable`` while discovery, JWKS and revocation keep working.
     ``clock`` returns an aware datetime (tests move it); ``healthy`` feeds ``/healthz`` (False
     while the worker drains). ``logouts`` lets back-channel logouts be accepted while PostgreSQL
-    is unreachable; without it they need PostgreSQL (503 otherwise).
+    is unreachable; without it they need PostgreSQL (503 otherwise). ``verifier`` and
+    ``is_revoked`` judge the gateway tokens on the client telemetry endpoints exactly as ext_authz
+    does, and ``relay`` forwards what they accept; without a relay those endpoints drop everything.
     """
 
     config: GatewayConfig
@@ -91,6 +98,9 @@ class PortalDeps:
     clock: Callable[[], datetime] = field(default=utc_now)
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
+    verifier: TokenVerifier | None = None
+    is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
+    relay: Relay | None = None
 
 
 class PortalContext:
