@@ -1,4 +1,4 @@
-"""Client OTLP/HTTP payloads: decode (protobuf or JSON, optionally gzip), stamp the verified sender
+"""Client OTLP/HTTP payloads: decode (protobuf or JSON), stamp the verified sender
 onto every resource, encode as protobuf. Pure.
 
 OTLP/HTTP (https://opentelemetry.io/docs/specs/otlp/#otlphttp) carries one
@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,18 +61,6 @@ class Sender:
 def is_json(content_type: str | None) -> bool:
     """Whether the body is OTLP's JSON encoding (else binary protobuf)."""
     return (content_type or "").split(";", 1)[0].strip().lower() == "application/json"
-
-
-def gunzip(body: bytes, limit: int) -> bytes:
-    """Inflate a gzip body, refusing one that inflates past ``limit`` bytes."""
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise PayloadError(f"not gzip: {exc}") from exc
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadError(f"inflates past {limit} bytes")
-    return out
 
 
 def decode(signal: str, body: bytes, *, json_body: bool) -> Message:

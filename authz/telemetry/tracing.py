@@ -89,18 +89,21 @@ def row_attributes(row: UsageRow) -> dict[str, str | int | float | bool]:
 class RequestSpan:
     """One servicer call's span; attributes are set once the outcome is known."""
 
-    __slots__ = ("_span",)
+    __slots__ = ("_ended", "_span")
 
     def __init__(self, span: Span) -> None:
         self._span = span
+        self._ended = False
 
     def finish(self, attributes: Attributes, *, failed: bool = False) -> None:
         """Set ``attributes`` and end the span."""
+        if self._ended:
+            return
         span = self._span
         span.set_attributes(attributes)
         if failed:
             span.set_status(Status(StatusCode.ERROR))
-        span.end()
+        self.end()
 
     def finish_row(self, row: UsageRow) -> None:
         """End the span with what ``row`` records."""
@@ -116,8 +119,10 @@ class RequestSpan:
         return record_and_finish
 
     def end(self) -> None:
-        """End the span if nothing finished it (idempotent in the SDK)."""
-        self._span.end()
+        """End the span if nothing finished it yet."""
+        if not self._ended:
+            self._ended = True
+            self._span.end()
 
 
 class Tracing:
