@@ -129,6 +129,9 @@ class GatewayMetrics:
                 (UPSTREAM,),
             )
         )
+        # Zero from the start for every upstream, so a dashboard shows "no failures" rather than nothing.
+        for name in upstream_kinds:
+            self.credential_failures.add((name,), 0)
         self.spend_reserved = Sum(
             Instrument(
                 "gateway.spend.reserved",
