@@ -59,7 +59,7 @@ from authz.envoy.filters import (
     _strip_internal_headers,
 )
 from authz.envoy.routes import _route_config
-from authz.envoy.tracing import collector_cluster, tracing
+from authz.envoy.tracing import collector_cluster, runtime, tracing
 from authz.errors import ConfigError
 
 __all__ = [
@@ -103,6 +103,7 @@ def render(
     collector = collector_cluster(config.telemetry, ca_bundle)
     bootstrap = Bootstrap(
         admin=Admin(address=_address(config.listen.envoy_admin.address, config.listen.envoy_admin.port)),
+        layered_runtime=runtime(config.telemetry),
         static_resources=BootstrapStaticResources(
             listeners=[_listener(config, access_log)],
             clusters=[

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 from urllib.parse import urlsplit
 
+from envoy_data_plane.envoy.config.bootstrap.v3 import LayeredRuntime, RuntimeLayer, RuntimeLayerAdminLayer
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
     GrpcService,
@@ -36,12 +37,20 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.google.protobuf import Struct, Value
 
 from authz.configtypes import Telemetry
 from authz.envoy.clusters import _cluster, _upstream_tls
 from authz.envoy.common import _pack
 
 COLLECTOR_CLUSTER = "otlp_collector"
+
+# Envoy's OpenTelemetry tracer exports as soon as 5 spans are buffered (runtime key
+# tracing.opentelemetry.min_flush_spans), an HTTP or gRPC call every other request at three spans
+# per request. Batches of 512, or every 5 seconds (tracing.opentelemetry.flush_interval_ms), cost a
+# fraction of that and match the services' BatchSpanProcessor.
+FLUSH_SPANS = 512
+FLUSH_INTERVAL_MS = 5000
 
 
 def tracing(telemetry: Telemetry) -> HttpConnectionManagerTracing | None:
@@ -75,6 +84,23 @@ def tracing(telemetry: Telemetry) -> HttpConnectionManagerTracing | None:
     return HttpConnectionManagerTracing(
         random_sampling=Percent(value=telemetry.traces.sample_ratio * 100.0),
         provider=TracingHttp(name="envoy.tracers.opentelemetry", typed_config=_pack(provider)),
+    )
+
+
+def runtime(telemetry: Telemetry) -> LayeredRuntime | None:
+    """The runtime layers setting the tracer's batching, or None when tracing is off (Envoy's
+    default layers then apply). An admin layer stays last, as in Envoy's default."""
+    if not telemetry.tracing:
+        return None
+    values = {
+        "tracing.opentelemetry.min_flush_spans": Value(number_value=FLUSH_SPANS),
+        "tracing.opentelemetry.flush_interval_ms": Value(number_value=FLUSH_INTERVAL_MS),
+    }
+    return LayeredRuntime(
+        layers=[
+            RuntimeLayer(name="tracing", static_layer=Struct(fields=values)),
+            RuntimeLayer(name="admin", admin_layer=RuntimeLayerAdminLayer()),
+        ]
     )
 
 

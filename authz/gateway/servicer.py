@@ -107,7 +107,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         """Decide one request."""
-        # --- telemetry: handling time, and a span when Envoy traces the request ---
+        # --- telemetry: handling time, and for a refusal a span when Envoy traces the request ---
         telemetry = self._telemetry
         if not telemetry.enabled:
             return self._check(request, None)
@@ -149,18 +149,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
 
 
 def _finish_check_span(span: RequestSpan, decision: Allow | Deny) -> None:
+    # An allowed request's story (who, model, tokens, outcome) is told by its ext_proc span, and
+    # Envoy's own egress span times this call; a span here would only double the export cost of
+    # every traced request. A refusal has no ext_proc span, so it gets one here.
     if isinstance(decision, Allow):
-        identity = decision.identity
-        caller = identity.caller
-        attributes = {
-            "gateway.request_id": identity.request_id,
-            "gateway.decision": "allow",
-            "enduser.id": (caller.email or caller.sub) if caller else "",
-            "gen_ai.request.model": identity.requested_model or "",
-            "gateway.policy": identity.policy or "",
-            "gateway.upstream": identity.upstream or "",
-        }
-        span.finish({k: v for k, v in attributes.items() if v})
+        span.discard()
     elif decision.row is not None:
         span.finish({**row_attributes(decision.row), "gateway.decision": "deny"})
     else:
@@ -312,7 +305,9 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             exchange.on_close()
             telemetry.stream_closed()
             if span is not None:
-                span.end()
+                # Ended by the usage row; a stream with no row (only a local reply's response
+                # headers, ext_authz having refused) exports nothing.
+                span.discard()
 
 
 def add_servicers(

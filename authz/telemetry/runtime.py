@@ -202,5 +202,5 @@ def start_telemetry(
     )
     tracing = None
     if settings.tracing or span_exporter is not None:
-        tracing = Tracing(where, settings.otlp, settings.traces.sample_ratio, span_exporter)
+        tracing = Tracing(where, settings.otlp, span_exporter)
     return LiveTelemetry(metrics, pipeline, tracing)

@@ -40,6 +40,7 @@ HAIKU_VERTEX = "claude-haiku-4-5@20251001"
 # What Grafana substitutes in the dashboards' queries, for an instant query over the test's data.
 GRAFANA_VARIABLES = {"$__rate_interval": "10m", "$__range": "1h", "$__interval": "15s", "$policy": ".*"}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+DENIED_TRACE_ID = "5b8efff798038103d269b633813fc60c"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
 
@@ -114,12 +115,12 @@ def traffic(tstack: Stack, prometheus: PrometheusServer) -> Traffic:
     policy refusal, an anonymous refusal, and a batch of Claude Code's own telemetry."""
     sid = f"sid-{secrets.token_hex(4)}"
     token = tstack.mint(email=USER, sid=sid)
-    _requests(tstack, token, traceparent=None)
+    _requests(tstack, token, traced=False)
     # The counters and histograms now exist in Prometheus; a second round makes their rates (over
     # the dashboards' windows) positive as well.
     first_chunks = "sum(gen_ai_client_operation_time_to_first_chunk_seconds_count)"
     wait_for(lambda: prometheus.value(first_chunks), timeout=30)
-    traced = _requests(tstack, token, traceparent=f"00-{TRACE_ID}-{CLIENT_SPAN}-01")
+    traced = _requests(tstack, token, traced=True)
     anonymous = httpx.post(
         f"{tstack.envoy_url}/model/{SONNET}/invoke", headers={"authorization": "Bearer nope"}, json={}
     )
@@ -149,10 +150,12 @@ def traffic(tstack: Stack, prometheus: PrometheusServer) -> Traffic:
     return Traffic(sid, traced, rows, anonymous_refusals=1)
 
 
-def _requests(tstack: Stack, token: str, traceparent: str | None) -> str:
-    """One round of requests as Claude Code sends them; the request id of the first."""
+def _requests(tstack: Stack, token: str, *, traced: bool) -> str:
+    """One round of requests as Claude Code sends them (with ``traced``, the first and the refused
+    one carry a client traceparent); the request id of the first."""
     body: dict[str, Any] = {"max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
-    headers = {"traceparent": traceparent} if traceparent else {}
+    headers = {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"} if traced else {}
+    denied_headers = {"traceparent": f"00-{DENIED_TRACE_ID}-{CLIENT_SPAN}-01"} if traced else {}
     bedrock_client = AnthropicBedrock(
         api_key=token, base_url=tstack.envoy_url, aws_region="us-east-1", max_retries=0
     )
@@ -161,7 +164,9 @@ def _requests(tstack: Stack, token: str, traceparent: str | None) -> str:
         with bedrock.messages.stream(model=SONNET, **body) as stream:
             stream.until_done()
         with pytest.raises(BadRequestError):
-            bedrock.messages.create(model="us.anthropic.claude-opus-4-1-20250805-v1:0", **body)
+            bedrock.messages.create(
+                model="us.anthropic.claude-opus-4-1-20250805-v1:0", **body, extra_headers=denied_headers
+            )
     vertex_client = AnthropicVertex(
         access_token=token,
         base_url=f"{tstack.envoy_url}/v1",
@@ -254,29 +259,27 @@ def test_otlp_metrics_equal_the_usage_rows(traffic: Traffic, receiver: OtlpRecei
     assert receiver.metric_sum("gateway.requests") == len(rows) + traffic.anonymous_refusals
 
 
+def _trace(receiver: OtlpReceiver, trace_id: str, names: set[str]) -> list[Any]:
+    spans = [s for s in receiver.spans() if s.trace_id == trace_id]
+    return spans if names <= {s.name for s in spans} else []
+
+
 def test_a_span_tree_continues_the_clients_trace(traffic: Traffic, receiver: OtlpReceiver) -> None:
-    """Envoy's ingress span is the client span's child; the services' spans hang off Envoy's gRPC
-    egress spans in the same trace, and ext_proc's says who, which model, the tokens and the outcome."""
-
-    def trace() -> list[Any]:
-        spans = [s for s in receiver.spans() if s.trace_id == TRACE_ID]
-        names = {s.name for s in spans}
-        return spans if {"ingress", "ext_authz Check", "ext_proc Process"} <= names else []
-
-    spans = wait_for(trace, timeout=30)  # Envoy flushes its spans every 5 seconds
+    """Envoy's ingress span is the client span's child, its ext_authz and ext_proc calls are the
+    ingress span's, and the ext_proc span of the services, child of Envoy's call, says who, which
+    model, the tokens and the outcome."""
+    names = {"ingress", "ext_proc Process"}
+    spans = wait_for(lambda: _trace(receiver, TRACE_ID, names), timeout=30)  # Envoy flushes every 5 s
     by_id = {s.span_id: s for s in spans}
     (ingress,) = [s for s in spans if s.name == "ingress"]
     assert ingress.parent_span_id == CLIENT_SPAN
     assert ingress.service == "claude-gateway-envoy"
-    for name, egress in (
-        ("ext_authz Check", "Authorization.Check"),
-        ("ext_proc Process", "ExternalProcessor.Process"),
-    ):
-        (span,) = [s for s in spans if s.name == name and s.attributes.get("gateway.request_id")]
-        parent = by_id[span.parent_span_id]
-        assert egress in parent.name and parent.parent_span_id == ingress.span_id
-        assert span.service == "claude-gateway"
-    (process,) = [s for s in spans if s.name == "ext_proc Process" and s.attributes.get("gateway.request_id")]
+    egress = {s.name for s in spans if s.parent_span_id == ingress.span_id}
+    assert any("Authorization.Check" in name for name in egress), egress
+    (process,) = [s for s in spans if s.name == "ext_proc Process"]
+    parent = by_id[process.parent_span_id]
+    assert "ExternalProcessor.Process" in parent.name and parent.parent_span_id == ingress.span_id
+    assert process.service == "claude-gateway"
     (row,) = [r for r in traffic.rows if r["request_id"] == traffic.traced_request_id]
     attributes = process.attributes
     assert attributes["gateway.request_id"] == row["request_id"]
@@ -285,6 +288,22 @@ def test_a_span_tree_continues_the_clients_trace(traffic: Traffic, receiver: Otl
     assert attributes["gen_ai.usage.input_tokens"] == row["input_tokens"]
     assert attributes["gen_ai.usage.output_tokens"] == row["output_tokens"]
     assert attributes["gateway.outcome"] == row["outcome"] == "complete"
+
+
+def test_a_refused_requests_trace_ends_in_the_ext_authz_span(
+    traffic: Traffic, receiver: OtlpReceiver
+) -> None:
+    """A request refused by policy never reaches ext_proc: its ext_authz span, child of Envoy's
+    Check call, carries the refusal."""
+    spans = wait_for(lambda: _trace(receiver, DENIED_TRACE_ID, {"ingress", "ext_authz Check"}), timeout=30)
+    by_id = {s.span_id: s for s in spans}
+    (check,) = [s for s in spans if s.name == "ext_authz Check"]
+    assert "Authorization.Check" in by_id[check.parent_span_id].name
+    assert check.attributes["gateway.outcome"] == "denied"
+    assert check.attributes["gateway.decision"] == "deny"
+    assert check.attributes["enduser.id"] == USER
+    assert check.attributes["gateway.reason"].startswith("policy:")
+    assert "ext_proc Process" not in {s.name for s in spans}
 
 
 def test_relayed_client_telemetry_carries_the_gateway_user(traffic: Traffic, receiver: OtlpReceiver) -> None:

@@ -92,3 +92,12 @@ def test_telemetry_route_skips_the_services_but_keeps_the_body_cap() -> None:
     bootstrap = render(load_for_render(FIXTURES / "dev.yaml", {}))
     filters = route(bootstrap, "portal_telemetry")["typed_per_filter_config"]
     assert set(filters) == {"envoy.filters.http.ext_authz", "gateway.ext_proc"}
+
+
+def test_envoys_tracer_batches_its_exports_only_when_tracing() -> None:
+    """With tracing on, runtime layers raise the tracer's flush batch (an admin layer stays last);
+    without it the bootstrap keeps Envoy's default runtime."""
+    traced = render(loads(TRACED_HTTP, {}))["layered_runtime"]["layers"]
+    assert traced[0]["static_layer"]["tracing.opentelemetry.min_flush_spans"] == 512
+    assert traced[-1] == {"name": "admin", "admin_layer": {}}
+    assert "layered_runtime" not in render(load_for_render(FIXTURES / "dev.yaml", {}))
