@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import signal
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,15 @@ from authz.billing.pricing import PriceBook
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.errors import StoreError
+from authz.gateway.accesslog import AccessLog
 from authz.gateway.authorize import Authorizer
 from authz.gateway.exchange import Deps
-from authz.gateway.servicer import AuthorizationServicer, ExternalProcessorServicer, add_servicers
+from authz.gateway.servicer import (
+    AccessLogServicer,
+    AuthorizationServicer,
+    ExternalProcessorServicer,
+    add_servicers,
+)
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
 from authz.signin.portal import PortalDeps, build_portal
@@ -43,6 +50,9 @@ from backends.credentials import ReportsRefreshFailures
 from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
+
+# The access log's reason for a request ext_authz refused (Envoy's response code details).
+_EXT_AUTHZ_REFUSAL = "envoy: ext_authz_denied"
 
 DRAIN_SECONDS = 2.0
 GRACE_SECONDS = 30.0
@@ -187,15 +197,32 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
             ("grpc.so_reuseport", 0),
         ]
     )
+    authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
+    refusals: Counter[str] = Counter()
+
+    def count_refusal(reason: str) -> None:
+        refusals[reason] += 1
+        telemetry.refusal(reason)
+
+    def count_envoy_refusal(reason: str) -> None:
+        refusals[reason] += 1
+        # The access log also reports the anonymous refusals ext_authz made, which ext_authz has
+        # counted already, with their precise reason (token_expired, ...).
+        if reason != _EXT_AUTHZ_REFUSAL:
+            telemetry.refusal(reason)
+
     add_servicers(
         server,
-        AuthorizationServicer(
-            Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices),
-            record,
-            count_refusal=telemetry.refusal,
-            telemetry=telemetry,
-        ),
+        AuthorizationServicer(authorizer, record, count_refusal=count_refusal, telemetry=telemetry),
         ExternalProcessorServicer(deps, telemetry=telemetry),
+        AccessLogServicer(
+            AccessLog(
+                identify=authorizer.identify,
+                record=record,
+                prices=prices,
+                count_refusal=count_envoy_refusal,
+            )
+        ),
     )
     address = config.listen.grpc.address
     port = server.add_insecure_port(

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from backends import bedrock, vertex
+from backends import anthropic, bedrock, vertex
 from backends.descriptor import UpstreamKind
 
-KINDS: Mapping[str, UpstreamKind] = {kind.name: kind for kind in (bedrock.KIND, vertex.KIND)}
+KINDS: Mapping[str, UpstreamKind] = {kind.name: kind for kind in (bedrock.KIND, vertex.KIND, anthropic.KIND)}
 """Every upstream kind, by the name ``upstreams.<name>.kind`` uses."""
 
 PASS_THROUGH: Mapping[str, UpstreamKind] = {

@@ -37,6 +37,7 @@ def usage_row(
     meter: MeterResult | None = None,
     first_byte_at: float | None = None,
     estimate_input: bool = False,
+    recorded_by: str = "ext_proc",
 ) -> UsageRow:
     """The row for one request, priced from the usage the meter counted.
 
@@ -90,6 +91,7 @@ def usage_row(
         cost_usd=_cost(prices, identity, usage),
         latency_ms=round((ended_at - identity.started_at) * 1000.0, 3),
         ttfb_ms=round((first_byte_at - identity.started_at) * 1000.0, 3) if first_byte_at else None,
+        recorded_by=recorded_by,
     )
 
 

@@ -8,13 +8,18 @@ form is what the local spool stores while PostgreSQL is unreachable; it round-tr
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 # Fields added after the first release, with the value older spooled rows stand for.
-_ADDED_FIELDS: dict[str, Any] = {"policy": None, "input_tokens_estimated": False}
+_ADDED_FIELDS: dict[str, Any] = {"policy": None, "input_tokens_estimated": False, "recorded_by": "ext_proc"}
+
+# Who wrote a row. A refusal (ext_authz) or an exchange that saw its request end (ext_proc) is final;
+# an exchange whose stream closed early (ext_proc_cut) and Envoy's access-log report of a request no
+# final row was written for (access_log) are partial views of one request, merged by merge_rows.
+FINAL_WRITERS = frozenset({"ext_authz", "ext_proc"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +64,8 @@ class UsageRow:
     cost_usd: Decimal
     latency_ms: float | None
     ttfb_ms: float | None
+    recorded_by: str = "ext_proc"
+    """``ext_authz``, ``ext_proc``, ``ext_proc_cut`` or ``access_log`` (see :func:`merge_rows`)."""
 
     def __post_init__(self) -> None:
         # A naive datetime would be read as local time by some consumers and as UTC by others;
@@ -123,6 +130,7 @@ class UsageRow:
             cost_usd=_decimal(data, "cost_usd"),
             latency_ms=_opt_float(data, "latency_ms"),
             ttfb_ms=_opt_float(data, "ttfb_ms"),
+            recorded_by=_str(data, "recorded_by"),
         )
 
 
@@ -181,3 +189,29 @@ def _groups(data: dict[str, Any]) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
         raise ValueError("usage row field groups must be a list of strings")
     return tuple(value)
+
+
+def merge_rows(existing: UsageRow, incoming: UsageRow) -> UsageRow:
+    """The one row two reports of the same request become.
+
+    A final row (a refusal, or an exchange that saw its request end) is never replaced, and
+    replaces any partial row. Two partial reports merge: Envoy's access log knows how the request
+    ended (its status, outcome and reason), the exchange what was counted before it did. The
+    exchange's counts stand: every byte that reached the client passed its meter first (the filter
+    is blocking), whereas the access log can only estimate from byte totals.
+    """
+    if existing.recorded_by in FINAL_WRITERS or existing == incoming:
+        return existing
+    if incoming.recorded_by in FINAL_WRITERS:
+        return incoming
+    log, cut = (existing, incoming) if existing.recorded_by == "access_log" else (incoming, existing)
+    if log.recorded_by != "access_log" or cut.recorded_by != "ext_proc_cut":
+        return existing  # two reports of one kind: the first stands
+    return replace(
+        cut,
+        status=log.status,
+        outcome=log.outcome,
+        reason=log.reason,
+        latency_ms=log.latency_ms if log.latency_ms is not None else cut.latency_ms,
+        recorded_by="access_log",
+    )

@@ -22,6 +22,8 @@ EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 """Filter name, and so the dynamic-metadata namespace ext_authz's ``dynamic_metadata`` lands in."""
 EXT_PROC_FILTER = "gateway.ext_proc"
 """The ext_proc filter that translates, signs and meters each inference request."""
+RECORDED_NAMESPACE = "gateway.recorded"
+"""Dynamic metadata the exchange sets once it wrote a request's usage row (the access log's filter)."""
 
 # The body as given (a literal, so no %-operators are interpreted), sent as application/json.
 _JSON_BODY = SubstitutionFormatString(

@@ -5,6 +5,8 @@ local-reply mappers that put Envoy's own errors in the Anthropic envelope.
 
 from __future__ import annotations
 
+import datetime
+
 from envoy_data_plane.envoy.config.accesslog.v3 import (
     AccessLog,
     AccessLogFilter,
@@ -28,13 +30,17 @@ from envoy_data_plane.envoy.config.core.v3 import (
     TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.extensions.access_loggers.filters.cel.v3 import ExpressionFilter
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+)
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
-    HeaderForwardingRules,
     ExternalProcessorRouteCacheAction,
+    HeaderForwardingRules,
     MetadataOptions,
     MetadataOptionsMetadataNamespaces,
     ProcessingMode,
@@ -60,6 +66,7 @@ from authz.envoy.common import (
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
     GRPC_CLUSTER,
+    RECORDED_NAMESPACE,
     _envelope,
     _pack,
     _seconds,
@@ -146,7 +153,14 @@ _IDLE: Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBody
 # The only headers the service reads (the exchange and the translators): every other header Envoy
 # would serialize into each message, and the service parse, for nothing
 # (ExternalProcessor.forward_rules). Header mutations are not limited by this list.
-FORWARDED_HEADERS = (":method", ":status", "content-type", "retry-after", "anthropic-beta", "anthropic-version")
+FORWARDED_HEADERS = (
+    ":method",
+    ":status",
+    "content-type",
+    "retry-after",
+    "anthropic-beta",
+    "anthropic-version",
+)
 
 
 def route_mode(*, request_body: bool, streaming: bool) -> Mode:
@@ -198,6 +212,8 @@ def _ext_proc(limits: Limits) -> HttpFilter:
         metadata_options=MetadataOptions(
             # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context.
             forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+            # The exchange marks a request whose usage row it wrote (see _service_access_log).
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[RECORDED_NAMESPACE]),
         ),
         forward_rules=HeaderForwardingRules(
             allowed_headers=ListStringMatcher(patterns=[StringMatcher(exact=h) for h in FORWARDED_HEADERS])
@@ -272,6 +288,50 @@ def _mapper(low: int, high: int, kind: str, message: str) -> ResponseMapper:
         body=DataSource(inline_string=_envelope(kind, message)),
         body_format_override=_JSON_BODY,
     )
+
+
+# The access-log service hears about a request only when no usage row was written for it by
+# the end of its exchange: Envoy answered it itself (404, 413, 431, a fail-closed 503), a refusal
+# with no caller, or an exchange that never reached its end (the client or the upstream cut the
+# stream, the worker died or stalled). A row that was written says so in the dynamic metadata
+# (RECORDED_NAMESPACE from ext_proc, the ext_authz namespace's `recorded` from a denial), and those
+# requests are not logged, so the common case costs one CEL evaluation.
+_NOT_RECORDED = (
+    f"!('{RECORDED_NAMESPACE}' in metadata.filter_metadata)"
+    f" && !('{EXT_AUTHZ_FILTER}' in metadata.filter_metadata"
+    f" && 'recorded' in metadata.filter_metadata['{EXT_AUTHZ_FILTER}'])"
+)
+# Request headers the access-log service reads: the credential (to name the caller of a request
+# Envoy refused before ext_authz ran) and Claude Code's session and agent ids.
+_LOGGED_HEADERS = (
+    "authorization",
+    "x-api-key",
+    "user-agent",
+    "x-claude-code-session-id",
+    "x-claude-code-agent-id",
+    "x-claude-code-parent-agent-id",
+)
+
+
+def _service_access_log() -> AccessLog:
+    config = HttpGrpcAccessLogConfig(
+        common_config=CommonGrpcAccessLogConfig(
+            log_name="gateway",
+            grpc_service=_grpc(),
+            transport_api_version=ApiVersion.V3,
+            # Entries are batched into one stream message per second or per 16 KiB.
+            buffer_flush_interval=datetime.timedelta(seconds=1),
+            buffer_size_bytes=16 * 1024,
+        ),
+        additional_request_headers_to_log=list(_LOGGED_HEADERS),
+    )
+    not_recorded = AccessLogFilter(
+        extension_filter=ExtensionFilter(
+            name="envoy.access_loggers.extension_filters.cel",
+            typed_config=_pack(ExpressionFilter(expression=_NOT_RECORDED)),
+        )
+    )
+    return AccessLog(name="envoy.access_loggers.http_grpc", filter=not_recorded, typed_config=_pack(config))
 
 
 def _stdout_access_log() -> AccessLog:

@@ -55,6 +55,7 @@ from authz.envoy.filters import (
     _ext_proc,
     _local_reply_config,
     _router,
+    _service_access_log,
     _stdout_access_log,
     _strip_internal_headers,
 )
@@ -200,7 +201,7 @@ def _listener(config: GatewayConfig, access_log: bool) -> Listener:
         path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.KEEP_UNCHANGED,
         early_header_mutation_extensions=[_strip_internal_headers()],
         local_reply_config=_local_reply_config(),
-        access_log=[_stdout_access_log()] if access_log else [],
+        access_log=[_service_access_log(), *([_stdout_access_log()] if access_log else [])],
         # A span per request when telemetry traces (authz/envoy/tracing.py).
         tracing=tracing(config.telemetry),
     )

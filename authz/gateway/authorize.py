@@ -234,8 +234,16 @@ class Authorizer:
             reason=reason,
             prices=self._prices,
             ended_at=identity.started_at,
+            recorded_by="ext_authz",
         )
         return Deny(reply, reason, row)
+
+    def identify(self, headers: Mapping[str, str], now: float) -> Caller | None:
+        """The verified, unrevoked caller a set of request headers names, or None."""
+        try:
+            return self._caller(CheckInput(method="", path="", headers=headers, request_id="", now=now))
+        except TokenError:
+            return None
 
     def _caller(self, req: CheckInput) -> Caller:
         """The verified, unrevoked caller of the request's token; TokenError otherwise."""

@@ -36,25 +36,29 @@ log = logging.getLogger("authz.gateway.exchange")
 
 @dataclass(frozen=True, slots=True)
 class Continue:
-    """Let the message through, with header changes, a replacement body, and whether the response
-    body must now arrive whole (``mode_override`` to BUFFERED)."""
+    """Let the message through, with header changes, a replacement body, whether the response
+    body must now arrive whole (``mode_override`` to BUFFERED), and whether the request's usage row
+    was written (Envoy's access log then skips it)."""
 
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     body: bytes | None = None
     buffer_response_body: bool = False
+    recorded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """Stop and answer the client with this reply instead."""
+    """Stop and answer the client with this reply instead (``recorded``: as for Continue)."""
 
     reply: ErrorReply
+    recorded: bool = False
 
 
 Action = Continue | Reply
 
 CONTINUE = Continue()
+RECORDED = Continue(recorded=True)
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Exchange:
             # ext_authz and this process disagree about the configuration (e.g. mid-rollout).
             reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
             self._write(reply.status, "error", f"no translator for upstream {identity.upstream!r}")
-            return Reply(reply)
+            return Reply(reply, recorded=True)
         self._upstream, self._translator = upstream, translator
         if not end_of_stream and (translator.needs_request_body or KINDS[upstream.kind].signs_body):
             return CONTINUE
@@ -159,7 +163,7 @@ class Exchange:
                 "api_error", "The gateway could not prepare the upstream request.", status=502
             )
             self._write(reply.status, "error", f"upstream preparation: {exc}")
-            return Reply(reply)
+            return Reply(reply, recorded=True)
         sets = [(":authority", signed.authority), (":path", signed.path), *sorted(signed.headers.items())]
         sets.extend(request.set_headers)
         if request.body is not None:
@@ -194,15 +198,16 @@ class Exchange:
         if status >= 400:
             return self._upstream_error(status, chunk)
         out = translator.response_chunk(chunk, end_of_stream)
-        if end_of_stream:
-            result = translator.usage()
-            if identity.operation == "count_tokens" and not result.malformed:
-                counted = result.usage.input_tokens
-                self._write(status, "complete", f"counted {counted} input tokens", MeterResult(complete=True))
-            else:
-                outcome, reason = outcome_of(result)
-                self._write(status, outcome, reason, result)
-        return CONTINUE if out is None else Continue(body=out)
+        if not end_of_stream:
+            return CONTINUE if out is None else Continue(body=out)
+        result = translator.usage()
+        if identity.operation == "count_tokens" and not result.malformed:
+            counted = result.usage.input_tokens
+            self._write(status, "complete", f"counted {counted} input tokens", MeterResult(complete=True))
+        else:
+            outcome, reason = outcome_of(result)
+            self._write(status, outcome, reason, result)
+        return RECORDED if out is None else Continue(body=out, recorded=True)
 
     def _upstream_error(self, status: int, body: bytes) -> Action:
         translator, identity = self._translator, self._identity
@@ -221,7 +226,7 @@ class Exchange:
         errors.feed(body)
         client_status = mapped.reply.status if mapped.reply else status
         self._write(client_status, "upstream_error", mapped.summary, errors.result())
-        return Reply(mapped.reply) if mapped.reply else CONTINUE
+        return Reply(mapped.reply, recorded=True) if mapped.reply else RECORDED
 
     def on_close(self) -> None:
         """The stream ended: if nobody accounted for the request yet, record what happened.
@@ -233,18 +238,20 @@ class Exchange:
         if self._identity is None or self._written:
             return
         if self._status is None:
-            why = (
-                "closed before the upstream answered" if self._sent else "closed before the request was sent"
-            )
-            self._write(499, "client_aborted", why, None, estimate_input=self._sent)
+            why = "closed before the upstream answered" if self._sent else "closed before it was sent"
+            self._write(499, "client_aborted", why, None, estimate_input=self._sent, cut=True)
             return
         result = self._translator.usage() if self._translator is not None else None
         if result is not None and result.malformed:
             # Clients stop reading at a bad frame, so the cut is most likely the upstream's doing.
             outcome, reason = outcome_of(result)
-            self._write(self._status, outcome, reason, result, estimate_input=True)
+            self._write(self._status, outcome, reason, result, estimate_input=True, cut=True)
             return
-        self._write(self._status, "client_aborted", "stream cut before the end", result, estimate_input=True)
+        # Who cut it (the client, the upstream, or Envoy giving up on this service) is known only to
+        # Envoy: its access-log report of the request merges into this row (merge_rows).
+        self._write(
+            self._status, "client_aborted", "stream cut before the end", result, estimate_input=True, cut=True
+        )
 
     def _write(
         self,
@@ -254,6 +261,7 @@ class Exchange:
         meter: MeterResult | None = None,
         *,
         estimate_input: bool = False,
+        cut: bool = False,
     ) -> None:
         identity = self._identity
         if identity is None or self._written:
@@ -271,5 +279,6 @@ class Exchange:
                 meter=meter,
                 first_byte_at=self._first_byte_at,
                 estimate_input=estimate_input,
+                recorded_by="ext_proc_cut" if cut else "ext_proc",
             )
         )

@@ -16,7 +16,9 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -25,6 +27,8 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from authz.billing.usagerow import UsageRow
+from authz.envoy.common import RECORDED_NAMESPACE
+from authz.gateway.accesslog import AccessLog, AccessRecord
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
 from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
@@ -143,9 +147,9 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return _allow_response(decision)
         if decision.row is not None:
             self._record(decision.row)
-        else:
-            self._count_refusal(decision.reason)
-        return _deny_response(decision.reply)
+            return _deny_response(decision.reply, recorded=True)
+        self._count_refusal(decision.reason)
+        return _deny_response(decision.reply, recorded=False)
 
 
 def _finish_check_span(span: RequestSpan, decision: Allow | Deny) -> None:
@@ -173,7 +177,18 @@ def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
     )
 
 
-def _deny_response(reply: ErrorReply) -> external_auth_pb2.CheckResponse:
+# Dynamic metadata saying a usage row was written for the request (Envoy's access log skips it).
+_RECORDED_BY_AUTHZ = struct_pb2.Struct(fields={"recorded": struct_pb2.Value(string_value="1")})
+_RECORDED_BY_PROC = struct_pb2.Struct(
+    fields={
+        RECORDED_NAMESPACE: struct_pb2.Value(
+            struct_value=struct_pb2.Struct(fields={"row": struct_pb2.Value(string_value="1")})
+        )
+    }
+)
+
+
+def _deny_response(reply: ErrorReply, *, recorded: bool) -> external_auth_pb2.CheckResponse:
     return external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED),
         denied_response=external_auth_pb2.DeniedHttpResponse(
@@ -181,6 +196,7 @@ def _deny_response(reply: ErrorReply) -> external_auth_pb2.CheckResponse:
             headers=[_authz_header_option(k, v) for k, v in reply.headers],
             body=reply.body.decode(),
         ),
+        dynamic_metadata=_RECORDED_BY_AUTHZ if recorded else None,
     )
 
 
@@ -310,9 +326,64 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 span.discard()
 
 
+# Response flags (envoy.data.accesslog.v3.ResponseFlags) that say who ended a request.
+_FLAG_NAMES = tuple(
+    f.name for f in accesslog_pb2.ResponseFlags.DESCRIPTOR.fields if f.name != "unauthorized_details"
+)
+
+
+def access_record(entry: accesslog_pb2.HTTPAccessLogEntry) -> AccessRecord:
+    """One access-log entry as plain data."""
+    common, request, response = entry.common_properties, entry.request, entry.response
+    flags = common.response_flags
+    ns = common.metadata.filter_metadata.get(METADATA_NAMESPACE)
+    identity = from_metadata({k: v.string_value for k, v in ns.fields.items()}) if ns is not None else None
+    return AccessRecord(
+        request_id=request.request_id,
+        started_at=common.start_time.ToNanoseconds() / 1e9 if common.HasField("start_time") else 0.0,
+        duration=common.duration.ToNanoseconds() / 1e9 if common.HasField("duration") else None,
+        method=base_pb2.RequestMethod.Name(request.request_method),
+        path=request.path,
+        status=response.response_code.value,
+        details=response.response_code_details,
+        flags=frozenset(name for name in _FLAG_NAMES if getattr(flags, name)),
+        request_bytes=request.request_body_bytes,
+        response_bytes=response.response_body_bytes,
+        headers=dict(request.request_headers),
+        identity=identity,
+    )
+
+
+class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """Envoy's access-log service: a long-lived stream of entries for requests no row was written
+    for (the access log's filter skips the rest)."""
+
+    def __init__(self, handler: AccessLog) -> None:
+        self._handler = handler
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als_pb2.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> als_pb2.StreamAccessLogsResponse:
+        """Hand every HTTP entry to the handler; the stream lasts as long as Envoy keeps it."""
+        async for message in request_iterator:
+            for entry in message.http_logs.log_entry:
+                try:
+                    self._handler.handle(access_record(entry))
+                except Exception:
+                    # One odd entry must not end the stream and lose the ones behind it.
+                    log.exception("access-log entry %s could not be handled", entry.request.request_id)
+        return als_pb2.StreamAccessLogsResponse()
+
+
 def add_servicers(
-    server: grpc.aio.Server, authorization: AuthorizationServicer, processor: ExternalProcessorServicer
+    server: grpc.aio.Server,
+    authorization: AuthorizationServicer,
+    processor: ExternalProcessorServicer,
+    access_log: AccessLogServicer,
 ) -> None:
-    """Register both servicers on ``server`` (Envoy's generated registration functions stay here)."""
+    """Register the servicers on ``server`` (Envoy's generated registration functions stay here)."""
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(authorization, server)
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access_log, server)

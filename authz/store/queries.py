@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from authz.billing.usagerow import UsageRow
+from authz.billing.usagerow import UsageRow, merge_rows
 from authz.errors import StoreError
 from authz.store.db import Connection, Pool
 
@@ -46,6 +46,7 @@ _SEND_TYPES = {
     "cost_usd": "numeric",
     "latency_ms": "float8",
     "ttfb_ms": "float8",
+    "recorded_by": "text",
 }
 
 # Column names are the field names; a field without a type above fails at import, not at 3 a.m.
@@ -62,13 +63,27 @@ def _select_expr(name: str) -> str:
 _COLUMN_LIST = ", ".join(f'"{name}"' for name in COLUMNS)
 
 # One statement and one round trip per batch. ON CONFLICT makes replaying a spool segment (even
-# twice, even from two workers) idempotent. The f-strings below only splice in the field names and
-# types declared above; every value travels as a bound parameter.
+# twice, even from two workers) idempotent; the rows it skipped are merged with the stored ones
+# (merge_rows: a final row stands, two partial reports of one request combine). The f-strings below
+# only splice in the field names and types declared above; every value travels as a parameter.
 _SELECT_LIST = ", ".join(_select_expr(n) for n in COLUMNS)
 _UNNEST_ARGS = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))
 INSERT_SQL = (
     f"INSERT INTO usage_events ({_COLUMN_LIST}) SELECT {_SELECT_LIST} "  # noqa: S608 - see above
-    f"FROM unnest({_UNNEST_ARGS}) AS u({_COLUMN_LIST}) ON CONFLICT (request_id) DO NOTHING"
+    f"FROM unnest({_UNNEST_ARGS}) AS u({_COLUMN_LIST}) "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+)
+_STORED_SQL = f"SELECT {_COLUMN_LIST} FROM usage_events WHERE request_id = ANY($1::text[]) FOR UPDATE"  # noqa: S608
+_UPDATE_COLUMNS = [name for name in COLUMNS if name != "request_id"]
+_UPDATE_SQL = (
+    "UPDATE usage_events SET "  # noqa: S608 - field names only, as above
+    + ", ".join(
+        f'"{name}" = ARRAY(SELECT jsonb_array_elements_text(${i}::jsonb))'
+        if name == "groups"
+        else f'"{name}" = ${i}'
+        for i, name in enumerate(_UPDATE_COLUMNS, 2)
+    )
+    + " WHERE request_id = $1"
 )
 
 # Same construction as INSERT_SQL: field names spliced in, the limit bound as $1.
@@ -84,17 +99,52 @@ def _columns_of(rows: Sequence[UsageRow]) -> list[list[Any]]:
     return columns
 
 
+def _merged(rows: Sequence[UsageRow]) -> list[UsageRow]:
+    """One row per request id, in first-seen order, duplicates folded with merge_rows."""
+    by_id: dict[str, UsageRow] = {}
+    for row in rows:
+        seen = by_id.get(row.request_id)
+        by_id[row.request_id] = row if seen is None else merge_rows(seen, row)
+    return list(by_id.values())
+
+
 async def insert_rows(conn: Connection, rows: Sequence[UsageRow]) -> int:
-    """Insert ``rows`` in one statement, skipping request ids already present; return how many were new.
+    """Insert ``rows`` in one statement and merge the ones whose request id is already stored;
+    return how many were new.
 
     asyncpg's exceptions propagate unchanged: the ledger tells a refused row from an unreachable
     server by their type.
     """
     if not rows:
         return 0
-    status: str = await conn.execute(INSERT_SQL, *_columns_of(rows))
-    # The command tag is "INSERT 0 <count>".
-    return int(status.rsplit(" ", 1)[-1])
+    batch = _merged(rows)
+    inserted = {record["request_id"] for record in await conn.fetch(INSERT_SQL, *_columns_of(batch))}
+    stored = [row for row in batch if row.request_id not in inserted]
+    if stored:
+        await _merge_stored(conn, stored)
+    return len(inserted)
+
+
+async def _merge_stored(conn: Connection, rows: Sequence[UsageRow]) -> None:
+    # Replays of a spooled segment land here too: merge_rows leaves an identical row alone, so only
+    # the rare second report of one request (a cut stream and Envoy's access log) is written.
+    async with conn.transaction():
+        records = await conn.fetch(_STORED_SQL, [row.request_id for row in rows])
+        current = {record["request_id"]: row_from_record(record) for record in records}
+        updates = []
+        for row in rows:
+            before = current.get(row.request_id)
+            if before is None:
+                continue
+            after = merge_rows(before, row)
+            if after != before:
+                values = [
+                    json.dumps(list(after.groups)) if n == "groups" else getattr(after, n)
+                    for n in _UPDATE_COLUMNS
+                ]
+                updates.append((after.request_id, *values))
+        if updates:
+            await conn.executemany(_UPDATE_SQL, updates)
 
 
 def row_from_record(record: Any) -> UsageRow:

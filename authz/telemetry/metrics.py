@@ -175,7 +175,15 @@ class GatewayMetrics:
         )
 
     def row(self, row: UsageRow) -> None:
-        """Count one finished request."""
+        """Count one finished request.
+
+        The access log's report of an allowed request that did not finish is left out: the
+        exchange reported the same request (a cut row, which the ledger merges it with) and that
+        report carries the counts. Only a worker that died mid-request leaves the access log's row
+        alone; that request is in the ledger but not the metrics.
+        """
+        if row.recorded_by == "access_log" and row.outcome != "denied":
+            return
         user = ((row.user_email or row.user_sub or ""),) if self._per_user else ()
         model = row.requested_model or ""
         upstream = row.upstream or ""

@@ -1,4 +1,5 @@
-"""Local stand-in for Bedrock, STS, Google OAuth and Vertex, strict enough for boto3 and google-auth.
+"""Local stand-in for Bedrock, STS, Google OAuth, Vertex and the Anthropic API, strict enough for
+boto3, google-auth and the anthropic SDK.
 
 Start it in-process with ``start_emulator`` or as ``python -m backends.emulator``; steer it through
 ``EmulatorState`` or the ``/_emulator/*`` control endpoints.
@@ -18,6 +19,7 @@ from backends.emulator.state import (
     DEFAULT_ROLE_ARN,
     DEFAULT_USAGE,
     TEST_ACCESS_KEY_ID,
+    TEST_ANTHROPIC_API_KEY,
     TEST_PRINCIPAL_ARN,
     TEST_SECRET_ACCESS_KEY,
     AssumeRoleCall,
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_ROLE_ARN",
     "DEFAULT_USAGE",
     "TEST_ACCESS_KEY_ID",
+    "TEST_ANTHROPIC_API_KEY",
     "TEST_PRINCIPAL_ARN",
     "TEST_SECRET_ACCESS_KEY",
     "AssumeRoleCall",

@@ -1,9 +1,10 @@
-"""The upstream emulator's HTTP application: Bedrock, STS, Google OAuth and Vertex on one port.
+"""The upstream emulator's HTTP application: Bedrock, STS, Google OAuth, Vertex and the Anthropic
+API on one port.
 
 Handlers check credentials as strictly as the clouds (SigV4 through botocore, Google-issued bearer
-tokens), validate bodies the way each service does, then answer from response bytes precomputed
-per (route, model) and rebuilt only when the state changes, so the emulator stays cheap enough to
-be the near-zero-cost upstream of the benchmark.
+tokens, API keys), validate bodies the way each service does, then answer from response bytes
+precomputed per (route, model) and rebuilt only when the state changes, so the emulator stays cheap
+enough to be the near-zero-cost upstream of the benchmark.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
 
-from backends.emulator import google, sigv4
+from backends.emulator import anthropic_api, google, sigv4
 from backends.emulator.canned import canned_events, canned_message
 from backends.emulator.state import (
     ACCOUNT_ID,
@@ -100,6 +101,9 @@ def create_app(state: EmulatorState | None = None) -> web.Application:
     app.router.add_post("/", _sts)
     app.router.add_post("/token", _google_token)
     app.router.add_post("/v1/projects/{tail:.+}", _vertex)
+    app.router.add_post("/v1/messages", _anthropic_messages)
+    app.router.add_post("/v1/messages/count_tokens", _anthropic_count_tokens)
+    app.router.add_get("/v1/models", _anthropic_models)
     app.router.add_get("/_emulator/health", _control_health)
     app.router.add_get("/_emulator/state", _control_state)
     app.router.add_post("/_emulator/state", _control_state)
@@ -269,6 +273,8 @@ async def _bedrock_model(request: web.Request) -> web.StreamResponse:
         prepared = _prepared(request.app, "bedrock.stream", model, _bedrock_stream)
         return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "bedrock.invoke", model, _bedrock_message)
+    if state.first_byte_delay:
+        await asyncio.sleep(state.first_byte_delay)
     record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
@@ -584,6 +590,8 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
         prepared = _prepared(request.app, "vertex.stream", model, _vertex_stream)
         return _finish(record, await _stream(request, record, prepared, state))
     prepared = _prepared(request.app, "vertex.message", model, _vertex_message)
+    if state.first_byte_delay:
+        await asyncio.sleep(state.first_byte_delay)
     record.usage = state.usage
     return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
 
@@ -604,6 +612,104 @@ def _vertex_message(state: EmulatorState, model: str) -> _Prepared:
     return _Prepared.of(
         (json.dumps(message, separators=(",", ":")).encode(),), {"Content-Type": "application/json"}
     )
+
+
+# --- the Anthropic API ------------------------------------------------------------------------------
+
+# The API names every answer; a fixed id keeps the emulator's responses byte-identical.
+_REQUEST_ID = {"request-id": "req_emulator"}
+
+
+def _api_error(error: anthropic_api.ApiError) -> web.Response:
+    return web.json_response(
+        {"type": "error", "error": {"type": error.type, "message": error.message}},
+        status=error.status,
+        headers=_REQUEST_ID,
+    )
+
+
+def _anthropic_auth(
+    request: web.Request, state: EmulatorState, record: RecordedRequest
+) -> anthropic_api.ApiError | None:
+    """None when the caller may proceed: the API key first (unless ``verify`` is off), then the
+    version header."""
+    if state.verify:
+        denied = anthropic_api.check_key(request.headers, state.anthropic_api_keys)
+        if denied is not None:
+            record.verdict = f"{denied.type}: {denied.message}"
+            return denied
+    record.verdict = "ok" if state.verify else "skipped"
+    return anthropic_api.check_version(request.headers)
+
+
+async def _anthropic_messages(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    body = await request.read()
+    record = _record(request, state, "anthropic.messages", body)
+    document = _json_object(body, record)
+    error = _anthropic_auth(request, state, record) or anthropic_api.check_body(document, count_tokens=False)
+    if error is not None:
+        return _finish(record, _api_error(error))
+    assert document is not None  # check_body refuses a body that is not a JSON object
+    model = record.model_id = document["model"]
+    streaming = document.get("stream") is True
+    if state.scenario is Scenario.TOO_LONG:
+        too_long = anthropic_api.ApiError(
+            400, "invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum"
+        )
+        return _finish(record, _api_error(too_long))
+    if state.scenario is Scenario.SERVER_ERROR or (
+        state.scenario is Scenario.EXCEPTION_MIDSTREAM and not streaming
+    ):
+        return _finish(record, _api_error(anthropic_api.ApiError(500, "api_error", "Internal server error")))
+    if streaming:
+        prepared = _prepared(request.app, "anthropic.stream", model, _anthropic_stream)
+        return _finish(record, await _stream(request, record, prepared, state))
+    prepared = _prepared(request.app, "anthropic.message", model, _anthropic_message)
+    record.usage = state.usage
+    return _finish(record, web.Response(body=prepared.body, headers=prepared.headers))
+
+
+async def _anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    body = await request.read()
+    record = _record(request, state, "anthropic.count_tokens", body)
+    document = _json_object(body, record)
+    error = _anthropic_auth(request, state, record) or anthropic_api.check_body(document, count_tokens=True)
+    if error is not None:
+        return _finish(record, _api_error(error))
+    assert document is not None
+    record.model_id = document["model"]
+    answer = {"input_tokens": state.usage.total_input_tokens}
+    return _finish(record, web.json_response(answer, headers=_REQUEST_ID))
+
+
+async def _anthropic_models(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    body = await request.read()
+    record = _record(request, state, "anthropic.models", body)
+    error = _anthropic_auth(request, state, record)
+    page = anthropic_api.models_page(request.query) if error is None else error
+    if isinstance(page, anthropic_api.ApiError):
+        return _finish(record, _api_error(page))
+    return _finish(record, web.json_response(page, headers=_REQUEST_ID))
+
+
+def _anthropic_stream(state: EmulatorState, model: str) -> _Prepared:
+    events = anthropic_api.stream_events(
+        model=model,
+        text_chunks=state.text_chunks(),
+        usage=state.usage,
+        cut_by_error=state.scenario is Scenario.EXCEPTION_MIDSTREAM,
+    )
+    headers = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache", **_REQUEST_ID}
+    return _Prepared.of(tuple(sse_event(event) for event in events), headers)
+
+
+def _anthropic_message(state: EmulatorState, model: str) -> _Prepared:
+    message = canned_message(model=model, text="".join(state.text_chunks()), usage=state.usage)
+    headers = {"Content-Type": "application/json", **_REQUEST_ID}
+    return _Prepared.of((json.dumps(message, separators=(",", ":")).encode(),), headers)
 
 
 # --- shared response machinery ----------------------------------------------------------------------
@@ -634,16 +740,26 @@ async def _stream(
     response.enable_chunked_encoding()
     delay, usage = state.delay, state.usage
     complete = state.scenario is Scenario.NORMAL
+    cut = state.scenario is Scenario.CUT_MIDSTREAM
     try:
+        if state.first_byte_delay:
+            await asyncio.sleep(state.first_byte_delay)
         await response.prepare(request)
-        if delay <= 0:
+        parts = prepared.parts[: len(prepared.parts) // 2] if cut else prepared.parts
+        if delay <= 0 and not cut:
             await response.write(prepared.body)
         else:
-            for index, part in enumerate(prepared.parts):
-                if index:
+            for index, part in enumerate(parts):
+                if index and delay > 0:
                     await asyncio.sleep(delay)
                 # write() waits for the transport to drain (StreamResponse.drain is deprecated).
                 await response.write(part)
+        if cut:
+            # Drop the connection mid-body: the chunked stream never ends.
+            assert request.transport is not None
+            request.transport.close()
+            record.stream_cut = True
+            return response
         await response.write_eof()
         if complete:
             record.usage = usage

@@ -29,6 +29,8 @@ TEST_PRINCIPAL_ARN = f"arn:aws:iam::{ACCOUNT_ID}:user/claude-gateway"
 DEFAULT_ROLE_ARN = f"arn:aws:iam::{ACCOUNT_ID}:role/EmulatorBedrockRole"
 DEFAULT_AWS_REGION = "us-east-1"
 DEFAULT_PROJECT = "emulator-project"
+# A published test key: it only ever unlocks the local emulator.
+TEST_ANTHROPIC_API_KEY = "sk-ant-emulator-0000000000000001"
 DEFAULT_TEXT = "Hello from the upstream emulator. "
 DEFAULT_USAGE = Usage(
     input_tokens=25,
@@ -48,6 +50,8 @@ class Scenario(enum.StrEnum):
     TOO_LONG = "too_long"
     SERVER_ERROR = "server_error"
     EXCEPTION_MIDSTREAM = "exception_midstream"
+    # The connection is dropped after half of a stream's events (no terminal chunk).
+    CUT_MIDSTREAM = "cut_midstream"
 
 
 @dataclass(slots=True)
@@ -109,6 +113,8 @@ class EmulatorState:
     usage: Usage = DEFAULT_USAGE
     deltas: int = 5
     delay: float = 0.0
+    # Seconds before the response headers of an inference answer (a slow first byte).
+    first_byte_delay: float = 0.0
     text: str = DEFAULT_TEXT
     verify: bool = True
     aws_region: str = DEFAULT_AWS_REGION
@@ -117,6 +123,7 @@ class EmulatorState:
     allowed_roles: dict[str, str | None] = field(default_factory=lambda: {DEFAULT_ROLE_ARN: None})
     max_session_duration: int = 3600
     projects: list[str] = field(default_factory=lambda: [DEFAULT_PROJECT])
+    anthropic_api_keys: list[str] = field(default_factory=lambda: [TEST_ANTHROPIC_API_KEY])
     base_url: str = ""
     version: int = 0
     temporary_keys: dict[str, AwsIdentity] = field(default_factory=dict)
@@ -228,6 +235,7 @@ class EmulatorState:
         document = {name: getattr(self, name) for name in _BEHAVIOUR_FIELDS}
         document["usage"] = dataclasses.asdict(self.usage)
         document["aws_keys"] = sorted(self.aws_keys)  # the ids only: secrets stay out of logs
+        document["anthropic_api_keys"] = len(self.anthropic_api_keys)  # how many, never the keys
         return document
 
 
@@ -236,6 +244,7 @@ _BEHAVIOUR_FIELDS = (
     "usage",
     "deltas",
     "delay",
+    "first_byte_delay",
     "text",
     "verify",
     "aws_region",
@@ -243,6 +252,7 @@ _BEHAVIOUR_FIELDS = (
     "allowed_roles",
     "max_session_duration",
     "projects",
+    "anthropic_api_keys",
 )
 
 
@@ -273,9 +283,9 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         if _typed(value, int, name) < 1:
             raise ValueError("deltas must be at least 1")
         return value
-    if name == "delay":
+    if name in ("delay", "first_byte_delay"):
         if _typed(value, (int, float), name) < 0:
-            raise ValueError("delay must not be negative")
+            raise ValueError(f"{name} must not be negative")
         return float(value)
     if name in ("text", "aws_region"):
         if not _typed(value, str, name):
@@ -294,4 +304,6 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         }
     if name == "projects":
         return [_typed(project, str, name) for project in _typed(value, list, name)]
+    if name == "anthropic_api_keys":
+        return [_typed(key, str, name) for key in _typed(value, list, name)]
     raise ValueError(f"unknown state field {name}")  # pragma: no cover - guarded by apply_patch

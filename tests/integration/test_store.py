@@ -498,3 +498,40 @@ async def test_local_binaries_backend_starts_stops_and_restarts_on_the_same_sock
     finally:
         await asyncio.to_thread(server.stop)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# --- two reports of one request --------------------------------------------------------------------
+
+
+async def test_partial_reports_of_one_request_merge_and_final_rows_stand(fresh_db: str) -> None:
+    """Rows for an existing request id merge as merge_rows says, whether the second report comes
+    in the same batch or a later one: a cut row and the access log's report become one row with the
+    log's outcome and the cut row's counts; a final row is never replaced by a partial one."""
+    from authz.store.queries import insert_rows
+
+    await migrated(fresh_db)
+    log = make_row(
+        1, recorded_by="access_log", outcome="upstream_error", reason="upstream cut", output_tokens=9999
+    )
+    cut = make_row(1, recorded_by="ext_proc_cut", outcome="client_aborted", output_tokens=12)
+    final = make_row(2, recorded_by="ext_proc")
+    late_log = make_row(2, recorded_by="access_log", outcome="unmetered", reason="late", output_tokens=1)
+    same_batch_log = make_row(3, recorded_by="access_log", outcome="upstream_error", reason="cut")
+    same_batch_cut = make_row(3, recorded_by="ext_proc_cut", outcome="client_aborted", output_tokens=7)
+    conn = await connect(fresh_db, timeout=10)
+    try:
+        assert await insert_rows(conn, [log, final, same_batch_log, same_batch_cut]) == 3
+        assert await insert_rows(conn, [cut, late_log]) == 0
+        assert await insert_rows(conn, [cut, late_log]) == 0  # a replay changes nothing
+        rows = {r.request_id: r for r in await recent_usage(conn, 10)}
+    finally:
+        await conn.close()
+    one, two, three = rows["req-000001"], rows["req-000002"], rows["req-000003"]
+    assert (one.outcome, one.reason, one.output_tokens, one.recorded_by) == (
+        "upstream_error",
+        "upstream cut",
+        12,
+        "access_log",
+    )
+    assert two == final
+    assert (three.outcome, three.output_tokens) == ("upstream_error", 7)

@@ -135,7 +135,14 @@ def test_ext_proc_settings(example: dict[str, Any]) -> None:
     assert "observability_mode" not in sign  # blocking: nothing reaches the client unmetered
     # Only the headers the service reads travel in each message.
     forwarded = {p["exact"] for p in sign["forward_rules"]["allowed_headers"]["patterns"]}
-    assert forwarded == {":method", ":status", "content-type", "retry-after", "anthropic-beta", "anthropic-version"}
+    assert forwarded == {
+        ":method",
+        ":status",
+        "content-type",
+        "retry-after",
+        "anthropic-beta",
+        "anthropic-version",
+    }
     rules = sign["mutation_rules"]
     assert rules["disallow_is_error"] is True
     allowed = re.compile(rules["allow_expression"]["regex"])
@@ -386,14 +393,30 @@ def test_admin_and_listener_addresses(dev: dict[str, Any]) -> None:
     assert dev["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19901}
     [listener] = dev["static_resources"]["listeners"]
     assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18080}
-    assert "access_log" not in hcm(dev)
+
+
+def test_unrecorded_requests_go_to_the_access_log_service(dev: dict[str, Any]) -> None:
+    """Every request no usage row was written for is reported to the gateway's access-log service
+    over gRPC (batched), with the credential and Claude Code headers; recorded ones are filtered."""
+    [log] = hcm(dev)["access_log"]
+    assert log["name"] == "envoy.access_loggers.http_grpc"
+    config = log["typed_config"]
+    assert config["common_config"]["grpc_service"]["envoy_grpc"]["cluster_name"] == "gateway_grpc"
+    assert config["common_config"]["buffer_flush_interval"] == "1s"
+    assert {"authorization", "x-api-key", "x-claude-code-session-id"} <= set(
+        config["additional_request_headers_to_log"]
+    )
+    expression = log["filter"]["extension_filter"]["typed_config"]["expression"]
+    assert "gateway.recorded" in expression and "'recorded'" in expression
+    ext_proc = http_filter(dev, PROC)
+    assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["gateway.recorded"]
 
 
 def test_access_log_on_request(dev: dict[str, Any]) -> None:
-    """access_log=True adds a stdout access log."""
+    """access_log=True adds a stdout access log beside the service's."""
     config = load_for_render(FIXTURES / "dev.yaml", {})
-    [log] = hcm(render(config, access_log=True))["access_log"]
-    assert log["name"] == "envoy.access_loggers.stdout"
+    logs = hcm(render(config, access_log=True))["access_log"]
+    assert [log["name"] for log in logs] == ["envoy.access_loggers.http_grpc", "envoy.access_loggers.stdout"]
 
 
 # --- clusters --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from authz.config import loads
 from authz.envoy.render import load_for_render, render
 from authz.envoy.tracing import COLLECTOR_CLUSTER
+from authz.gateway.accesslog import is_portal_path
 from tests.unit.test_envoy_render import (
     FIXTURES,
     _route_for,
@@ -17,6 +18,7 @@ from tests.unit.test_envoy_render import (
     hcm,
     protocol_options,
     route,
+    routes,
 )
 
 TRACED_HTTP = (
@@ -101,3 +103,41 @@ def test_envoys_tracer_batches_its_exports_only_when_tracing() -> None:
     assert traced[0]["static_layer"]["tracing.opentelemetry.min_flush_spans"] == 512
     assert traced[-1] == {"name": "admin", "admin_layer": {}}
     assert "layered_runtime" not in render(load_for_render(FIXTURES / "dev.yaml", {}))
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/healthz"),
+        ("GET", "/.well-known/jwks.json"),
+        ("POST", "/oauth/token"),
+        ("GET", "/device"),
+        ("POST", "/device/approve"),
+        ("GET", "/admin"),
+        ("GET", "/admin/usage.csv?by=user"),
+        ("POST", "/v1/metrics"),
+        ("POST", "/v1/traces"),
+    ],
+)
+def test_the_access_log_ignores_exactly_the_portals_paths(method: str, path: str) -> None:
+    """Every path Envoy routes to the portal is one the access-log service leaves alone, and no
+    inference or unknown path is."""
+    bootstrap = render(load_for_render(FIXTURES / "dev.yaml", {}))
+    assert _route_for(bootstrap, method, path) in {"healthz"} | {
+        r["name"] for r in routes(bootstrap) if r["name"].startswith("portal_")
+    }
+    assert is_portal_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/model/us.anthropic.claude-sonnet-4-5-20250929-v1:0/invoke",
+        "/nowhere",
+        "/v1/messages",
+        "/v1/projects/p",
+    ],
+)
+def test_inference_and_unknown_paths_are_not_portal_paths(path: str) -> None:
+    """Requests the access log accounts for (inference, Envoy's own 404s) are never skipped."""
+    assert not is_portal_path(path)

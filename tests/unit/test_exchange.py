@@ -15,7 +15,7 @@ import pytest
 
 from authz.billing.pricing import PriceBook
 from authz.billing.usagerow import UsageRow
-from authz.gateway.exchange import CONTINUE, Continue, Deps, Exchange, Reply
+from authz.gateway.exchange import CONTINUE, RECORDED, Continue, Deps, Exchange, Reply
 from authz.identity import Caller as Who
 from authz.identity import ClientFacts, RequestIdentity
 from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest, Upstream
@@ -392,7 +392,7 @@ async def test_streamed_response_writes_exactly_one_complete_row(
         assert exchange.on_response_body(chunk, False) == CONTINUE  # relayed unchanged
     assert world.rows == []
     world.clock.now = T0 + 2.0
-    exchange.on_response_body(b"", True)
+    assert exchange.on_response_body(b"", True) == RECORDED
     exchange.on_close()
 
     row = _only_row(world)
@@ -585,7 +585,8 @@ async def test_non_streaming_json_answer_is_buffered_and_counted(world: World) -
     body = json.dumps(canned_message(model="claude-opus-5-5", text="hi", usage=usage)).encode()
     world.clock.now = T0 + 1.5
 
-    assert handler.on_response_body(body, True) == CONTINUE
+    # The answer that ends the request says its row is written (Envoy's access log skips it).
+    assert handler.on_response_body(body, True) == RECORDED
     handler.on_close()
 
     row = _only_row(world)
@@ -610,7 +611,7 @@ async def test_non_json_success_body_is_an_upstream_error(world: World) -> None:
     """A 2xx non-streaming answer that is not JSON is recorded as upstream_error, not as complete."""
     handler = await _signed(world, BEDROCK_INVOKE_CTX)
     handler.on_response_headers(200, {":status": "200", "content-type": "application/json"})
-    assert handler.on_response_body(b"<html>upstream proxy</html>", True) == CONTINUE
+    assert handler.on_response_body(b"<html>upstream proxy</html>", True) == RECORDED
     handler.on_close()
     row = _only_row(world)
     assert (row.status, row.outcome, row.reason) == (
@@ -644,7 +645,7 @@ async def test_recoverable_upstream_400_passes_through_with_a_row(world: World) 
     """Bedrock's 'Input is too long.' reaches the client untouched and is recorded with its 400."""
     handler = await _signed(world, BEDROCK_INVOKE_CTX)
     handler.on_response_headers(400, {":status": "400"})
-    assert handler.on_response_body(b'{"message":"Input is too long."}', True) == CONTINUE
+    assert handler.on_response_body(b'{"message":"Input is too long."}', True) == RECORDED
     row = _only_row(world)
     assert (row.status, row.outcome) == (400, "upstream_error")
     assert row.reason is not None and "Input is too long." in row.reason
