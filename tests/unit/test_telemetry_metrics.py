@@ -156,3 +156,19 @@ def test_series_past_the_cardinality_limit_fold_into_one_overflow_series(
         "{'model': 'c'}": 1,
         "{'otel.metric.overflow': True}": 2,
     }
+
+
+def test_an_unfinished_requests_access_log_report_is_not_counted_twice() -> None:
+    """The access log's row for an allowed request that did not finish merges in the ledger with the
+    exchange's cut row, which alone is counted; its rows for Envoy's own refusals count."""
+    metrics = GatewayMetrics(KINDS)
+    metrics.row(row(request_id="cut", outcome="client_aborted", recorded_by="ext_proc_cut"))
+    metrics.row(row(request_id="cut", outcome="upstream_error", recorded_by="access_log", input_tokens=9999))
+    metrics.row(
+        denied(
+            request_id="413", status=413, reason="envoy: request_payload_too_large", recorded_by="access_log"
+        )
+    )
+    assert sum(v for _, v in metrics.requests.snapshot()) == 2
+    assert _by(metrics.tokens, "gen_ai.token.type")["input"] == 120
+    assert {str(lab.get("gateway.denial_reason", "")) for lab in _labels(metrics.requests)} == {"", "envoy"}
