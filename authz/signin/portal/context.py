@@ -14,9 +14,10 @@ from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, Token
 from authz.signin.portal.device import RateLimiter
 from authz.signin.portal.http import cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
-from authz.signin.tokens import KeySet, TokenVerifier
+from authz.signin.tokens import Claims, KeySet, TokenVerifier
 from authz.store import sessions as store
 from authz.store.db import Pool
+from authz.telemetry.relay import Relay
 
 
 class IdentityProvider(Protocol):
@@ -82,6 +83,10 @@ class ReadinessCheck(Protocol):
     def detail(self) -> str: ...
 
 
+def _never_revoked(_claims: Claims) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class PortalDeps:
     """What the portal needs from the process that runs it.
@@ -91,7 +96,9 @@ class PortalDeps:
     ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
-    they need PostgreSQL (503 otherwise).
+    they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
+    on the client telemetry endpoints exactly as ext_authz does, and ``relay`` forwards what they
+    accept; without a relay those endpoints drop everything.
     """
 
     config: GatewayConfig
@@ -102,6 +109,9 @@ class PortalDeps:
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
+    verifier: TokenVerifier | None = None
+    is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
+    relay: Relay | None = None
 
 
 class PortalContext:
