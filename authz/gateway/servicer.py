@@ -218,6 +218,18 @@ _UNCHANGED = {
 
 
 def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
+    response = _response(kind, action)
+    if not action.recorded:
+        return response
+    # The row is written: Envoy's access log must skip the request (a copy: the unchanged answers
+    # are shared).
+    marked = ep.ProcessingResponse()
+    marked.CopyFrom(response)
+    marked.dynamic_metadata.CopyFrom(_RECORDED_BY_PROC)
+    return marked
+
+
+def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     if isinstance(action, Reply):
         return _immediate(action.reply)
     if not (
