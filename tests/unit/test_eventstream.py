@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import random
+import struct
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,9 @@ from backends.eventstream import (
     COUNTED_PREFIXES,
     SKIPPED_PREFIXES,
     EventStreamMeter,
+    EventStreamReader,
+    StreamMessage,
+    chunk_event_bytes,
     chunk_frame,
     encode_frame,
     exception_frame,
@@ -621,3 +625,83 @@ def test_bytes_seen_counts_every_byte() -> None:
     """bytes_seen counts all bytes fed, including a trailing partial frame."""
     data = (STREAMS / "bedrock_basic.eventstream").read_bytes() + b"\x00\x00\x00"
     assert _meter(data).bytes_seen == len(data)
+
+
+# --- the reader (translation) ---------------------------------------------------------------------
+
+
+def _read(data: bytes, plan: list[int] | None) -> tuple[list[StreamMessage], str | None]:
+    reader = EventStreamReader()
+    if plan is None:
+        return reader.feed(data), reader.malformed
+    messages: list[StreamMessage] = []
+    start = 0
+    for size in plan:
+        messages += reader.feed(data[start : start + size])
+        start += size
+    messages += reader.feed(data[start:])
+    return messages, reader.malformed
+
+
+def _botocore_messages(data: bytes) -> list[StreamMessage]:
+    out = []
+    for headers, payload in _frames(data):
+        kind = headers[":message-type"]
+        name = headers[":event-type"] if kind == "event" else headers[":exception-type"]
+        out.append(StreamMessage(kind, name, payload))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_reader_splits_recorded_streams_like_botocore(name: str) -> None:
+    """The reader yields exactly botocore's messages for every recorded stream, whole, byte by byte
+    and in random chunks."""
+    data = (STREAMS / name).read_bytes()
+    expected = _botocore_messages(data)
+    for plan in _chunkings(data):
+        assert _read(data, plan) == (expected, None)
+
+
+def test_reader_decodes_other_header_layouts_with_botocore() -> None:
+    """A chunk frame whose headers come in another order is decoded by botocore, not sliced."""
+    payload = json.dumps({"bytes": base64.b64encode(b'{"type":"ping"}').decode()}).encode()
+    reordered = encode_frame(
+        {":message-type": "event", ":event-type": "chunk", ":content-type": "application/json"}, payload
+    )
+    assert not reordered[12:].startswith(eventstream.CHUNK_HEADER_BLOCK)
+    assert _read(reordered, [1] * len(reordered)) == ([StreamMessage("event", "chunk", payload)], None)
+
+
+def test_reader_stops_at_the_first_untrustworthy_frame() -> None:
+    """A frame failing its CRC ends the reading: the frames before it come out, nothing after, and
+    malformed says where, without payload bytes."""
+    good = chunk_frame({"type": "ping"})
+    bad = bytearray(chunk_frame({"type": "content_block_stop", "index": 0}))
+    bad[-6] ^= 0xFF
+    data = good + bytes(bad) + good
+    messages, malformed = _read(data, [7] * (len(data) // 7 + 1))
+    assert [m.name for m in messages] == ["chunk"]
+    assert malformed == f"event-stream frame at byte {len(good)} fails its message CRC"
+
+
+def test_reader_refuses_an_impossible_length() -> None:
+    """A prelude claiming more than botocore accepts is malformed at once, not buffered for."""
+    data = struct.pack(">II", 2**31, 10) + b"\x00" * 20
+    messages, malformed = _read(data, None)
+    assert messages == [] and malformed is not None and "claims" in malformed
+
+
+def test_chunk_event_bytes_fast_path_equals_json() -> None:
+    """The sliced base64 of Bedrock's compact chunk payload decodes to what the JSON parser gives;
+    other shapes take the JSON path; a payload that is not a chunk raises."""
+    event = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}'
+    encoded = base64.b64encode(event).decode()
+    for payload in (
+        json.dumps({"bytes": encoded, "p": "abc"}, separators=(",", ":")).encode(),
+        json.dumps({"p": "abc", "bytes": encoded}).encode(),
+        json.dumps({"bytes": encoded.replace("/", "\\/")}).encode(),
+    ):
+        assert chunk_event_bytes(payload) == event
+    for bad in (b'{"p":"x"}', b"not json", b'{"bytes":"@@@"}'):
+        with pytest.raises((ValueError, KeyError)):
+            chunk_event_bytes(bad)
