@@ -55,6 +55,8 @@ from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
+from authz.translate.base import TranslateOptions
+from authz.translate.models import ModelResolver
 from backends.base import Upstream
 from backends.kinds import KINDS
 
@@ -219,6 +221,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         upstreams=upstreams,
         prices=prices,
         record=ledger.record,
+        policies={policy.name: policy for policy in config.policies},
+        models=ModelResolver(config.upstreams),
+        translate=TranslateOptions(ping_interval=config.translate.ping_interval),
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
     max_message = config.limits.max_request_body_bytes + 1024 * 1024

@@ -8,6 +8,7 @@ fails closed on errors. This is the only module that imports Envoy's generated p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -206,7 +207,12 @@ def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
     )
 
 
-_BUFFERED = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+_MODE = processing_mode_pb2.ProcessingMode
+_BUFFERED = _MODE(response_body_mode=_MODE.BUFFERED)
+# The exchange writes the response body on its own schedule (keep-alives while the upstream is
+# silent). FULL_DUPLEX_STREAMED requires trailers to be sent (ProcessingMode.BodySendMode); header
+# modes left DEFAULT keep the filter's (ProcessingResponse.mode_override).
+_FULL_DUPLEX = _MODE(response_body_mode=_MODE.FULL_DUPLEX_STREAMED, response_trailer_mode=_MODE.SEND)
 
 # The unchanged answer to each message kind, built once: most messages get one of these.
 _UNCHANGED = {
@@ -233,7 +239,11 @@ def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     if isinstance(action, Reply):
         return _immediate(action.reply)
     if not (
-        action.set_headers or action.remove_headers or action.body is not None or action.buffer_response_body
+        action.set_headers
+        or action.remove_headers
+        or action.body is not None
+        or action.buffer_response_body
+        or action.duplex
     ):
         return _UNCHANGED.get(kind) or ep.ProcessingResponse()
     common = _common(action)
@@ -242,12 +252,21 @@ def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     if kind == "request_body":
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
     if kind == "response_headers":
-        if action.buffer_response_body:
-            return ep.ProcessingResponse(
-                response_headers=ep.HeadersResponse(response=common), mode_override=_BUFFERED
-            )
-        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+        override = _FULL_DUPLEX if action.duplex else _BUFFERED if action.buffer_response_body else None
+        headers = ep.HeadersResponse(response=common)
+        return ep.ProcessingResponse(response_headers=headers, mode_override=override)
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+
+
+def _streamed(body: bytes, end_of_stream: bool, *, recorded: bool = False) -> ep.ProcessingResponse:
+    """A body chunk in FULL_DUPLEX_STREAMED mode (BodyMutation.streamed_response), the only answer
+    Envoy takes to a body message in that mode."""
+    chunk = ep.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+    mutation = ep.BodyMutation(streamed_response=chunk)
+    return ep.ProcessingResponse(
+        response_body=ep.BodyResponse(response=ep.CommonResponse(body_mutation=mutation)),
+        dynamic_metadata=_RECORDED_BY_PROC if recorded else None,
+    )
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -261,15 +280,53 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """Serve one request's messages."""
+        """Serve one request's messages; in duplex mode, also write keep-alives on time."""
         exchange = Exchange(self._deps)
+        clock = self._deps.translate.clock
+        requests = request_iterator.__aiter__()
+        # A read still waited for when a keep-alive fell due: reading is never cancelled (that
+        # would lose a message), the next wait takes it up again.
+        pending: asyncio.Future[ep.ProcessingRequest] | None = None
         try:
-            async for request in request_iterator:
+            while True:
+                deadline = exchange.ping_deadline()
+                if deadline is None and pending is None:
+                    try:
+                        request = await requests.__anext__()
+                    except StopAsyncIteration:
+                        break
+                else:
+                    if pending is None:
+                        pending = asyncio.ensure_future(requests.__anext__())
+                    timeout = None if deadline is None else max(0.0, deadline - clock())
+                    done, _ = await asyncio.wait((pending,), timeout=timeout)
+                    if not done:
+                        ping = exchange.on_ping()
+                        if ping is not None and ping.body:
+                            yield _streamed(ping.body, False)
+                        continue
+                    read, pending = pending, None
+                    try:
+                        request = read.result()
+                    except StopAsyncIteration:
+                        break
                 kind = request.WhichOneof("request")
                 action: Action
                 if kind == "response_body":
                     body = request.response_body
                     action = exchange.on_response_body(body.body, body.end_of_stream)
+                    if exchange.duplex and isinstance(action, Continue):
+                        out = action.body if action.body is not None else b""
+                        yield _streamed(out, body.end_of_stream, recorded=action.recorded)
+                        continue
+                elif kind == "response_trailers" and exchange.duplex:
+                    # Trailers end the body instead of end_of_stream: the last bytes, then the
+                    # trailers' answer (ProcessingMode.FULL_DUPLEX_STREAMED).
+                    final = exchange.on_response_body(b"", True)
+                    if isinstance(final, Continue):
+                        yield _streamed(final.body or b"", False, recorded=final.recorded)
+                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                    continue
                 elif kind == "request_headers":
                     message = request.request_headers
                     action = await exchange.on_request_headers(
@@ -284,6 +341,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = Continue()
                 yield _to_response(kind or "", action)
         finally:
+            if pending is not None:
+                pending.cancel()
             exchange.on_close()
 
 
