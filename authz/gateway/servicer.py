@@ -283,33 +283,20 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         """Serve one request's messages; in duplex mode, also write keep-alives on time."""
         exchange = Exchange(self._deps)
         clock = self._deps.translate.clock
-        requests = request_iterator.__aiter__()
-        # A read still waited for when a keep-alive fell due: reading is never cancelled (that
-        # would lose a message), the next wait takes it up again.
-        pending: asyncio.Future[ep.ProcessingRequest] | None = None
+        inbox = _Inbox(request_iterator)
         try:
             while True:
                 deadline = exchange.ping_deadline()
-                if deadline is None and pending is None:
-                    try:
-                        request = await requests.__anext__()
-                    except StopAsyncIteration:
-                        break
-                else:
-                    if pending is None:
-                        pending = asyncio.ensure_future(requests.__anext__())
-                    timeout = None if deadline is None else max(0.0, deadline - clock())
-                    done, _ = await asyncio.wait((pending,), timeout=timeout)
-                    if not done:
-                        ping = exchange.on_ping()
-                        if ping is not None and ping.body:
-                            yield _streamed(ping.body, False)
-                        continue
-                    read, pending = pending, None
-                    try:
-                        request = read.result()
-                    except StopAsyncIteration:
-                        break
+                if deadline is not None or inbox.waking:
+                    inbox.wake_at(deadline, clock())
+                request = await inbox.next()
+                if request is None:
+                    break
+                if isinstance(request, _Tick):
+                    ping = exchange.on_ping()
+                    if ping is not None and ping.body:
+                        yield _streamed(ping.body, False)
+                    continue
                 kind = request.WhichOneof("request")
                 action: Action
                 if kind == "response_body":
@@ -341,9 +328,95 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = Continue()
                 yield _to_response(kind or "", action)
         finally:
-            if pending is not None:
-                pending.cancel()
+            inbox.close()
             exchange.on_close()
+
+
+class _Tick:
+    """A keep-alive may be due: what :class:`_Inbox` hands out when its timer fires."""
+
+
+_TICK = _Tick()
+_END = object()
+
+
+class _Inbox:
+    """One stream's request messages, and in duplex mode keep-alive ticks between them.
+
+    Until :meth:`wake_at` is first given a deadline, messages are read straight from the stream
+    (one await per message, nothing else). From then on a task reads them into a queue and a timer
+    puts a tick in the same queue, so waiting costs no task per message and a read is never
+    cancelled (cancelling one could lose a message). A timer that fires before the current deadline
+    (the deadline moved on since it was set) yields a tick the exchange finds not due; the next
+    :meth:`wake_at` sets it again.
+    """
+
+    __slots__ = ("_due", "_queue", "_reader", "_requests", "_timer")
+
+    def __init__(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
+        self._requests = requests.__aiter__()
+        self._queue: asyncio.Queue[Any] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None
+
+    @property
+    def waking(self) -> bool:
+        """Whether a timer is set."""
+        return self._timer is not None
+
+    async def next(self) -> ep.ProcessingRequest | _Tick | None:
+        """The next message, a tick, or None at the end of the stream."""
+        if self._queue is None:
+            try:
+                return await self._requests.__anext__()
+            except StopAsyncIteration:
+                return None
+        item = await self._queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item  # a request or a tick, as queued (the queue holds Any)
+
+    def wake_at(self, deadline: float | None, now: float) -> None:
+        """Tick at ``deadline`` (None: never); ``now`` is on the deadline's clock."""
+        if deadline is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None and self._due is not None and self._due <= deadline:
+            return  # the timer set fires first; its tick sets the next one
+        self._cancel_timer()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._reader = asyncio.ensure_future(self._read(self._queue))
+        self._due = deadline
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._tick)
+
+    def close(self) -> None:
+        """Stop the timer and the reading task."""
+        self._cancel_timer()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def _tick(self) -> None:
+        self._timer = self._due = None
+        assert self._queue is not None
+        self._queue.put_nowait(_TICK)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._due = None
+
+    async def _read(self, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async for request in self._requests:
+                queue.put_nowait(request)
+        except Exception as exc:  # handed to the servicer, which fails the stream with it
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(_END)
 
 
 # Response flags (envoy.data.accesslog.v3.ResponseFlags) that say who ended a request.

@@ -630,46 +630,54 @@ def test_bytes_seen_counts_every_byte() -> None:
 # --- the reader (translation) ---------------------------------------------------------------------
 
 
-def _read(data: bytes, plan: list[int] | None) -> tuple[list[StreamMessage], str | None]:
+def _read(data: bytes, plan: list[int] | None) -> tuple[list[bytes | StreamMessage], str | None]:
     reader = EventStreamReader()
     if plan is None:
         return reader.feed(data), reader.malformed
-    messages: list[StreamMessage] = []
+    items: list[bytes | StreamMessage] = []
     start = 0
     for size in plan:
-        messages += reader.feed(data[start : start + size])
+        items += reader.feed(data[start : start + size])
         start += size
-    messages += reader.feed(data[start:])
-    return messages, reader.malformed
+    items += reader.feed(data[start:])
+    return items, reader.malformed
 
 
-def _botocore_messages(data: bytes) -> list[StreamMessage]:
-    out = []
+def _botocore_items(data: bytes) -> list[bytes | StreamMessage]:
+    """What the reader must give, by botocore: chunk events' decoded events, other messages whole."""
+    out: list[bytes | StreamMessage] = []
     for headers, payload in _frames(data):
         kind = headers[":message-type"]
-        name = headers[":event-type"] if kind == "event" else headers[":exception-type"]
-        out.append(StreamMessage(kind, name, payload))
+        if kind == "event" and headers[":event-type"] == "chunk":
+            out.append(base64.b64decode(json.loads(payload)["bytes"]))
+        else:
+            out.append(StreamMessage(kind, headers[":exception-type"], payload))
     return out
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_reader_splits_recorded_streams_like_botocore(name: str) -> None:
-    """The reader yields exactly botocore's messages for every recorded stream, whole, byte by byte
-    and in random chunks."""
+    """The reader yields exactly botocore's events and messages for every recorded stream, whole, byte
+    by byte and in random chunks."""
     data = (STREAMS / name).read_bytes()
-    expected = _botocore_messages(data)
+    expected = _botocore_items(data)
     for plan in _chunkings(data):
         assert _read(data, plan) == (expected, None)
 
 
-def test_reader_decodes_other_header_layouts_with_botocore() -> None:
-    """A chunk frame whose headers come in another order is decoded by botocore, not sliced."""
+def test_reader_gives_other_shapes_whole() -> None:
+    """A chunk frame whose headers come in another order is decoded by botocore, and a chunk payload
+    not in Bedrock's usual shape is given whole: neither is sliced."""
     payload = json.dumps({"bytes": base64.b64encode(b'{"type":"ping"}').decode()}).encode()
     reordered = encode_frame(
         {":message-type": "event", ":event-type": "chunk", ":content-type": "application/json"}, payload
     )
     assert not reordered[12:].startswith(eventstream.CHUNK_HEADER_BLOCK)
     assert _read(reordered, [1] * len(reordered)) == ([StreamMessage("event", "chunk", payload)], None)
+    padded_first = b'{"p":"abc","bytes":"eyJ0eXBlIjoicGluZyJ9"}'
+    frame = encode_frame(eventstream._CHUNK_HEADERS, padded_first)
+    assert _read(frame, None) == ([StreamMessage("event", "chunk", padded_first)], None)
+    assert chunk_event_bytes(padded_first) == b'{"type":"ping"}'
 
 
 def test_reader_stops_at_the_first_untrustworthy_frame() -> None:
@@ -679,27 +687,28 @@ def test_reader_stops_at_the_first_untrustworthy_frame() -> None:
     bad = bytearray(chunk_frame({"type": "content_block_stop", "index": 0}))
     bad[-6] ^= 0xFF
     data = good + bytes(bad) + good
-    messages, malformed = _read(data, [7] * (len(data) // 7 + 1))
-    assert [m.name for m in messages] == ["chunk"]
+    items, malformed = _read(data, [7] * (len(data) // 7 + 1))
+    assert items == [b'{"type":"ping"}']
     assert malformed == f"event-stream frame at byte {len(good)} fails its message CRC"
 
 
 def test_reader_refuses_an_impossible_length() -> None:
     """A prelude claiming more than botocore accepts is malformed at once, not buffered for."""
     data = struct.pack(">II", 2**31, 10) + b"\x00" * 20
-    messages, malformed = _read(data, None)
-    assert messages == [] and malformed is not None and "claims" in malformed
+    items, malformed = _read(data, None)
+    assert items == [] and malformed is not None and "claims" in malformed
 
 
-def test_chunk_event_bytes_fast_path_equals_json() -> None:
-    """The sliced base64 of Bedrock's compact chunk payload decodes to what the JSON parser gives;
-    other shapes take the JSON path; a payload that is not a chunk raises."""
-    event = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}'
+def test_chunk_event_bytes_reads_the_json_envelope() -> None:
+    """A chunk payload's event is its base64 "bytes" field, whatever the key order or JSON escaping;
+    a payload that is not a chunk raises."""
+    event = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"???>>>"}}'
     encoded = base64.b64encode(event).decode()
+    assert "/" in encoded
     for payload in (
         json.dumps({"bytes": encoded, "p": "abc"}, separators=(",", ":")).encode(),
         json.dumps({"p": "abc", "bytes": encoded}).encode(),
-        json.dumps({"bytes": encoded.replace("/", "\\/")}).encode(),
+        ('{"bytes":"' + encoded.replace("/", "\\/") + '"}').encode(),  # JSON's escaped solidus
     ):
         assert chunk_event_bytes(payload) == event
     for bad in (b'{"p":"x"}', b"not json", b'{"bytes":"@@@"}'):

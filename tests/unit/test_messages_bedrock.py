@@ -354,3 +354,17 @@ def test_pings_fill_silence_on_the_injected_clock() -> None:
     assert t.next_ping() == 1025.0
     t.response_chunk(b"", True)
     assert t.next_ping() is None and t.ping() is None
+
+
+def test_without_keep_alives_each_chunk_is_replaced_by_its_sse() -> None:
+    """With ping_interval 0 the stream is not duplex: each chunk's SSE replaces it, the same bytes."""
+    data = (STREAMS / "bedrock_cache_split_padding.eventstream").read_bytes()
+    t = MessagesToBedrock(
+        identity(), BedrockPaths(), read_request(BODY), TranslateOptions(ping_interval=0, clock=Clock())
+    )
+    start = t.response_headers(200, {})
+    assert not start.duplex and not start.buffer
+    out = b"".join(t.response_chunk(data[i : i + 100], False) or b"" for i in range(0, len(data), 100))
+    out += t.response_chunk(b"", True) or b""
+    assert out == _translate(data, None)[0]
+    assert t.next_ping() is None and t.ping() is None
