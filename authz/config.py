@@ -286,6 +286,8 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("retention.batch_size", "must be at least 1")
     if config.limits.max_request_body_bytes <= 0:
         raise ConfigError("limits.max_request_body_bytes", "must be positive")
+    if config.translate.ping_interval < 0:
+        raise ConfigError("translate.ping_interval", "must be 0 (no keep-alives) or positive (seconds)")
     sessions = config.sessions
     kids = [k.kid for k in sessions.verify_keys]
     if sessions.signing_key is not None:

@@ -168,6 +168,13 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Translate:
+    """Translating a client format for an upstream of another kind (Messages API to Bedrock)."""
+
+    ping_interval: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceTokens:
     """Access tokens for service identities (``authz service-tokens``): CI jobs, batch agents."""
 
@@ -253,6 +260,7 @@ class GatewayConfig:
     policies: tuple[Policy, ...] = ()
     pricing: Pricing = field(default_factory=Pricing)
     limits: Limits = field(default_factory=Limits)
+    translate: Translate = field(default_factory=Translate)
     service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
     retention: Retention = field(default_factory=Retention)
     telemetry: Telemetry = field(default_factory=Telemetry)

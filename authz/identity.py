@@ -26,7 +26,7 @@ class Caller:
     session_id: str | None
     models: tuple[str, ...] | None = None
     """The token's own model limit (a service token's ``--models``, authz.signin.service_tokens),
-    applied on top of the policy's; ext_authz only: it does not travel to ext_proc."""
+    applied on top of the policy's, by ext_authz or, for a model named in the body, by ext_proc."""
 
 
 @dataclass(frozen=True, slots=True)

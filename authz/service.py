@@ -57,6 +57,8 @@ from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
 from authz.telemetry.relay import Relay
 from authz.telemetry.runtime import Telemetry, start_telemetry
+from authz.translate.base import TranslateOptions
+from authz.translate.models import ModelResolver
 from backends.base import Upstream
 from backends.credentials import ReportsRefreshFailures
 from backends.kinds import KINDS
@@ -243,6 +245,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         upstreams=upstreams,
         prices=prices,
         record=record,
+        policies={policy.name: policy for policy in config.policies},
+        models=ModelResolver(config.upstreams),
+        translate=TranslateOptions(ping_interval=config.translate.ping_interval),
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
     max_message = config.limits.max_request_body_bytes + 1024 * 1024

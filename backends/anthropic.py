@@ -177,6 +177,11 @@ def _regional(_config: AnthropicConfig, _model: ModelRef | None) -> bool:
     return False
 
 
+def _default_model_id(_config: AnthropicConfig, provider_ids: Mapping[str, str]) -> str | None:
+    # The API knows its own ids, dated or not: the model goes as the client named it.
+    return provider_ids.get("first_party")
+
+
 KIND = UpstreamKind(
     name="anthropic",
     settings_type=AnthropicConfig,
@@ -187,6 +192,8 @@ KIND = UpstreamKind(
     signs_body=False,
     meter=_meter,
     regional=_regional,
+    parse_model_id=parse_model_id,
+    default_model_id=_default_model_id,
     # No client format is relayed byte for byte: Messages-format clients need a translating pair.
     passthrough=None,
 )

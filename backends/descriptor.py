@@ -2,13 +2,14 @@
 
 A descriptor says everything kind-specific: the typed settings its ``upstreams.<name>`` section
 builds into and their cross-field rules, the endpoint, how to build the runtime upstream, whether
-signing covers the request body, the response meter, how regional pricing is decided, and the
+signing covers the request body, the response meter, how regional pricing is decided, its model-id
+grammar and the id it receives by default for a model a Messages-format client names, and the
 client format it serves byte for byte (with that format's route grammar).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -76,4 +77,11 @@ class UpstreamKind:
     signs_body: bool
     meter: Callable[[bool], Meter]
     regional: Callable[[Any, ModelRef | None], bool]
+    parse_model_id: Callable[[str], ModelRef]
+    """The kind's exact model-id grammar (raises :class:`~backends.errors.BadModelId`)."""
+    default_model_id: Callable[[Any, Mapping[str, str]], str | None]
+    """The id an upstream of this kind receives for a model a Messages-format client names, when its
+    ``model_map`` has none: chosen from the model's ids per platform (the keys of Claude Code's
+    ``provider_ids``: ``first_party``, ``bedrock`` (the foundation-model id), ``vertex``); None
+    when the kind has no id for the model."""
     passthrough: PassThroughFormat | None = None

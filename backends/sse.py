@@ -46,6 +46,16 @@ def sse_event(event: Mapping[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
+def sse_frame(name: bytes, data: bytes) -> bytes:
+    """One SSE event from its name and its data, both already bytes; ``data`` must hold no line
+    break (compact JSON never does: JSON escapes them inside strings)."""
+    return b"event: " + name + b"\ndata: " + data + b"\n\n"
+
+
+PING = sse_event({"type": "ping"})
+"""The keep-alive event the Messages API writes into streams (``event: ping``)."""
+
+
 def _decode_json(data: bytes) -> Any:
     """Parse one event's data; a module-level seam so tests can count the decodes."""
     return json.loads(data)

@@ -59,6 +59,7 @@ from authz.envoy.binary import envoy_binary
 from authz.supervisor import Proc
 from backends.emulator.state import DEFAULT_PROJECT, TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
 from tests.bench_arms import (
+    MESSAGES_VERTEX_GROUP,
     SMOKE_SCENARIOS,
     Scenario,
     Variant,
@@ -139,13 +140,20 @@ def stack_overlay(canned_url: str, stack: Stack) -> dict[str, Any]:
                 "credentials": {"source": "service_account_file", "path": str(sa_path)},
             },
         },
-        # First match wins (authz.policy.decide): the slow group before the developers.
+        # First match wins (authz.policy.decide): the slow group, then the Messages-to-Vertex one (its
+        # tokens carry the developers' group too), before the developers.
         "policies": [
             {
                 "name": "bench-slow-streams",
                 "groups": [SLOW_GROUP],
                 "models": ["claude-*"],
                 "upstreams": ["bedrock-emulator", "vertex-emulator"],
+            },
+            {
+                "name": MESSAGES_VERTEX_GROUP,
+                "groups": [MESSAGES_VERTEX_GROUP],
+                "models": ["claude-*"],
+                "upstreams": ["vertex-dev", "bedrock-dev"],
             },
             {
                 "name": "developers",
@@ -234,6 +242,11 @@ class Bench:
             progress(f"starting the {variant.label} stack ({stack.workers} worker(s))")
             stack.start()
             self.tokens[variant.key] = stack.mint(email=self.email, groups=DEV_GROUPS)
+            # The same caller, in the group whose Messages requests go to Vertex.
+            groups = (*DEV_GROUPS, MESSAGES_VERTEX_GROUP)
+            self.tokens[f"{variant.key}/{MESSAGES_VERTEX_GROUP}"] = stack.mint(
+                email=self.email, groups=groups
+            )
         self.loadgen = LoadGenerator(self.args.loadgen_procs)
         groups: dict[str, Callable[[], list[int]]] = {
             "loadgen": lambda: self.loadgen.pids if self.loadgen else [],
@@ -272,9 +285,10 @@ class Bench:
         assert ports is not None
         return ports.envoy
 
-    def token(self, arm: str) -> str:
+    def token(self, arm: str, scenario: Scenario) -> str:
         # Envoy alone gets a token too, so both arms carry requests of the same size.
-        return self.tokens[self.variants[0].key if arm == ENVOY else arm]
+        key = self.variants[0].key if arm == ENVOY else arm
+        return self.tokens[f"{key}/{scenario.group}" if scenario.group else key]
 
     def expected_bytes(self, scenario: Scenario, arm: str) -> int | None:
         """The body length every answer must have, when the bytes pass through unchanged."""
@@ -292,7 +306,7 @@ class Bench:
         return request_bytes(
             scenario,
             host=f"127.0.0.1:{self.port(arm)}",
-            token=self.token(arm),
+            token=self.token(arm, scenario),
             session=job.session,
             body=self.bodies[scenario.key],
             baseline=arm == ENVOY,
@@ -306,7 +320,7 @@ class Bench:
             answer = self.answers[scenario.upstream_op]
             for arm in self.arms:
                 job = self.new_job("sanity", scenario.key, arm, f"sanity/{scenario.key}/{arm}")
-                headers = request_headers(scenario, token=self.token(arm), session=job.session)
+                headers = request_headers(scenario, token=self.token(arm, scenario), session=job.session)
                 conn = http.client.HTTPConnection("127.0.0.1", self.port(arm), timeout=60)
                 try:
                     path = request_path(scenario, baseline=arm == ENVOY)
@@ -537,10 +551,19 @@ class Bench:
         summaries: dict[str, dict[str, Any]] = {}
         checks: list[Check] = []
         for scenario in self.scenarios:
-            by_arm = {arm: self.runs[(scenario.key, arm)].summary() for arm in self.arms}
-            summaries[scenario.key] = by_arm
+            summaries[scenario.key] = {arm: self.runs[(scenario.key, arm)].summary() for arm in self.arms}
+        for scenario in self.scenarios:
+            by_arm = summaries[scenario.key]
+            share = scenario.targets.min_share_of
             for variant in self.variants:
-                found = scenario_checks(scenario, variant.key, by_arm[variant.key], by_arm[ENVOY])
+                reference = summaries.get(share[0]) if share else None
+                found = scenario_checks(
+                    scenario,
+                    variant.key,
+                    by_arm[variant.key],
+                    by_arm[ENVOY],
+                    reference=(reference[variant.key], reference[ENVOY]) if reference else None,
+                )
                 # Envoy alone's errors once per scenario, however many variants.
                 checks += [c for c in found if c.arm != ENVOY or variant is self.variants[0]]
         for key, rss in self.results.get("rss", {}).items():

@@ -29,7 +29,12 @@ from tests.bench_upstream import STREAM_DELTAS
 BEDROCK_MODEL = "us.anthropic.claude-sonnet-4-5-20250929-v1:0"
 VERTEX_MODEL = "claude-sonnet-4-5@20250929"
 VERTEX_PREFIX = "/v1/projects/p/locations/us-east5/publishers/anthropic/models"
+# The same model as Claude Code names it in its gateway mode (the gateway maps it to the two above).
+MESSAGES_MODEL = "claude-sonnet-4-5"
+MESSAGES_PATH = "/v1/messages?beta=true"
+MESSAGES_VERTEX_GROUP = "bench-messages-vertex"  # a policy whose first upstream is Vertex
 LARGE_BODY = 60_000  # bytes of conversation: Claude Code's usual request size
+BETAS = ["claude-code-20250219", "interleaved-thinking-2025-05-14"]
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,19 @@ class Targets:
     min_rps_ratio: float
     max_added_p50_ms: float | None = None  # gateway p50 minus Envoy alone's p50
     max_p99_ms: float | None = None  # the gateway's own p99
+    # (scenario key, fraction): this scenario's ratio to Envoy alone must be at least that
+    # fraction of the other scenario's, in the same run (e.g. a translating pair against the
+    # pass-through pair it reaches).
+    min_share_of: tuple[str, float] | None = None
 
 
 NON_STREAMING = Targets(min_rps_ratio=0.18, max_added_p50_ms=6.0)
 STREAMING = Targets(min_rps_ratio=0.10, max_p99_ms=80.0)
+# The Messages API translated for Bedrock, against Anthropic's own gateway translating the same
+# stream (7.4% of Envoy alone; 7.6% with the 60 KB body) and this gateway's pass-through.
+MESSAGES_STREAMING = Targets(min_rps_ratio=0.08, max_p99_ms=80.0)
+MESSAGES_NON_STREAMING = Targets(min_rps_ratio=0.08, min_share_of=("bedrock_invoke", 0.90))
+MESSAGES_NON_STREAMING_60K = Targets(min_rps_ratio=0.08, min_share_of=("bedrock_invoke_60k", 0.90))
 
 
 @dataclass(frozen=True)
@@ -51,13 +65,16 @@ class Scenario:
 
     key: str
     label: str
-    client_format: str  # what the client speaks: "bedrock", "vertex" (later "messages")
+    client_format: str  # what the client speaks: "bedrock", "vertex" or "messages"
     path: str
     streaming: bool
     body_bytes: int  # 0: a one-line prompt; else about this many bytes of conversation
     upstream_op: str  # the canned answer it ends on (tests/bench_upstream.upstream_operations)
     targets: Targets
     baseline_path: str | None = None  # what Envoy alone requests, when it differs from ``path``
+    # The group of the caller's token (None: the developers, whose first upstream is Bedrock): a
+    # Messages request goes to its policy's first upstream.
+    group: str | None = None
 
     @property
     def passthrough(self) -> bool:
@@ -90,6 +107,53 @@ def _scenarios() -> tuple[Scenario, ...]:
         targets = STREAMING if streaming else NON_STREAMING
         out.append(Scenario(key, label, fmt, path, streaming, 0, key, targets))
         out.append(Scenario(f"{key}_60k", f"{label}, 60 KB", fmt, path, streaming, LARGE_BODY, key, targets))
+    # The Messages API, translated by the gateway: Envoy alone asks the canned answer's own path.
+    messages = (
+        (
+            "messages_bedrock_invoke",
+            "Messages -> Bedrock invoke",
+            False,
+            "bedrock_invoke",
+            f"{bedrock}/invoke",
+            None,
+        ),
+        (
+            "messages_bedrock_stream",
+            f"Messages -> Bedrock stream ({ev})",
+            True,
+            "bedrock_stream",
+            f"{bedrock}/invoke-with-response-stream",
+            None,
+        ),
+        (
+            "messages_vertex_stream",
+            f"Messages -> Vertex stream ({ev})",
+            True,
+            "vertex_stream",
+            f"{vertex}:streamRawPredict",
+            MESSAGES_VERTEX_GROUP,
+        ),
+    )
+    for key, label, streaming, op, baseline, group in messages:
+        for suffix, size in (("", 0), ("_60k", LARGE_BODY)):
+            if streaming:
+                targets = MESSAGES_STREAMING
+            else:
+                targets = MESSAGES_NON_STREAMING_60K if size else MESSAGES_NON_STREAMING
+            out.append(
+                Scenario(
+                    key + suffix,
+                    label + (", 60 KB" if size else ""),
+                    "messages",
+                    MESSAGES_PATH,
+                    streaming,
+                    size,
+                    op,
+                    targets,
+                    baseline_path=baseline,
+                    group=group,
+                )
+            )
     return tuple(out)
 
 
@@ -150,6 +214,9 @@ VARIANTS: dict[str, Variant] = {
             },
             otlp_sink=True,
         ),
+        # Translated streams without keep-alives run in STREAMED mode instead of FULL_DUPLEX_STREAMED:
+        # against "gateway", what the duplex mode costs.
+        Variant("gateway_nopings", "gateway, no keep-alives", overlay={"translate": {"ping_interval": 0}}),
     )
 }
 
@@ -227,9 +294,14 @@ def request_body(client_format: str, streaming: bool, size: int) -> bytes:
     if client_format == "bedrock":
         # Bedrock: no model and no stream in the body; betas travel in the body.
         body["anthropic_version"] = "bedrock-2023-05-31"
-        body["anthropic_beta"] = ["claude-code-20250219", "interleaved-thinking-2025-05-14"]
+        body["anthropic_beta"] = BETAS
     elif client_format == "vertex":
         body["anthropic_version"] = "vertex-2023-10-16"
+        if streaming:
+            body["stream"] = True
+    elif client_format == "messages":
+        # The Messages API: the model in the body, betas in a header (Claude Code puts model first).
+        body = {"model": MESSAGES_MODEL, **body}
         if streaming:
             body["stream"] = True
     else:
@@ -253,8 +325,10 @@ def request_headers(scenario: Scenario, *, token: str | None, session: str) -> d
     }
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    if scenario.client_format == "vertex":
-        headers["anthropic-beta"] = "claude-code-20250219,interleaved-thinking-2025-05-14"
+    if scenario.client_format in ("vertex", "messages"):
+        headers["anthropic-beta"] = ",".join(BETAS)
+    if scenario.client_format == "messages":
+        headers["anthropic-version"] = "2023-06-01"
     return headers
 
 

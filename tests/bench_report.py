@@ -105,9 +105,14 @@ class Check:
 
 
 def scenario_checks(
-    scenario: Scenario, arm: str, gateway: Mapping[str, Any], alone: Mapping[str, Any]
+    scenario: Scenario,
+    arm: str,
+    gateway: Mapping[str, Any],
+    alone: Mapping[str, Any],
+    reference: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None,
 ) -> list[Check]:
-    """The speed and error targets of one scenario on one gateway arm, against Envoy alone."""
+    """The speed and error targets of one scenario on one gateway arm, against Envoy alone (and,
+    for a target relative to another scenario, that scenario's ``(gateway, alone)`` figures)."""
     t: Targets = scenario.targets
     key = scenario.key
     ratio = gateway["rps"] / alone["rps"] if alone["rps"] else math.nan
@@ -121,6 +126,16 @@ def scenario_checks(
             ratio >= t.min_rps_ratio,
         )
     ]
+    if t.min_share_of is not None and reference is not None:
+        other, fraction = t.min_share_of
+        ref_gateway, ref_alone = reference
+        ref_ratio = ref_gateway["rps"] / ref_alone["rps"] if ref_alone["rps"] else math.nan
+        share = ratio / ref_ratio if ref_ratio else math.nan
+        checks.append(
+            Check(
+                key, arm, f"vs {other}", f"{100 * share:.0f}%", f">= {100 * fraction:.0f}%", share >= fraction
+            )
+        )
     if t.max_added_p50_ms is not None:
         added = gateway["p50_ms"] - alone["p50_ms"]
         limit = f"<= {t.max_added_p50_ms:g} ms"

@@ -1,7 +1,7 @@
 """The whole gateway on loopback: what ``make run`` (``python -m authz.dev``) and the end-to-end tests use.
 
-Processes: the upstream emulator (standing in for Bedrock and Vertex), the gateway services
-(``authz serve``), and Envoy with the rendered configuration. PostgreSQL comes from
+Processes: the upstream emulator (standing in for Bedrock, Vertex and the Anthropic API), the
+gateway services (``authz serve``), and Envoy with the rendered configuration. PostgreSQL comes from
 ``DATABASE_URL`` or an embedded throwaway server. Generated keys and the development config live
 in the state directory (``.run/`` by default).
 """
@@ -37,6 +37,7 @@ from backends.emulator.google import generate_service_account_key
 from backends.emulator.state import (
     DEFAULT_PROJECT,
     TEST_ACCESS_KEY_ID,
+    TEST_ANTHROPIC_API_KEY,
     TEST_SECRET_ACCESS_KEY,
 )
 
@@ -268,6 +269,11 @@ class Stack:
                     "base_url": self.emulator_url,
                     "credentials": {"source": "service_account_file", "path": str(sa_path)},
                 },
+                "anthropic-dev": {
+                    "kind": "anthropic",
+                    "base_url": self.emulator_url,
+                    "credentials": {"api_key": TEST_ANTHROPIC_API_KEY},
+                },
             },
             "policies": [
                 {
@@ -402,6 +408,9 @@ Claude Code, Vertex format:
   export CLAUDE_CODE_SKIP_VERTEX_AUTH=1
   export ANTHROPIC_VERTEX_PROJECT_ID={DEFAULT_PROJECT}
   export CLOUD_ML_REGION={VERTEX_REGION}
+
+Claude Code, Messages API (the gateway translates for the policy's first upstream, Bedrock here):
+  export ANTHROPIC_BASE_URL={stack.envoy_url}
 
 ~/.claude/settings.json (the helper prints a fresh 15-minute token for {DEV_USER}):
 {settings}

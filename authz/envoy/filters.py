@@ -172,11 +172,20 @@ def route_mode(*, request_body: bool, streaming: bool) -> Mode:
     bounded it) when the translator rewrites it or the upstream signs over it. Response headers
     always (an error is switched to BUFFERED with mode_override and rewritten). The response body
     whole for non-streaming answers, chunk by chunk for streams (STREAMED: Envoy waits for each
-    chunk's answer, so nothing reaches the client uncounted).
+    chunk's answer, so nothing reaches the client uncounted). ``POST /v1/messages`` is a stream or
+    not as its body says: its route streams, and the exchange switches a whole answer to BUFFERED,
+    or a stream it rewrites with keep-alives to FULL_DUPLEX_STREAMED (in which Envoy relays nothing
+    itself: every byte the client gets is one the exchange sent). mode_override may do so because
+    the filter-level mode is not FULL_DUPLEX_STREAMED (ExternalProcessor.allow_mode_override).
     """
     body = ProcessingModeBodySendMode.BUFFERED if request_body else ProcessingModeBodySendMode.NONE
     response = ProcessingModeBodySendMode.STREAMED if streaming else ProcessingModeBodySendMode.BUFFERED
     return (True, body, True, response)
+
+
+ANSWERED: Mode = (True, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)
+"""A route the exchange answers itself from the request headers (``GET /v1/models``): nothing
+else of the request or response is sent."""
 
 
 def mode(mode: Mode) -> ProcessingMode:

@@ -37,10 +37,11 @@ from authz.envoy.common import (
     _pack,
     _seconds,
 )
-from authz.envoy.filters import Mode, mode, route_mode
+from authz.envoy.filters import ANSWERED, Mode, mode, route_mode
+from authz.translate import messages
 from backends.kinds import PASS_THROUGH
 
-_NOT_FOUND_MESSAGE = "Not found: this gateway serves the Bedrock and Vertex inference routes."
+_NOT_FOUND_MESSAGE = "Not found: this gateway serves the Messages, Bedrock and Vertex inference routes."
 
 # Envoy adds these to say who the client is (use_remote_address); they go to no cloud.
 _CLIENT_ADDRESS_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-external-address")
@@ -49,7 +50,8 @@ _INT64_MAX = 2**63 - 1
 
 
 def _inference_routes(limits: Limits) -> list[Route]:
-    """One route per pass-through path of each client format (the kinds' route grammars)."""
+    """One route per path of each client format: the kinds' pass-through grammars, then the
+    Messages API's."""
     routes = []
     for kind in PASS_THROUGH.values():
         assert kind.passthrough is not None
@@ -65,6 +67,11 @@ def _inference_routes(limits: Limits) -> list[Route]:
                     ),
                 )
             )
+    for spec in messages.ROUTES:
+        # The model is in the body, which every Messages call hands to ext_proc (GET /v1/models has
+        # none: the exchange answers it from the request headers alone).
+        proc = route_mode(request_body=True, streaming=spec.streaming) if spec.method == "POST" else ANSWERED
+        routes.append(_inference(spec.name, _match(spec.method, regex=spec.regex), limits, proc))
     return routes
 
 

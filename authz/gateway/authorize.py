@@ -21,6 +21,7 @@ from authz.gateway.policy import decide
 from authz.identity import Caller, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, TokenVerifier
 from authz.store.usagerow import UsageRow
+from authz.translate import messages
 from authz.translate.envelope import ErrorReply, error_reply
 from backends.descriptor import PassThroughRoute
 from backends.kinds import KINDS, PASS_THROUGH
@@ -109,14 +110,16 @@ def bearer_token(headers: Mapping[str, str], repeated: frozenset[str] = frozense
 def parse_route(method: str, path: str) -> tuple[str, PassThroughRoute] | None:
     """``(client format, route)`` for an inference path; None for any other path.
 
-    Raises :class:`BadModelId` when a route names a model id outside its kind's exact forms.
+    Raises :class:`BadModelId` when a route names a model id outside its kind's exact forms. A
+    Messages-format route names no model: its body does, and the exchange checks it.
     """
     for name, kind in PASS_THROUGH.items():
         assert kind.passthrough is not None
         route = kind.passthrough.parse(method, path)
         if route is not None:
             return name, route
-    return None
+    route = messages.parse_route(method, path)
+    return (messages.FORMAT, route) if route is not None else None
 
 
 class Authorizer:

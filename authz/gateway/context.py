@@ -46,6 +46,8 @@ def to_metadata(identity: RequestIdentity) -> dict[str, str]:
         message.groups.extend(caller.groups)
         if caller.session_id is not None:
             message.session_id = caller.session_id
+        if caller.models is not None:
+            message.models.patterns.extend(caller.models)
     return {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii")}
 
 
@@ -75,6 +77,7 @@ def from_metadata(fields: Mapping[str, Any]) -> RequestIdentity | None:
             email=m.email,
             groups=tuple(m.groups),
             session_id=m.session_id if m.HasField("session_id") else None,
+            models=tuple(m.models.patterns) if m.HasField("models") else None,
         ),
         client=ClientFacts(**{n: getattr(m, n) if m.HasField(n) else None for n in _CLIENT}),
         regional=m.regional,

@@ -6,6 +6,15 @@ or the upstream signs over it), then the response headers and the response body,
 errors and non-streaming answers, chunk by chunk for streams. Because the filter is blocking,
 no byte reaches the client before the meter has counted it: usage cannot fall behind the relay.
 
+A Messages-format request names its model in the body, so it is admitted here, when the body
+arrives and before anything is sent upstream: the body is read once (:mod:`authz.translate.messages`),
+the model checked against the policy ext_authz chose (:func:`authz.gateway.policy.check_model`) and
+mapped to the upstream's id (:mod:`authz.translate.models`); a refusal is a 400 and a ``denied``
+row. ``GET /v1/models`` is answered here from the same data, with no upstream call. A translator
+that writes its body on its own schedule (Bedrock's stream becoming SSE, with keep-alives) runs the
+response in ext_proc's FULL_DUPLEX_STREAMED mode, and the servicer asks :meth:`Exchange.on_ping`
+when the translator's deadline passes with nothing from Envoy.
+
 The exchange asks the translator for the upstream request, the backend for its credentials, and
 writes exactly one usage row per request: when the response ends, when the upstream fails, or
 when the stream closes early (with estimates, and the row says so).
@@ -13,18 +22,24 @@ when the stream closes early (with estimates, and the row says so).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
+from authz.configtypes import Policy
+from authz.gateway.policy import check_model
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
-from authz.translate.base import Translator
+from authz.translate import models
+from authz.translate.base import Refused, TranslateOptions, Translator
 from authz.translate.envelope import ErrorReply, error_reply
-from authz.translate.registry import translator_for
+from authz.translate.messages import FORMAT as MESSAGES
+from authz.translate.messages import InvalidRequest, query_params, read_request
+from authz.translate.registry import messages_translator, translator_for
 from backends.base import Caller, Upstream
 from backends.errors import BackendError
 from backends.jsonbody import JsonMeter
@@ -37,13 +52,15 @@ log = logging.getLogger("authz.gateway.exchange")
 @dataclass(frozen=True, slots=True)
 class Continue:
     """Let the message through, with header changes, a replacement body, whether the response
-    body must now arrive whole (``mode_override`` to BUFFERED), and whether the request's usage row
-    was written (Envoy's access log then skips it)."""
+    body must now arrive whole (``mode_override`` to BUFFERED) or be written by the exchange
+    (``duplex``: FULL_DUPLEX_STREAMED), and whether the request's usage row was written (Envoy's
+    access log then skips it)."""
 
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     body: bytes | None = None
     buffer_response_body: bool = False
+    duplex: bool = False
     recorded: bool = False
 
 
@@ -63,12 +80,17 @@ RECORDED = Continue(recorded=True)
 
 @dataclass
 class Deps:
-    """What an exchange needs from the process: upstreams, prices, the ledger and a clock."""
+    """What an exchange needs from the process: upstreams, prices, the ledger and a clock; for
+    Messages-format requests, the policies by name, the model ids of each upstream, and the
+    translators' options (whose clock times the keep-alives)."""
 
     upstreams: Mapping[str, Upstream]
     prices: PriceBook
     record: Callable[[UsageRow], None]
     clock: Callable[[], float] = time.time
+    policies: Mapping[str, Policy] = field(default_factory=dict)
+    models: models.ModelResolver = field(default_factory=lambda: models.ModelResolver(()))
+    translate: TranslateOptions = field(default_factory=TranslateOptions)
 
 
 def outcome_of(result: MeterResult) -> tuple[str, str | None]:
@@ -86,10 +108,13 @@ class Exchange:
     """Handles one request's ext_proc messages."""
 
     __slots__ = (
+        "_awaiting_body",
         "_deps",
+        "_duplex",
         "_first_byte_at",
         "_headers",
         "_identity",
+        "_route_streams",
         "_sent",
         "_status",
         "_translator",
@@ -107,6 +132,15 @@ class Exchange:
         self._first_byte_at: float | None = None
         self._sent = False
         self._written = False
+        self._awaiting_body = False
+        self._route_streams = False
+        self._duplex = False
+
+    @property
+    def duplex(self) -> bool:
+        """Whether the response body runs in FULL_DUPLEX_STREAMED mode: every body message must be
+        answered with the bytes the exchange writes (none are relayed as they came)."""
+        return self._duplex
 
     async def on_request_headers(
         self, headers: Mapping[str, str], end_of_stream: bool, identity: RequestIdentity | None
@@ -120,20 +154,41 @@ class Exchange:
             return Reply(error_reply("api_error", "Gateway misconfiguration: missing request context."))
         self._identity = identity
         self._headers = headers
+        # The route's configured response body mode (authz/envoy/filters.py, route_mode): STREAMED
+        # for streams and for Messages calls (a stream or not, as the body will say).
+        self._route_streams = identity.streaming or (
+            identity.client_format == MESSAGES and identity.operation == "invoke"
+        )
         upstream = self._deps.upstreams.get(identity.upstream or "")
+        if identity.client_format == MESSAGES and upstream is not None:
+            self._upstream = upstream
+            if identity.operation == "list_models":
+                return self._list_models(upstream)
+            self._awaiting_body = True
+            return CONTINUE if not end_of_stream else await self.on_request_body(b"")
         translator = translator_for(identity, upstream) if upstream is not None else None
         if upstream is None or translator is None:
-            # ext_authz and this process disagree about the configuration (e.g. mid-rollout).
-            reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
-            self._write(reply.status, "error", f"no translator for upstream {identity.upstream!r}")
-            return Reply(reply, recorded=True)
+            return self._misconfigured()
         self._upstream, self._translator = upstream, translator
         if not end_of_stream and (translator.needs_request_body or KINDS[upstream.kind].signs_body):
             return CONTINUE
         return await self._prepare(b"")
 
+    def _misconfigured(self) -> Reply:
+        # ext_authz and this process disagree about the configuration (e.g. mid-rollout).
+        identity = self._identity
+        assert identity is not None
+        reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
+        self._write(reply.status, "error", f"no translator for upstream {identity.upstream!r}")
+        return Reply(reply, recorded=True)
+
     async def on_request_body(self, body: bytes) -> Action:
         """The whole request body arrived: prepare the upstream request over its exact bytes."""
+        if self._awaiting_body:
+            self._awaiting_body = False
+            refused = self._admit(body)
+            if refused is not None:
+                return refused
         if self._translator is None:
             if self._written:
                 return CONTINUE
@@ -141,13 +196,82 @@ class Exchange:
             return Reply(error_reply("api_error", "Gateway misconfiguration: body before headers."))
         return await self._prepare(body)
 
+    def _admit(self, body: bytes) -> Reply | None:
+        """Read a Messages body, check its model and map it to the upstream's id; build the
+        translator. A refusal is the reply (and its row is written)."""
+        identity, upstream, deps = self._identity, self._upstream, self._deps
+        assert identity is not None and upstream is not None
+        try:
+            request = read_request(body, count_tokens=identity.operation == "count_tokens")
+        except InvalidRequest as exc:
+            reply = error_reply("invalid_request_error", str(exc))
+            return self._refuse(reply, f"invalid request body: {exc}")
+        requested = request.model
+        identity = self._identity = replace(
+            identity, requested_model=requested, model=models.canonical(requested)
+        )
+        policy = deps.policies.get(identity.policy or "")
+        caller = identity.caller
+        reason = (
+            check_model(policy, caller.models if caller else None, identity.model or requested)
+            if policy is not None
+            else "no policy admits this user"
+        )
+        if reason is not None:
+            return self._refuse(error_reply("invalid_request_error", reason), f"policy: {reason}")
+        resolved = deps.models.resolve(upstream.name, requested)
+        if resolved is None:
+            key = models.map_key(upstream.name, requested)
+            message = (
+                f"Model {requested} has no id on this gateway's upstream; an operator can map it with {key}."
+            )
+            return self._refuse(error_reply("invalid_request_error", message), f"unmapped model: {key}")
+        operation = "stream" if identity.operation == "invoke" and request.stream else identity.operation
+        identity = self._identity = replace(
+            identity,
+            operation=operation,
+            streaming=operation == "stream",
+            upstream_model=resolved.upstream_id,
+            regional=resolved.regional,
+        )
+        translator = messages_translator(identity, upstream, request, deps.translate)
+        if translator is None:
+            return self._misconfigured()
+        self._translator = translator
+        return None
+
+    def _refuse(self, reply: ErrorReply, reason: str, outcome: str = "denied") -> Reply:
+        self._write(reply.status, outcome, reason)
+        return Reply(reply, recorded=True)
+
+    def _list_models(self, upstream: Upstream) -> Action:
+        """``GET /v1/models``: the models the caller's policy allows that the upstream serves."""
+        identity, deps = self._identity, self._deps
+        assert identity is not None
+        policy = deps.policies.get(identity.policy or "")
+        token_models = identity.caller.models if identity.caller else None
+        allowed = [
+            model
+            for model in deps.models.listed(upstream.name)
+            if policy is not None and check_model(policy, token_models, model.first_party) is None
+        ]
+        page = models.models_page(allowed, query_params(identity.upstream_query))
+        if isinstance(page, str):
+            return self._refuse(error_reply("invalid_request_error", page), f"invalid query: {page}")
+        body = json.dumps(page, separators=(",", ":")).encode()
+        self._write(200, "complete", None)
+        return Reply(ErrorReply(200, (("content-type", "application/json"),), body), recorded=True)
+
     async def _prepare(self, body: bytes) -> Action:
         identity, upstream, translator = self._identity, self._upstream, self._translator
         assert identity is not None and upstream is not None and translator is not None
         try:
             request = translator.request(self._headers, body)
             final = request.body if request.body is not None else body
-            content_type = self._headers.get("content-type")
+            content_type = next(
+                (value for name, value in request.set_headers if name == "content-type"),
+                self._headers.get("content-type"),
+            )
             caller = identity.caller
             assert caller is not None
             signed = await upstream.sign(
@@ -157,6 +281,8 @@ class Exchange:
                 body=final,
                 caller=Caller(sub=caller.sub, email=caller.email, groups=caller.groups),
             )
+        except Refused as exc:
+            return self._refuse(exc.reply, exc.reason, exc.outcome)
         except BackendError as exc:
             log.error("request %s: cannot prepare upstream %s: %s", identity.request_id, upstream.name, exc)
             reply = error_reply(
@@ -179,14 +305,16 @@ class Exchange:
         if self._translator is None:
             return CONTINUE
         start = self._translator.response_headers(status, headers)
-        identity = self._identity
-        assert identity is not None
         # Non-streaming routes buffer their bodies by configuration; a streaming route switches to
-        # BUFFERED for an error it must rewrite whole.
+        # BUFFERED for an error (or a whole answer) it must see whole, or to FULL_DUPLEX_STREAMED
+        # for a translator that writes on its own schedule.
+        buffer = start.buffer and self._route_streams
+        self._duplex = start.duplex and not start.buffer and self._route_streams
         return Continue(
             set_headers=start.set_headers,
             remove_headers=start.remove_headers,
-            buffer_response_body=start.buffer and identity.streaming,
+            buffer_response_body=buffer,
+            duplex=self._duplex,
         )
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
@@ -198,6 +326,8 @@ class Exchange:
         if status >= 400:
             return self._upstream_error(status, chunk)
         out = translator.response_chunk(chunk, end_of_stream)
+        if out is None and self._duplex:
+            out = chunk  # Envoy relays nothing itself in duplex mode: unchanged means resent
         if not end_of_stream:
             return CONTINUE if out is None else Continue(body=out)
         result = translator.usage()
@@ -208,6 +338,20 @@ class Exchange:
             outcome, reason = outcome_of(result)
             self._write(status, outcome, reason, result)
         return RECORDED if out is None else Continue(body=out, recorded=True)
+
+    def ping_deadline(self) -> float | None:
+        """When (on ``deps.translate.clock``) :meth:`on_ping` has something to write if no message
+        arrives before; None when nothing is waited for."""
+        if not self._duplex or self._written or self._translator is None:
+            return None
+        return self._translator.next_ping()
+
+    def on_ping(self) -> Continue | None:
+        """Nothing came from Envoy by the deadline: the keep-alive to write, if one is due."""
+        if not self._duplex or self._written or self._translator is None:
+            return None
+        out = self._translator.ping()
+        return Continue(body=out) if out else None
 
     def _upstream_error(self, status: int, body: bytes) -> Action:
         translator, identity = self._translator, self._identity

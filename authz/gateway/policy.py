@@ -7,13 +7,14 @@ from fnmatch import fnmatchcase
 
 from authz.configtypes import GatewayConfig, Policy
 from authz.identity import Caller
+from authz.translate.messages import FORMAT as MESSAGES
+from authz.translate.registry import serves
 from backends.base import model_family
 from backends.descriptor import PassThroughRoute
-from backends.kinds import PASS_THROUGH
 
-# Operations that name no billable model choice: listing profiles, and counting tokens (free on
-# every upstream). They still need an upstream of the right kind to be answered.
-_NO_MODEL_CHECK = frozenset({"list_profiles", "count_tokens"})
+# Operations that name no billable model choice: listing profiles and models, and counting tokens
+# (free on every upstream). They still need an upstream of the right kind to be answered.
+_NO_MODEL_CHECK = frozenset({"list_profiles", "list_models", "count_tokens"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,17 @@ def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
     return any(fnmatchcase(c, p.lower()) for p in patterns for c in candidates)
 
 
+def check_model(policy: Policy, token_models: tuple[str, ...] | None, canonical: str) -> str | None:
+    """Why ``policy`` (and the token's own patterns, if any) refuses the canonical model id, or None
+    when it may be used. The one model check, for ext_authz (a model in the path) and the exchange
+    (a model in a Messages body)."""
+    if not _model_allowed(policy.models, canonical):
+        return f"model {canonical} is not allowed for your groups"
+    if token_models is not None and not _model_allowed(token_models, canonical):
+        return f"model {canonical} is not allowed for this service token"
+    return None
+
+
 def decide(
     identity: Caller, route: PassThroughRoute, client_format: str, config: GatewayConfig
 ) -> PolicyDecision:
@@ -60,31 +72,24 @@ def decide(
        must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
        denied, "model X is not allowed for your groups". A token that carries its own model patterns
        (a service token created with ``--models``) must match those too: the allowed models are the
-       intersection. ``list_profiles`` and ``count_tokens`` skip this check.
-    3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
-       format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
+       intersection. ``list_profiles`` and ``count_tokens`` skip this check. A Messages-format
+       request names its model in the body: the exchange applies the same check
+       (:func:`check_model`) when the body arrives, before anything is sent upstream.
+    3. The upstream is the first of the policy's ``upstreams`` that serves the client format:
+       for the Bedrock and Vertex formats the first of that kind, for the Messages format the
+       first of any kind; none: denied, "no upstream serves the <format> format for your policy".
     """
     domain = _email_domain(identity.email)
     policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
     if policy is None:
         return PolicyDecision(False, "no policy admits this user", None, None)
 
-    if route.operation not in _NO_MODEL_CHECK:
-        if route.model is None:
-            return PolicyDecision(False, "the request names no model", policy.name, None)
-        if not _model_allowed(policy.models, route.model.canonical):
-            return PolicyDecision(
-                False, f"model {route.model.canonical} is not allowed for your groups", policy.name, None
-            )
-        if identity.models is not None and not _model_allowed(identity.models, route.model.canonical):
-            return PolicyDecision(
-                False,
-                f"model {route.model.canonical} is not allowed for this service token",
-                policy.name,
-                None,
-            )
-
-    serving = PASS_THROUGH.get(client_format)
+    if route.model is not None:
+        reason = check_model(policy, identity.models, route.model.canonical)
+        if reason is not None:
+            return PolicyDecision(False, reason, policy.name, None)
+    elif route.operation not in _NO_MODEL_CHECK and client_format != MESSAGES:
+        return PolicyDecision(False, "the request names no model", policy.name, None)
 
     for name in policy.upstreams:
         try:
@@ -92,7 +97,7 @@ def decide(
         except KeyError:
             # Config validation rejects unknown names; skipping keeps a bad reload fail-closed.
             continue
-        if serving is not None and upstream.kind == serving.name:
+        if serves(client_format, upstream.kind):
             return PolicyDecision(True, None, policy.name, name)
     return PolicyDecision(
         False, f"no upstream serves the {client_format} format for your policy", policy.name, None

@@ -8,6 +8,7 @@ fails closed on errors. This is the only module that imports Envoy's generated p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -239,7 +240,12 @@ def _immediate(reply: ErrorReply) -> ep.ProcessingResponse:
     )
 
 
-_BUFFERED = processing_mode_pb2.ProcessingMode(response_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED)
+_MODE = processing_mode_pb2.ProcessingMode
+_BUFFERED = _MODE(response_body_mode=_MODE.BUFFERED)
+# The exchange writes the response body on its own schedule (keep-alives while the upstream is
+# silent). FULL_DUPLEX_STREAMED requires trailers to be sent (ProcessingMode.BodySendMode); header
+# modes left DEFAULT keep the filter's (ProcessingResponse.mode_override).
+_FULL_DUPLEX = _MODE(response_body_mode=_MODE.FULL_DUPLEX_STREAMED, response_trailer_mode=_MODE.SEND)
 
 # The unchanged answer to each message kind, built once: most messages get one of these.
 _UNCHANGED = {
@@ -251,10 +257,26 @@ _UNCHANGED = {
 
 
 def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
+    response = _response(kind, action)
+    if not action.recorded:
+        return response
+    # The row is written: Envoy's access log must skip the request (a copy: the unchanged answers
+    # are shared).
+    marked = ep.ProcessingResponse()
+    marked.CopyFrom(response)
+    marked.dynamic_metadata.CopyFrom(_RECORDED_BY_PROC)
+    return marked
+
+
+def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     if isinstance(action, Reply):
         return _immediate(action.reply)
     if not (
-        action.set_headers or action.remove_headers or action.body is not None or action.buffer_response_body
+        action.set_headers
+        or action.remove_headers
+        or action.body is not None
+        or action.buffer_response_body
+        or action.duplex
     ):
         return _UNCHANGED.get(kind) or ep.ProcessingResponse()
     common = _common(action)
@@ -263,12 +285,21 @@ def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
     if kind == "request_body":
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common))
     if kind == "response_headers":
-        if action.buffer_response_body:
-            return ep.ProcessingResponse(
-                response_headers=ep.HeadersResponse(response=common), mode_override=_BUFFERED
-            )
-        return ep.ProcessingResponse(response_headers=ep.HeadersResponse(response=common))
+        override = _FULL_DUPLEX if action.duplex else _BUFFERED if action.buffer_response_body else None
+        headers = ep.HeadersResponse(response=common)
+        return ep.ProcessingResponse(response_headers=headers, mode_override=override)
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
+
+
+def _streamed(body: bytes, end_of_stream: bool, *, recorded: bool = False) -> ep.ProcessingResponse:
+    """A body chunk in FULL_DUPLEX_STREAMED mode (BodyMutation.streamed_response), the only answer
+    Envoy takes to a body message in that mode."""
+    chunk = ep.StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+    mutation = ep.BodyMutation(streamed_response=chunk)
+    return ep.ProcessingResponse(
+        response_body=ep.BodyResponse(response=ep.CommonResponse(body_mutation=mutation)),
+        dynamic_metadata=_RECORDED_BY_PROC if recorded else None,
+    )
 
 
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -283,7 +314,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """Serve one request's messages."""
+        """Serve one request's messages; in duplex mode, also write keep-alives on time."""
         # --- telemetry: streams in flight, time per message, a span ended by the usage row ---
         telemetry = self._telemetry
         timed = telemetry.enabled
@@ -293,14 +324,41 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         deps = self._deps if span is None else replace(self._deps, record=span.recording(self._deps.record))
         telemetry.stream_opened()
         exchange = Exchange(deps)
+        clock = deps.translate.clock
+        inbox = _Inbox(request_iterator)
         try:
-            async for request in request_iterator:
+            while True:
+                deadline = exchange.ping_deadline()
+                if deadline is not None or inbox.waking:
+                    inbox.wake_at(deadline, clock())
+                request = await inbox.next()
+                if request is None:
+                    break
+                if isinstance(request, _Tick):
+                    ping = exchange.on_ping()
+                    if ping is not None and ping.body:
+                        yield _streamed(ping.body, False)
+                    continue
                 started = time.perf_counter() if timed else 0.0
                 kind = request.WhichOneof("request")
                 action: Action
                 if kind == "response_body":
                     body = request.response_body
                     action = exchange.on_response_body(body.body, body.end_of_stream)
+                    if exchange.duplex and isinstance(action, Continue):
+                        out = action.body if action.body is not None else b""
+                        if timed:
+                            telemetry.exchange_seconds(kind, time.perf_counter() - started)
+                        yield _streamed(out, body.end_of_stream, recorded=action.recorded)
+                        continue
+                elif kind == "response_trailers" and exchange.duplex:
+                    # Trailers end the body instead of end_of_stream: the last bytes, then the
+                    # trailers' answer (ProcessingMode.FULL_DUPLEX_STREAMED).
+                    final = exchange.on_response_body(b"", True)
+                    if isinstance(final, Continue):
+                        yield _streamed(final.body or b"", False, recorded=final.recorded)
+                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+                    continue
                 elif kind == "request_headers":
                     message = request.request_headers
                     action = await exchange.on_request_headers(
@@ -318,12 +376,100 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     telemetry.exchange_seconds(kind or "", time.perf_counter() - started)
                 yield response
         finally:
+            inbox.close()
             exchange.on_close()
             telemetry.stream_closed()
             if span is not None:
                 # Ended by the usage row; a stream with no row (only a local reply's response
                 # headers, ext_authz having refused) exports nothing.
                 span.discard()
+
+
+class _Tick:
+    """A keep-alive may be due: what :class:`_Inbox` hands out when its timer fires."""
+
+
+_TICK = _Tick()
+_END = object()
+
+
+class _Inbox:
+    """One stream's request messages, and in duplex mode keep-alive ticks between them.
+
+    Until :meth:`wake_at` is first given a deadline, messages are read straight from the stream
+    (one await per message, nothing else). From then on a task reads them into a queue and a timer
+    puts a tick in the same queue, so waiting costs no task per message and a read is never
+    cancelled (cancelling one could lose a message). A timer that fires before the current deadline
+    (the deadline moved on since it was set) yields a tick the exchange finds not due; the next
+    :meth:`wake_at` sets it again.
+    """
+
+    __slots__ = ("_due", "_queue", "_reader", "_requests", "_timer")
+
+    def __init__(self, requests: AsyncIterator[ep.ProcessingRequest]) -> None:
+        self._requests = requests.__aiter__()
+        self._queue: asyncio.Queue[Any] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due: float | None = None
+
+    @property
+    def waking(self) -> bool:
+        """Whether a timer is set."""
+        return self._timer is not None
+
+    async def next(self) -> ep.ProcessingRequest | _Tick | None:
+        """The next message, a tick, or None at the end of the stream."""
+        if self._queue is None:
+            try:
+                return await self._requests.__anext__()
+            except StopAsyncIteration:
+                return None
+        item = await self._queue.get()
+        if item is _END:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item  # a request or a tick, as queued (the queue holds Any)
+
+    def wake_at(self, deadline: float | None, now: float) -> None:
+        """Tick at ``deadline`` (None: never); ``now`` is on the deadline's clock."""
+        if deadline is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None and self._due is not None and self._due <= deadline:
+            return  # the timer set fires first; its tick sets the next one
+        self._cancel_timer()
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._reader = asyncio.ensure_future(self._read(self._queue))
+        self._due = deadline
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now), self._tick)
+
+    def close(self) -> None:
+        """Stop the timer and the reading task."""
+        self._cancel_timer()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    def _tick(self) -> None:
+        self._timer = self._due = None
+        assert self._queue is not None
+        self._queue.put_nowait(_TICK)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._due = None
+
+    async def _read(self, queue: asyncio.Queue[Any]) -> None:
+        try:
+            async for request in self._requests:
+                queue.put_nowait(request)
+        except Exception as exc:  # handed to the servicer, which fails the stream with it
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(_END)
 
 
 # Response flags (envoy.data.accesslog.v3.ResponseFlags) that say who ended a request.

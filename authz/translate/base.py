@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from authz.translate.envelope import ErrorReply
 from authz.translate.errors import MappedError
 from backends.usage import MeterResult
+
+
+@dataclass(frozen=True, slots=True)
+class TranslateOptions:
+    """Settings the translators share (``translate`` in the configuration), and their clock.
+
+    ``clock`` is monotonic seconds; the exchange waits on the same clock, so tests inject one.
+    """
+
+    ping_interval: float = 10.0
+    clock: Callable[[], float] = field(default=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +41,21 @@ class ResponseStart:
     set_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: tuple[str, ...] = ()
     buffer: bool = False
+    duplex: bool = False
+    """The translator writes the body on its own schedule (keep-alives during upstream silence):
+    every chunk's bytes come from :meth:`Translator.response_chunk` and :meth:`Translator.ping`
+    (ext_proc's FULL_DUPLEX_STREAMED body mode)."""
+
+
+class Refused(Exception):
+    """The request cannot be served as asked (raised by :meth:`Translator.request`): answer the
+    client with ``reply`` and write a row with ``outcome`` and ``reason``."""
+
+    def __init__(self, reply: ErrorReply, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.reply = reply
+        self.outcome = outcome
+        self.reason = reason
 
 
 class Translator(Protocol):
@@ -51,6 +79,15 @@ class Translator(Protocol):
 
     def usage(self) -> MeterResult:
         """The usage counted so far."""
+        ...
+
+    def next_ping(self) -> float | None:
+        """When (on the options' clock) a keep-alive is due if nothing is written before; None when
+        the translator writes none (it does only in duplex mode, once the body has started)."""
+        ...
+
+    def ping(self) -> bytes | None:
+        """The keep-alive to write now if one is due, else None."""
         ...
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MappedError:

@@ -25,7 +25,8 @@ STATUS_FOR_TYPE = {
 
 @dataclass(frozen=True, slots=True)
 class ErrorReply:
-    """A complete error response: status, headers and body."""
+    """A complete response the gateway gives itself: status, headers and body (an error envelope,
+    or an answer that needs no upstream, such as ``GET /v1/models``)."""
 
     status: int
     headers: tuple[tuple[str, str], ...]

@@ -9,6 +9,7 @@ and Bedrock's exact ``Input is too long.``, which pass through verbatim.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from authz.translate.envelope import ErrorReply, error_reply
@@ -85,3 +86,60 @@ def map_upstream_error(status: int, body: bytes, headers: dict[str, str]) -> Map
             error_reply("overloaded_error", "The upstream is overloaded.", status=529), summary
         )
     return MappedError(error_reply("api_error", "The upstream failed to answer.", status=502), summary)
+
+
+# --- Messages-format clients --------------------------------------------------------------------
+
+# What Messages-format clients recover on: Claude Code compacts the conversation when an error's
+# message contains "prompt is too long" (the Anthropic API's wording, "prompt is too long: N tokens
+# > M maximum"). Bedrock says `Input is too long.` and Vertex refuses an oversized payload in its own
+# envelope; both become this sentence.
+PROMPT_TOO_LONG = "prompt is too long: the request exceeds the model's context window"
+# Google's 400 for a request over Vertex's payload limit ("Request payload size exceeds the limit:
+# 31457280 bytes.").
+_GOOGLE_TOO_LARGE = re.compile(r"payload size exceeds|request (?:is )?too large", re.IGNORECASE)
+
+
+def too_long_reply() -> ErrorReply:
+    """The Anthropic API's answer to a prompt over the context window."""
+    return error_reply("invalid_request_error", PROMPT_TOO_LONG)
+
+
+def map_messages_error(status: int, body: bytes, headers: dict[str, str]) -> MappedError:
+    """What a Messages-format client sees for an upstream error: always the Anthropic envelope.
+
+    Anthropic-envelope 400/413 errors pass as they are; Bedrock's ``Input is too long.`` and Vertex's
+    oversized-payload 400 become the API's "prompt is too long" (a Bedrock-format client gets
+    Bedrock's own sentence instead: :func:`map_upstream_error`); everything else is hidden as for
+    every client.
+    """
+    etype, message, is_envelope = _message_of(body)
+    summary = f"upstream {status}" + (f" {etype}" if etype else "")
+    too_long = message is not None and (message == BEDROCK_TOO_LONG or _GOOGLE_TOO_LARGE.search(message))
+    if status in (400, 413) and not is_envelope and too_long:
+        return MappedError(too_long_reply(), f"{summary}: {message}")
+    return map_upstream_error(status, body, headers)
+
+
+# Bedrock's exceptions inside a stream (InvokeModelWithResponseStream's ResponseStream members):
+# the Anthropic error type and the message a Messages client gets in an `event: error`.
+# https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_ResponseStream.html
+_STREAM_ERRORS = {
+    "throttlingException": ("rate_limit_error", "The upstream is rate limiting requests; retry shortly."),
+    "serviceUnavailableException": ("overloaded_error", "The upstream is overloaded."),
+    "modelNotReadyException": ("overloaded_error", "The upstream is overloaded."),
+    "validationException": ("invalid_request_error", "The upstream rejected the request."),
+}
+_STREAM_FAILED = ("api_error", "The upstream failed while streaming the answer.")
+
+
+def stream_error(exception_type: str, message: str | None) -> tuple[str, str]:
+    """``(Anthropic error type, message)`` for a Bedrock exception met mid-stream.
+
+    The upstream's text is hidden (it can name accounts and roles) except ``Input is too long.``,
+    which becomes the API's "prompt is too long"; model stream errors, timeouts and internal
+    errors are ``api_error``.
+    """
+    if message is not None and message.strip() == BEDROCK_TOO_LONG:
+        return "invalid_request_error", PROMPT_TOO_LONG
+    return _STREAM_ERRORS.get(exception_type, _STREAM_FAILED)

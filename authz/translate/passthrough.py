@@ -56,6 +56,14 @@ class PassThrough:
         """What the meter counted so far."""
         return self._meter.result()
 
+    def next_ping(self) -> float | None:
+        """Relayed streams carry their upstream's own keep-alives."""
+        return None
+
+    def ping(self) -> bytes | None:
+        """Never: see :meth:`next_ping`."""
+        return None
+
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MappedError:
         """The upstream's error, hidden behind a generic envelope unless clients recover on it."""
         return map_upstream_error(status, body, dict(headers))

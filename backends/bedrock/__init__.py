@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,6 +131,24 @@ def _regional(_config: BedrockConfig, model: ModelRef | None) -> bool:
     return model.regional if model is not None else True
 
 
+# Cross-region inference profiles keep requests in the geography of the upstream's region; a region
+# outside these geographies gets the global profile.
+# https://docs.aws.amazon.com/bedrock/latest/userguide/inference-profiles-support.html
+_GEOGRAPHIES = (("us-gov-", "us-gov"), ("us-", "us"), ("eu-", "eu"), ("ap-", "apac"))
+
+
+def profile_geography(region: str) -> str:
+    """The inference-profile prefix for requests sent from ``region``."""
+    return next((geo for prefix, geo in _GEOGRAPHIES if region.startswith(prefix)), "global")
+
+
+def _default_model_id(config: BedrockConfig, provider_ids: Mapping[str, str]) -> str | None:
+    # Claude Code's own Bedrock ids are the `us.` profiles of these foundation models; the geography
+    # follows the upstream's region so that requests stay where the operator put the upstream.
+    foundation = provider_ids.get("bedrock")
+    return f"{profile_geography(config.region)}.{foundation}" if foundation else None
+
+
 KIND = UpstreamKind(
     name="bedrock",
     settings_type=BedrockConfig,
@@ -140,5 +159,7 @@ KIND = UpstreamKind(
     signs_body=True,
     meter=_meter,
     regional=_regional,
+    parse_model_id=ids.parse_model_id,
+    default_model_id=_default_model_id,
     passthrough=PassThroughFormat(name="bedrock", routes=ids.ROUTES, parse=ids.parse_route),
 )

@@ -115,6 +115,24 @@ def _parse_arn(m: re.Match[str]) -> ModelRef:
     )
 
 
+def foundation_model_id(model_id: str) -> str | None:
+    """The foundation-model id behind a Bedrock model id, which CountTokens takes (it refuses
+    inference profiles); None when it cannot be known from the id: an application inference profile,
+    or a profile of a model released under inference profiles only (no ``-vN`` version).
+    https://docs.aws.amazon.com/bedrock/latest/APIReference/API_runtime_CountTokens.html
+    """
+    value = model_id.lower()
+    arn = _ARN.fullmatch(value)
+    if arn is not None:
+        value = arn["resource"]
+    if _FOUNDATION.fullmatch(value) is not None:
+        return value
+    profile = _PROFILE.fullmatch(value)
+    if profile is not None and profile["version"]:
+        return _foundation(profile["name"], profile["version"])
+    return None
+
+
 def parse_route(method: str, path: str) -> PassThroughRoute | None:
     """Recognise a Bedrock Runtime route; None for any other path (a 404).
 

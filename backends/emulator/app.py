@@ -53,6 +53,10 @@ def _version_ok(value: object, platform_version: str) -> bool:
 
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
+# What only the first-party API accepts: Bedrock and Vertex refuse a top-level `tags` and the beta
+# that allows it.
+FIRST_PARTY_ONLY_FIELDS = ("tags",)
+REQUEST_TAGS_BETA = "request-tags-2026-08-21"
 # Real error texts name the account and principal; gateways must not pass them on, and the tests
 # prove it by looking for these strings.
 LEAK = f" (account {ACCOUNT_ID}, principal {DEFAULT_ROLE_ARN})"
@@ -165,6 +169,9 @@ def _json_object(body: bytes, record: RecordedRequest) -> dict[str, Any] | None:
     if not isinstance(document, dict):
         return None
     record.body_keys = sorted(document)
+    betas = document.get("anthropic_beta")
+    if isinstance(betas, list) and all(isinstance(b, str) for b in betas):
+        record.body_betas = betas
     return document
 
 
@@ -229,9 +236,14 @@ def _bedrock_body_error(body: dict[str, Any] | None) -> web.Response | None:
         return _aws_error(
             400, "ValidationException", "Malformed input request, please reformat your input and try again."
         )
-    for key in ("model", "stream"):
+    for key in ("model", "stream", *FIRST_PARTY_ONLY_FIELDS):
         if key in body:
             return _malformed(f"extraneous key [{key}] is not permitted")
+    betas = body.get("anthropic_beta", [])
+    if not isinstance(betas, list) or not all(isinstance(b, str) for b in betas):
+        return _malformed("#/anthropic_beta: expected an array of strings")
+    if REQUEST_TAGS_BETA in betas:
+        return _aws_error(400, "ValidationException", f"invalid beta flag: {REQUEST_TAGS_BETA}")
     for key in ("anthropic_version", "max_tokens", "messages"):
         if key not in body:
             return _malformed(f"#: required key [{key}] not found")
@@ -290,6 +302,9 @@ def _bedrock_count_tokens(state: EmulatorState, document: dict[str, Any] | None)
             return _malformed("#/input: expected invokeModel with a base64 body")
     if not isinstance(inner, dict) or "messages" not in inner:
         return _malformed("#: required key [messages] not found")
+    for key in ("model", "stream", *FIRST_PARTY_ONLY_FIELDS):
+        if key in inner:
+            return _malformed(f"extraneous key [{key}] is not permitted")
     return web.json_response({"inputTokens": state.usage.total_input_tokens})
 
 
@@ -566,7 +581,21 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
         return _finish(
             record, _anthropic_error(400, "invalid_request_error", "Request body is not a JSON object.")
         )
+    header_betas = [b.strip() for b in request.headers.get("anthropic-beta", "").split(",")]
+    if REQUEST_TAGS_BETA in header_betas:
+        message = f"anthropic-beta: {REQUEST_TAGS_BETA} is not supported on Vertex AI"
+        return _finish(record, _anthropic_error(400, "invalid_request_error", message))
+    for key in FIRST_PARTY_ONLY_FIELDS:
+        if key in document:
+            message = f"{key}: Extra inputs are not permitted"
+            return _finish(record, _anthropic_error(400, "invalid_request_error", message))
     if model == "count-tokens":
+        # The model to count for travels in the body (Vertex's path names none).
+        counted = document.get("model")
+        if not isinstance(counted, str) or not counted.startswith("claude-"):
+            message = "model: Field required"
+            return _finish(record, _anthropic_error(400, "invalid_request_error", message))
+        record.model_id = counted
         return _finish(record, web.json_response({"input_tokens": state.usage.total_input_tokens}))
     if not _version_ok(document.get("anthropic_version"), VERTEX_VERSION):
         message = f"anthropic_version: Input should be '{VERTEX_VERSION}'"

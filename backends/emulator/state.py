@@ -58,6 +58,9 @@ class Scenario(enum.StrEnum):
 class RecordedRequest:
     """One request as the emulator received it; ``verdict`` is ``ok``, ``skipped`` or the refusal.
 
+    ``headers`` are all the request's headers and ``body_keys`` the body's top-level keys, so a test
+    can see that unknown ones arrived.
+
     ``usage`` is what the answer reported when the emulator served a whole message (None for
     errors, count-tokens and cut-short streams), so a test can compare the gateway's accounting
     with what the upstream really said.
@@ -75,6 +78,8 @@ class RecordedRequest:
     status: int = 0
     stream_cut: bool = False
     usage: Usage | None = None
+    # The body's `anthropic_beta` list (Bedrock's place for betas), when it has one.
+    body_betas: list[str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form served by ``GET /_emulator/requests``."""

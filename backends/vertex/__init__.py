@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,6 +101,11 @@ def _regional(config: VertexConfig, _model: ModelRef | None) -> bool:
     return config.region != "global"
 
 
+def _default_model_id(_config: VertexConfig, provider_ids: Mapping[str, str]) -> str | None:
+    # Vertex names dated models `<name>@<date>` and newer ones by their first-party id.
+    return provider_ids.get("vertex")
+
+
 KIND = UpstreamKind(
     name="vertex",
     settings_type=VertexConfig,
@@ -110,5 +116,7 @@ KIND = UpstreamKind(
     signs_body=False,
     meter=_meter,
     regional=_regional,
+    parse_model_id=ids.parse_model_id,
+    default_model_id=_default_model_id,
     passthrough=PassThroughFormat(name="vertex", routes=ids.ROUTES, parse=ids.parse_route),
 )

@@ -14,6 +14,10 @@ import pytest
 from authz.dev.devstack import Ports, Stack
 
 BODY_CAP = 1024 * 1024
+# Groups whose policies put a Vertex or an Anthropic API upstream first (Messages-format requests).
+VERTEX_GROUP = "messages-vertex"
+ANTHROPIC_GROUP = "messages-anthropic"
+PING_INTERVAL = 0.25
 
 
 def shared_stack_config(emulator_url: str) -> dict[str, Any]:
@@ -22,7 +26,10 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
     A second Bedrock upstream, ``bedrock-badkey``, signs with a secret the emulator does not know:
     requests through it are refused upstream, which is how the tests provoke "the upstream
     rejected our signature". The developers' policy allows only some models, so a disallowed
-    model can be asked for; the ``haiku-only`` group may use nothing but haiku.
+    model can be asked for; the ``haiku-only`` group may use nothing but haiku. Messages-format
+    requests go to a policy's first upstream: the developers' is Bedrock, and two more groups are
+    served by the Vertex and the Anthropic API upstreams. Translated streams write keep-alives
+    after a short silence, so a test can see them.
     """
     return {
         "upstreams": {
@@ -51,8 +58,21 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
                 "models": ["claude-haiku-*"],
                 "upstreams": ["bedrock-dev", "vertex-dev"],
             },
+            {
+                "name": "messages-vertex",
+                "groups": [VERTEX_GROUP],
+                "models": ["claude-sonnet-*", "claude-haiku-*"],
+                "upstreams": ["vertex-dev", "bedrock-dev"],
+            },
+            {
+                "name": "messages-anthropic",
+                "groups": [ANTHROPIC_GROUP],
+                "models": ["claude-sonnet-*", "claude-haiku-*"],
+                "upstreams": ["anthropic-dev"],
+            },
         ],
         "limits": {"max_request_body_bytes": BODY_CAP},
+        "translate": {"ping_interval": PING_INTERVAL},
     }
 
 

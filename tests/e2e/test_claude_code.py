@@ -277,12 +277,17 @@ def test_settings_from_authz_setup(
     assert {row["ingress_format"] for row in rows} == {fmt}
 
 
-@pytest.mark.skip(reason="native gateway mode needs the Messages API route")
 def test_native_gateway_mode(stack: Stack, usage: str, developer: Developer) -> None:
-    """Claude Code's own gateway mode (Messages API at ANTHROPIC_BASE_URL) is answered and accounted."""
+    """Claude Code's own gateway mode (Messages API at ANTHROPIC_BASE_URL) is answered through the
+    Bedrock upstream the policy names first, and accounted."""
     run = claude(developer, {"ANTHROPIC_BASE_URL": stack.envoy_url}, "--model", MESSAGES_MODEL)
     assert_answered(run, usage)
-    assert_accounted(stack, developer, run, MESSAGES_MODEL)
+    rows = assert_accounted(stack, developer, run, MESSAGES_MODEL)
+    assert {(row["ingress_format"], row["upstream"]) for row in rows} == {("messages", "bedrock-dev")}
+    assert {row["upstream_model"] for row in rows} == {"us.anthropic.claude-sonnet-4-5-20250929-v1:0"}
+    for record in served_inference(stack):
+        assert record["route"] == "bedrock.invoke-with-response-stream", record
+        assert record["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 ")
 
 
 def test_denied_model_reaches_the_developer(

@@ -21,7 +21,15 @@ from authz.store.db import connect
 from authz.store.queries import insert_rows
 from authz.store.usagerow import UsageRow
 from tests.bench import SLOW_GROUP, make_stack
-from tests.bench_arms import SCENARIOS, VARIANTS, Scenario, request_bytes, request_headers, request_path
+from tests.bench_arms import (
+    MESSAGES_VERTEX_GROUP,
+    SCENARIOS,
+    VARIANTS,
+    Scenario,
+    request_bytes,
+    request_headers,
+    request_path,
+)
 from tests.bench_ledger import Job, check_ledger
 from tests.bench_load import run_job
 from tests.bench_report import ledger_checks
@@ -141,7 +149,12 @@ def test_bench_stack_config_points_at_the_canned_upstream(tmp_path: Path) -> Non
     assert upstreams["bedrock-emulator"].settings.base_url == stack.emulator_url
     assert upstreams["vertex-emulator"].settings.base_url == stack.emulator_url
     assert config.policies[0].groups == (SLOW_GROUP,)
-    assert config.policies[1].upstreams == ("bedrock-dev", "vertex-dev")
+    # The Messages-to-Vertex arm's callers are developers too: their policy comes first.
+    assert (config.policies[1].groups, config.policies[1].upstreams) == (
+        (MESSAGES_VERTEX_GROUP,),
+        ("vertex-dev", "bedrock-dev"),
+    )
+    assert config.policies[2].upstreams == ("bedrock-dev", "vertex-dev")
 
 
 def _row(i: int, session: str, **changes: object) -> UsageRow:

@@ -379,6 +379,36 @@ async def test_bedrock_rejects_model_and_stream_keys(emulator: Emulator, key: st
     }
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tags": {"team": "a"}}, "Malformed input request: extraneous key [tags] is not permitted"),
+        ({"anthropic_beta": ["request-tags-2026-08-21"]}, "invalid beta flag: request-tags-2026-08-21"),
+        ({"anthropic_beta": "claude-code-20250219"}, "#/anthropic_beta: expected an array of strings"),
+    ],
+)
+async def test_bedrock_refuses_first_party_only_fields(
+    emulator: Emulator, change: dict[str, Any], message: str
+) -> None:
+    """Bedrock refuses the first-party API's request tags, in the body or as a beta."""
+    body = json.dumps({**BEDROCK_BODY, **change}).encode()
+    path = f"/model/{MODEL}/invoke"
+    response = await emulator.post(path, body, sigv4_headers("POST", emulator.url + path, body))
+    assert response.status == 400
+    assert message in (await response.json())["message"]
+
+
+async def test_vertex_refuses_first_party_only_fields(emulator: Emulator, service_account_file: Path) -> None:
+    """Vertex refuses a body with tags and the request-tags beta header."""
+    token = await google_token(emulator, service_account_file)
+    tagged = await vertex(emulator, token, {**VERTEX_BODY, "tags": {"team": "a"}})
+    assert tagged.status == 400
+    assert (await tagged.json())["error"]["message"] == "tags: Extra inputs are not permitted"
+    headers = {"Authorization": f"Bearer {token}", "anthropic-beta": "request-tags-2026-08-21"}
+    beta = await emulator.post(vertex_path(), json.dumps(VERTEX_BODY).encode(), headers)
+    assert beta.status == 400
+
+
 @pytest.fixture
 def service_account_file(tmp_path: Path) -> Path:
     return tmp_path / "sa.json"
@@ -431,8 +461,12 @@ async def test_google_auth_token_then_vertex_stream(emulator: Emulator, service_
 
     raw = await vertex(emulator, token, {**VERTEX_BODY, "stream": False}, method="rawPredict")
     assert raw.status == 200 and (await raw.json())["type"] == "message"
-    counted = await vertex(emulator, token, {"messages": []}, method="rawPredict", model="count-tokens")
+    # count-tokens:rawPredict names no model in its path; the body must.
+    body = {"model": "claude-haiku-4-5@20251001", "messages": []}
+    counted = await vertex(emulator, token, body, method="rawPredict", model="count-tokens")
     assert await counted.json() == {"input_tokens": 46}
+    unnamed = await vertex(emulator, token, {"messages": []}, method="rawPredict", model="count-tokens")
+    assert unnamed.status == 400
 
 
 async def test_vertex_refuses_bad_absent_and_foreign_tokens(emulator: Emulator, tmp_path: Path) -> None:
@@ -538,6 +572,7 @@ async def test_recorded_requests_show_headers(emulator: Emulator) -> None:
     assert record["headers"]["x-app"] == "cli"
     assert record["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 ")
     assert record["body_keys"] == sorted(BEDROCK_BODY)
+    assert record["body_betas"] == BEDROCK_BODY["anthropic_beta"]
     assert (record["model_id"], record["verdict"], record["status"]) == (MODEL, "ok", 200)
     async with emulator.http.delete(f"{emulator.url}/_emulator/requests") as response:
         assert response.status == 204

@@ -175,7 +175,13 @@ def _assert_alice(row: UsageRow) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/model/x/converse"), ("GET", BEDROCK_STREAM), ("POST", "/v1/messages")],
+    [
+        ("POST", "/model/x/converse"),
+        ("GET", BEDROCK_STREAM),
+        ("GET", "/v1/messages"),
+        ("POST", "/v1/complete"),
+        ("POST", "/v1/models"),
+    ],
 )
 def test_unknown_route_is_denied_with_404(method: str, path: str) -> None:
     """A path or method that is no inference route gets a 404 not_found_error; an anonymous caller

@@ -14,8 +14,9 @@ from backends.jsonbody import JsonMeter
 from backends.messages import BEDROCK_METRICS_KEY
 from backends.sse import SseMeter
 from backends.usage import Meter
-from tests.bench_arms import SCENARIOS, select_scenarios, select_variants
+from tests.bench_arms import SCENARIOS, request_headers, request_path, select_scenarios, select_variants
 from tests.bench_load import ProtocolError, read_response
+from tests.bench_report import scenario_checks
 from tests.bench_upstream import (
     CANNED_USAGE,
     STREAM_DELTAS,
@@ -166,3 +167,36 @@ async def test_read_response_rejects_what_is_not_http() -> None:
     """A reply that is not HTTP/1.x is a protocol error, not a silent success."""
     with pytest.raises(ProtocolError):
         await read_response(_reader(b"SSH-2.0-OpenSSH\r\n\r\n"))
+
+
+def test_messages_scenarios_reach_the_canned_answers_through_translation() -> None:
+    """Messages arms speak the Messages API to the gateway while Envoy alone asks the canned answer's
+    own path; a relative target compares a translating arm with the pass-through arm it reaches."""
+    by_key = {s.key: s for s in SCENARIOS}
+    for key in ("messages_bedrock_invoke", "messages_bedrock_stream_60k", "messages_vertex_stream"):
+        scenario = by_key[key]
+        assert scenario.client_format == "messages" and not scenario.passthrough
+        assert request_path(scenario, baseline=False) == "/v1/messages?beta=true"
+        body = json.loads(scenario.body())
+        assert body["model"] == "claude-sonnet-4-5" and body.get("stream", False) == scenario.streaming
+        baseline = request_path(scenario, baseline=True)
+        answer = next(a for a in upstream_operations() if a.key == scenario.upstream_op)
+        assert baseline.startswith(answer.path_prefix) and baseline.endswith(answer.path_suffix)
+    assert by_key["messages_vertex_stream"].group is not None
+    headers = request_headers(by_key["messages_bedrock_stream"], token="t", session="s")
+    assert headers["anthropic-version"] == "2023-06-01" and "anthropic-beta" in headers
+
+    invoke = by_key["messages_bedrock_invoke"]
+    figures = {"rps": 100.0, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0}
+    alone = {**figures, "rps": 1000.0}
+    reference = ({**figures, "rps": 120.0}, alone)
+    [share] = [
+        c for c in scenario_checks(invoke, "gateway", figures, alone, reference) if "vs bedrock" in c.what
+    ]
+    assert (share.value, share.met) == ("83%", False)
+    [share] = [
+        c
+        for c in scenario_checks(invoke, "gateway", figures, alone, ({**figures, "rps": 105.0}, alone))
+        if "vs bedrock" in c.what
+    ]
+    assert share.met

@@ -406,6 +406,13 @@ def test_workers_and_body_limit_must_be_positive() -> None:
     assert _error("limits: {max_request_body_bytes: 0}\n").field == "limits.max_request_body_bytes"
 
 
+def test_ping_interval_is_zero_or_positive() -> None:
+    """translate.ping_interval defaults to 10 s, 0 turns keep-alives off, a negative one is refused."""
+    assert loads("", {}).translate.ping_interval == 10.0
+    assert loads("translate: {ping_interval: 0}\n", {}).translate.ping_interval == 0.0
+    assert _error("translate: {ping_interval: -1}\n").field == "translate.ping_interval"
+
+
 # --- a whole realistic file -------------------------------------------------------------------
 
 REALISTIC = """

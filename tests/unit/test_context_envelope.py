@@ -58,10 +58,23 @@ LIST_PROFILES = dataclasses.replace(
 )
 
 
+# A service token's model patterns travel too: a Messages request's model is checked by ext_proc.
+SERVICE = dataclasses.replace(
+    CTX,
+    client_format="messages",
+    caller=Caller(sub="service:ci", email="", groups=("ci",), session_id="svc:1", models=("claude-haiku-*",)),
+)
+NO_MODELS = dataclasses.replace(
+    SERVICE, caller=Caller(sub="service:ci", email="", groups=("ci",), session_id="svc:1", models=())
+)
+
+
 # --- the request identity as metadata -------------------------------------------------------
 
 
-@pytest.mark.parametrize("ctx", [CTX, LIST_PROFILES], ids=["full", "sparse"])
+@pytest.mark.parametrize(
+    "ctx", [CTX, LIST_PROFILES, SERVICE, NO_MODELS], ids=["full", "sparse", "service-token", "no-models"]
+)
 def test_context_round_trips_through_metadata(ctx: RequestIdentity) -> None:
     """to_metadata then from_metadata gives back an equal identity, None fields and tuples included."""
     back = from_metadata(to_metadata(ctx))
@@ -145,8 +158,7 @@ def test_context_fields_match_the_proto() -> None:
     proto_fields = {f.name for f in context_pb2.RequestContext.DESCRIPTOR.fields}
     flat = {f.name for f in dataclasses.fields(RequestIdentity)} - {"caller", "client"}
     flat |= {f.name for f in dataclasses.fields(ClientFacts)}
-    # A service token's own model limit is applied by ext_authz and never travels (authz.identity.Caller).
-    flat |= {f.name for f in dataclasses.fields(Caller)} - {"models"}
+    flat |= {f.name for f in dataclasses.fields(Caller)}
     assert proto_fields == flat
 
 

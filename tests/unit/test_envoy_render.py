@@ -188,6 +188,34 @@ def test_ext_proc_mode_on_every_inference_route(example: dict[str, Any]) -> None
         assert mode == expected, name
 
 
+def test_ext_proc_mode_on_the_messages_routes(example: dict[str, Any]) -> None:
+    """Messages POSTs hand the body to ext_proc (the model is in it); /v1/messages streams its
+    response (the exchange switches a whole answer to BUFFERED, or a translated stream to
+    FULL_DUPLEX_STREAMED), count_tokens buffers it; GET /v1/models sends only the request headers,
+    which the exchange answers."""
+
+    def mode(name: str) -> dict[str, str]:
+        found: dict[str, str] = route(example, name)["typed_per_filter_config"][PROC]["overrides"][
+            "processing_mode"
+        ]
+        return found
+
+    common = {"request_header_mode": "SEND", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
+    assert mode("messages") == {
+        **common,
+        "request_body_mode": "BUFFERED",
+        "response_header_mode": "SEND",
+        "response_body_mode": "STREAMED",
+    }
+    assert mode("messages_count_tokens") == {
+        **common,
+        "request_body_mode": "BUFFERED",
+        "response_header_mode": "SEND",
+        "response_body_mode": "BUFFERED",
+    }
+    assert mode("messages_models") == {**common, "response_header_mode": "SKIP"}
+
+
 # --- routes ----------------------------------------------------------------------------------------
 
 
@@ -257,12 +285,19 @@ def _header_matches(matcher: dict[str, Any], headers: dict[str, str]) -> bool:
         ("GET", "/model/m/invoke", "not_found"),
         ("POST", "/model/a/b/invoke", "not_found"),
         ("GET", "/inference-profilesX", "not_found"),
-        ("POST", "/v1/messages", "not_found"),
+        ("POST", "/v1/messages", "messages"),
+        ("POST", "/v1/messages?beta=true", "messages"),
+        ("POST", "/v1/messages/count_tokens?beta=true", "messages_count_tokens"),
+        ("GET", "/v1/models?limit=1000", "messages_models"),
+        ("GET", "/v1/messages", "not_found"),
+        ("POST", "/v1/messages/batches", "not_found"),
+        ("POST", "/v1/models", "not_found"),
         ("GET", "/nope", "not_found"),
     ],
 )
 def test_client_paths_reach_their_routes(dev: dict[str, Any], method: str, path: str, expected: str) -> None:
-    """Each Bedrock and Vertex client path (ARNs with %2F included) lands on its route, others on the 404."""
+    """Each Bedrock, Vertex and Messages client path (ARNs with %2F included) lands on its route,
+    others on the 404."""
     assert _route_for(dev, method, path) == expected
 
 
@@ -277,7 +312,7 @@ def test_unknown_paths_get_the_404_envelope(dev: dict[str, Any]) -> None:
         "type": "error",
         "error": {
             "type": "not_found_error",
-            "message": "Not found: this gateway serves the Bedrock and Vertex inference routes.",
+            "message": "Not found: this gateway serves the Messages, Bedrock and Vertex inference routes.",
         },
     }
     assert reply["body_format"]["content_type"] == "application/json"

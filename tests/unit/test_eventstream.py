@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import random
+import struct
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -23,6 +24,9 @@ from backends.eventstream import (
     COUNTED_PREFIXES,
     SKIPPED_PREFIXES,
     EventStreamMeter,
+    EventStreamReader,
+    StreamMessage,
+    chunk_event_bytes,
     chunk_frame,
     encode_frame,
     exception_frame,
@@ -621,3 +625,92 @@ def test_bytes_seen_counts_every_byte() -> None:
     """bytes_seen counts all bytes fed, including a trailing partial frame."""
     data = (STREAMS / "bedrock_basic.eventstream").read_bytes() + b"\x00\x00\x00"
     assert _meter(data).bytes_seen == len(data)
+
+
+# --- the reader (translation) ---------------------------------------------------------------------
+
+
+def _read(data: bytes, plan: list[int] | None) -> tuple[list[bytes | StreamMessage], str | None]:
+    reader = EventStreamReader()
+    if plan is None:
+        return reader.feed(data), reader.malformed
+    items: list[bytes | StreamMessage] = []
+    start = 0
+    for size in plan:
+        items += reader.feed(data[start : start + size])
+        start += size
+    items += reader.feed(data[start:])
+    return items, reader.malformed
+
+
+def _botocore_items(data: bytes) -> list[bytes | StreamMessage]:
+    """What the reader must give, by botocore: chunk events' decoded events, other messages whole."""
+    out: list[bytes | StreamMessage] = []
+    for headers, payload in _frames(data):
+        kind = headers[":message-type"]
+        if kind == "event" and headers[":event-type"] == "chunk":
+            out.append(base64.b64decode(json.loads(payload)["bytes"]))
+        else:
+            out.append(StreamMessage(kind, headers[":exception-type"], payload))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_reader_splits_recorded_streams_like_botocore(name: str) -> None:
+    """The reader yields exactly botocore's events and messages for every recorded stream, whole, byte
+    by byte and in random chunks."""
+    data = (STREAMS / name).read_bytes()
+    expected = _botocore_items(data)
+    for plan in _chunkings(data):
+        assert _read(data, plan) == (expected, None)
+
+
+def test_reader_gives_other_shapes_whole() -> None:
+    """A chunk frame whose headers come in another order is decoded by botocore, and a chunk payload
+    not in Bedrock's usual shape is given whole: neither is sliced."""
+    payload = json.dumps({"bytes": base64.b64encode(b'{"type":"ping"}').decode()}).encode()
+    reordered = encode_frame(
+        {":message-type": "event", ":event-type": "chunk", ":content-type": "application/json"}, payload
+    )
+    assert not reordered[12:].startswith(eventstream.CHUNK_HEADER_BLOCK)
+    assert _read(reordered, [1] * len(reordered)) == ([StreamMessage("event", "chunk", payload)], None)
+    padded_first = b'{"p":"abc","bytes":"eyJ0eXBlIjoicGluZyJ9"}'
+    frame = encode_frame(eventstream._CHUNK_HEADERS, padded_first)
+    assert _read(frame, None) == ([StreamMessage("event", "chunk", padded_first)], None)
+    assert chunk_event_bytes(padded_first) == b'{"type":"ping"}'
+
+
+def test_reader_stops_at_the_first_untrustworthy_frame() -> None:
+    """A frame failing its CRC ends the reading: the frames before it come out, nothing after, and
+    malformed says where, without payload bytes."""
+    good = chunk_frame({"type": "ping"})
+    bad = bytearray(chunk_frame({"type": "content_block_stop", "index": 0}))
+    bad[-6] ^= 0xFF
+    data = good + bytes(bad) + good
+    items, malformed = _read(data, [7] * (len(data) // 7 + 1))
+    assert items == [b'{"type":"ping"}']
+    assert malformed == f"event-stream frame at byte {len(good)} fails its message CRC"
+
+
+def test_reader_refuses_an_impossible_length() -> None:
+    """A prelude claiming more than botocore accepts is malformed at once, not buffered for."""
+    data = struct.pack(">II", 2**31, 10) + b"\x00" * 20
+    items, malformed = _read(data, None)
+    assert items == [] and malformed is not None and "claims" in malformed
+
+
+def test_chunk_event_bytes_reads_the_json_envelope() -> None:
+    """A chunk payload's event is its base64 "bytes" field, whatever the key order or JSON escaping;
+    a payload that is not a chunk raises."""
+    event = b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"???>>>"}}'
+    encoded = base64.b64encode(event).decode()
+    assert "/" in encoded
+    for payload in (
+        json.dumps({"bytes": encoded, "p": "abc"}, separators=(",", ":")).encode(),
+        json.dumps({"p": "abc", "bytes": encoded}).encode(),
+        ('{"bytes":"' + encoded.replace("/", "\\/") + '"}').encode(),  # JSON's escaped solidus
+    ):
+        assert chunk_event_bytes(payload) == event
+    for bad in (b'{"p":"x"}', b"not json", b'{"bytes":"@@@"}'):
+        with pytest.raises((ValueError, KeyError)):
+            chunk_event_bytes(bad)

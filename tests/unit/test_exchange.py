@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 
 from authz.billing.pricing import PriceBook
+from authz.config import loads
 from authz.gateway.exchange import CONTINUE, RECORDED, Continue, Deps, Exchange, Reply
 from authz.identity import Caller as Who
 from authz.identity import ClientFacts, RequestIdentity
 from authz.store.usagerow import UsageRow
+from authz.translate.base import TranslateOptions
+from authz.translate.models import ModelResolver
 from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest, Upstream
 from backends.emulator.canned import canned_message
 from backends.errors import BackendError
@@ -694,3 +697,227 @@ async def test_never_two_rows_for_one_request(world: World) -> None:
     sign.on_response_body(b'{"usage":{"input_tokens":1,"output_tokens":1}}', True)
     sign.on_close()
     assert [r.outcome for r in world.rows] == ["complete"]
+
+
+# --- the Messages format: admitted on the body, translated, answered ---------------------------------
+
+MESSAGES_CONFIG = """
+upstreams:
+  bedrock-us: {kind: bedrock, region: us-east-1}
+  vertex-main: {kind: vertex, region: global, project: acme-claude}
+policies:
+  - {name: eng, groups: [eng], models: ["claude-sonnet-*", "claude-opus-5-5*"], upstreams: [bedrock-us]}
+"""
+MESSAGES_CTX = RequestIdentity(
+    request_id="req-m",
+    started_at=T0,
+    client_format="messages",
+    operation="invoke",
+    caller=Who(sub="00u-alice", email="alice@example.com", groups=("eng",), session_id="sess-1"),
+    policy="eng",
+    upstream="bedrock-us",
+    upstream_kind="bedrock",
+    request_bytes=120,
+)
+MESSAGES_HEADERS = {":method": "POST", "content-type": "application/json", "anthropic-beta": "b-2030-01-01"}
+MESSAGES_BODY = b'{"model":"claude-sonnet-4-5","stream":true,"max_tokens":64,"messages":[]}'
+
+
+class Ticker:
+    """The translators' monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _messages_world(ticker: Ticker | None = None) -> World:
+    world = _world()
+    config = loads(MESSAGES_CONFIG, {})
+    world.deps.policies = {policy.name: policy for policy in config.policies}
+    world.deps.models = ModelResolver(config.upstreams)
+    world.deps.translate = TranslateOptions(ping_interval=5.0, clock=ticker or Ticker())
+    return world
+
+
+async def _admitted(
+    world: World, body: bytes = MESSAGES_BODY, ctx: RequestIdentity = MESSAGES_CTX
+) -> Exchange:
+    exchange = Exchange(world.deps)
+    assert await exchange.on_request_headers(MESSAGES_HEADERS, False, ctx) == CONTINUE
+    assert world.bedrock.calls == []  # nothing is prepared before the model is known
+    action = await exchange.on_request_body(body)
+    assert isinstance(action, Continue), action
+    return exchange
+
+
+async def test_messages_request_is_checked_then_translated_and_signed() -> None:
+    """The body's model is checked and mapped, then the Bedrock body is what gets signed and sent."""
+    world = _messages_world()
+    await _admitted(world)
+    (call,) = world.bedrock.calls
+    assert call["path"] == "/upstream/stream/us.anthropic.claude-sonnet-4-5-20250929-v1:0"
+    assert call["headers"] == {"content-type": "application/json"}
+    assert json.loads(call["body"]) == {
+        "max_tokens": 64,
+        "messages": [],
+        "anthropic_version": "bedrock-2023-05-31",
+        "anthropic_beta": ["b-2030-01-01"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "ctx", "reason"),
+    [
+        (
+            b'{"model":"claude-sonnet-4-5"',
+            MESSAGES_CTX,
+            "invalid request body: The request body is not valid JSON",
+        ),
+        (
+            b'{"model":"claude-haiku-4-5","model":"claude-sonnet-4-5"}',
+            MESSAGES_CTX,
+            "invalid request body: the key",
+        ),
+        (
+            b'{"model":"claude-haiku-4-5","messages":[]}',
+            MESSAGES_CTX,
+            "policy: model claude-haiku-4-5-20251001 is not allowed",
+        ),
+        (
+            b'{"model":"claude-sonnet-4-5","messages":[]}',
+            dataclasses.replace(
+                MESSAGES_CTX,
+                caller=dataclasses.replace(MESSAGES_CTX.caller, models=("claude-opus-*",)),  # type: ignore[arg-type]
+            ),
+            "policy: model claude-sonnet-4-5-20250929 is not allowed for this service token",
+        ),
+        (
+            b'{"model":"claude-sonnet-4","messages":[]}',
+            MESSAGES_CTX,
+            "unmapped model: upstreams.bedrock-us.model_map.claude-sonnet-4",
+        ),
+    ],
+    ids=["invalid-json", "model-twice", "policy", "service-token", "unmapped"],
+)
+async def test_messages_refusals_are_400_and_a_denied_row(
+    body: bytes, ctx: RequestIdentity, reason: str
+) -> None:
+    """A body the gateway cannot judge, a model the policy (or the token) refuses, or one no upstream
+    id maps is answered 400 invalid_request_error before any upstream call, with one denied row."""
+    world = _messages_world()
+    exchange = Exchange(world.deps)
+    await exchange.on_request_headers(MESSAGES_HEADERS, False, ctx)
+    action = await exchange.on_request_body(body)
+    exchange.on_close()
+    assert isinstance(action, Reply) and action.recorded
+    assert action.reply.status == 400
+    assert json.loads(action.reply.body)["error"]["type"] == "invalid_request_error"
+    assert world.bedrock.calls == []
+    row = _only_row(world)
+    assert (row.status, row.outcome, row.policy, row.ingress_format) == (400, "denied", "eng", "messages")
+    assert row.reason is not None and row.reason.startswith(reason), row.reason
+
+
+async def test_models_list_is_answered_without_an_upstream() -> None:
+    """GET /v1/models is answered from the policy's models the upstream serves, with a row."""
+    world = _messages_world()
+    exchange = Exchange(world.deps)
+    ctx = dataclasses.replace(MESSAGES_CTX, operation="list_models", upstream_query="limit=2")
+    action = await exchange.on_request_headers({":method": "GET"}, True, ctx)
+    assert isinstance(action, Reply) and action.recorded
+    assert action.reply.status == 200
+    page = json.loads(action.reply.body)
+    assert [m["id"] for m in page["data"]] == ["claude-opus-5-5", "claude-sonnet-5"]
+    assert page["has_more"] is True and page["last_id"] == "claude-sonnet-5"
+    assert world.bedrock.calls == []
+    row = _only_row(world)
+    assert (row.status, row.outcome, row.operation) == (200, "complete", "list_models")
+
+
+async def test_messages_stream_is_written_in_duplex_with_pings_and_one_row() -> None:
+    """A Bedrock stream for a Messages client switches to duplex, comes out as SSE chunk by chunk,
+    gets a ping when the translator's clock passes the interval, and ends in one exact row."""
+    ticker = Ticker()
+    world = _messages_world(ticker)
+    exchange = await _admitted(world)
+    start = exchange.on_response_headers(
+        200, {":status": "200", "content-type": "application/vnd.amazon.eventstream"}
+    )
+    assert isinstance(start, Continue) and start.duplex and not start.buffer_response_body
+    assert ("content-type", "text/event-stream; charset=utf-8") in start.set_headers
+    assert exchange.duplex and exchange.ping_deadline() is None  # no ping before the body starts
+    data = (STREAMS / "bedrock_cache_split_padding.eventstream").read_bytes()
+    ends = _frame_ends(data)
+    first = exchange.on_response_body(data[: ends[0]], False)
+    assert (
+        isinstance(first, Continue)
+        and first.body is not None
+        and first.body.startswith(b"event: message_start\n")
+    )
+    assert exchange.ping_deadline() == 55.0
+    assert exchange.on_ping() is None  # not due yet
+    ticker.now = 56.0
+    ping = exchange.on_ping()
+    assert ping is not None and ping.body == b'event: ping\ndata: {"type":"ping"}\n\n'
+    rest = exchange.on_response_body(data[ends[0] :], True)
+    assert isinstance(rest, Continue) and rest.recorded and rest.body is not None
+    assert rest.body.rstrip().endswith(b'data: {"type":"message_stop"}')
+    assert exchange.ping_deadline() is None
+    exchange.on_close()
+    row = _only_row(world)
+    assert (row.outcome, row.operation, row.ingress_format) == ("complete", "stream", "messages")
+    assert (row.requested_model, row.upstream_model) == (
+        "claude-sonnet-4-5",
+        "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+    )
+    assert (row.input_tokens, row.output_tokens, row.cache_read_tokens) == (3, 210, 20000)
+
+
+async def test_messages_stream_exception_is_an_upstream_error_row_with_the_tokens_seen() -> None:
+    """An exception frame ends the SSE with one error event; the row is upstream_error with the
+    input seen and the output estimated from the deltas relayed."""
+    world = _messages_world()
+    exchange = await _admitted(world)
+    exchange.on_response_headers(200, {":status": "200"})
+    data = (STREAMS / "bedrock_exception_midstream.eventstream").read_bytes()
+    out = b""
+    for index in range(len(data)):
+        action = exchange.on_response_body(data[index : index + 1], False)
+        assert isinstance(action, Continue) and action.body is not None
+        out += action.body
+    end = exchange.on_response_body(b"", True)
+    assert isinstance(end, Continue) and end.recorded
+    assert out.count(b"event: error\n") == 1
+    row = _only_row(world)
+    assert row.outcome == "upstream_error"
+    assert row.reason is not None and "modelStreamErrorException" in row.reason
+    assert (row.input_tokens, row.output_tokens, row.output_tokens_estimated) == (40, 3, True)
+
+
+async def test_messages_whole_answer_is_buffered_and_relayed() -> None:
+    """A non-streaming call on the streaming route is switched to BUFFERED and passes unchanged."""
+    world = _messages_world()
+    exchange = await _admitted(world, b'{"model":"claude-opus-5-5","max_tokens":5,"messages":[]}')
+    start = exchange.on_response_headers(200, {":status": "200", "content-type": "application/json"})
+    assert start == Continue(buffer_response_body=True)
+    body = json.dumps(canned_message(model="m", text="hi", usage=Usage(7, 9))).encode()
+    assert exchange.on_response_body(body, True) == RECORDED
+    row = _only_row(world)
+    assert (row.outcome, row.operation, row.input_tokens, row.output_tokens) == ("complete", "invoke", 7, 9)
+    assert row.upstream_model == "us.anthropic.claude-opus-5-5"
+
+
+async def test_messages_count_tokens_that_bedrock_cannot_count_is_501() -> None:
+    """Counting for a model CountTokens cannot count is a 501 not_supported and an error row, unsent."""
+    world = _messages_world()
+    exchange = Exchange(world.deps)
+    ctx = dataclasses.replace(MESSAGES_CTX, operation="count_tokens")
+    await exchange.on_request_headers(MESSAGES_HEADERS, False, ctx)
+    action = await exchange.on_request_body(b'{"model":"claude-opus-5-5","messages":[]}')
+    assert isinstance(action, Reply) and action.reply.status == 501
+    assert world.bedrock.calls == []
+    row = _only_row(world)
+    assert (row.status, row.outcome, row.operation) == (501, "error", "count_tokens")

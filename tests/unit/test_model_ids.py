@@ -9,6 +9,7 @@ import pytest
 from authz.gateway.authorize import parse_route as parse_any_route
 from backends.base import ModelRef, model_family
 from backends.bedrock import ids as bedrock_ids
+from backends.bedrock import profile_geography
 from backends.descriptor import PassThroughRoute
 from backends.errors import BadModelId
 from backends.vertex import ids as vertex_ids
@@ -217,7 +218,9 @@ def test_vertex_count_tokens_has_no_model() -> None:
         ("GET", "/inference-profiles/"),
         ("POST", "model/us.anthropic.claude-opus-5-5/invoke"),
         ("POST", "//model/us.anthropic.claude-opus-5-5/invoke"),
-        ("POST", "/v1/messages"),
+        ("GET", "/v1/messages"),
+        ("POST", "/v1/messages/batches"),
+        ("POST", "/v1/models"),
         ("POST", "/"),
         ("POST", ""),
         ("GET", VERTEX.format(region="us-east5", model="claude-opus-5-5") + ":rawPredict"),
@@ -236,7 +239,7 @@ def test_vertex_count_tokens_has_no_model() -> None:
     ],
 )
 def test_unknown_routes_are_rejected(method: str, path: str) -> None:
-    """Anything but the exact Bedrock and Vertex inference routes is None (a 404)."""
+    """Anything but the exact Bedrock, Vertex and Messages inference routes is None (a 404)."""
     assert parse_route(method, path) is None
 
 
@@ -344,3 +347,43 @@ def test_request_paths_are_built_from_the_parsed_id() -> None:
     assert vertex_ids.request_path("ours", "us-east5", "invoke", "claude-haiku-4-5@20251001") == (
         "/v1/projects/ours/locations/us-east5/publishers/anthropic/models/claude-haiku-4-5@20251001:rawPredict"
     )
+
+
+@pytest.mark.parametrize(
+    ("model_id", "foundation"),
+    [
+        ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "anthropic.claude-sonnet-4-5-20250929-v1:0"),
+        ("global.anthropic.claude-haiku-4-5-20251001-v1:0", "anthropic.claude-haiku-4-5-20251001-v1:0"),
+        ("anthropic.claude-opus-4-6-v1", "anthropic.claude-opus-4-6-v1"),
+        (
+            "arn:aws:bedrock:us-east-1:123456789012:inference-profile/eu.anthropic.claude-opus-4-5-20251101-v1:0",
+            "anthropic.claude-opus-4-5-20251101-v1:0",
+        ),
+        (
+            "arn:aws:bedrock:us-east-1::foundation-model/anthropic.claude-opus-4-6-v1",
+            "anthropic.claude-opus-4-6-v1",
+        ),
+        ("us.anthropic.claude-opus-5-5", None),
+        ("arn:aws:bedrock:us-east-1:123456789012:application-inference-profile/abcdef123456", None),
+    ],
+)
+def test_foundation_model_behind_a_bedrock_id(model_id: str, foundation: str | None) -> None:
+    """CountTokens takes the foundation model behind a profile; a profile of an inference-profile-only
+    model (no version) or an application profile has none that the id reveals."""
+    assert bedrock_ids.foundation_model_id(model_id) == foundation
+
+
+@pytest.mark.parametrize(
+    ("region", "geography"),
+    [
+        ("us-east-1", "us"),
+        ("us-gov-west-1", "us-gov"),
+        ("eu-central-1", "eu"),
+        ("ap-northeast-1", "apac"),
+        ("sa-east-1", "global"),
+        ("me-central-1", "global"),
+    ],
+)
+def test_profile_geography_follows_the_region(region: str, geography: str) -> None:
+    """Default Bedrock ids keep requests in the upstream region's geography, else use global."""
+    assert profile_geography(region) == geography

@@ -7,6 +7,7 @@ from authz.gateway import policy
 from authz.gateway.authorize import parse_route
 from authz.gateway.policy import PolicyDecision
 from authz.identity import Caller
+from backends.anthropic import AnthropicConfig, AnthropicCredentials
 from backends.bedrock import BedrockConfig
 from backends.descriptor import PassThroughRoute
 from backends.vertex import VertexConfig
@@ -178,3 +179,42 @@ def test_a_service_tokens_own_models_narrow_the_policy() -> None:
     unlimited = Caller(sub="service:nightly", email="", groups=("ci",), session_id="svc:tok-1")
     assert decide(unlimited, sonnet, config).allowed
     assert decide(limited, LIST_PROFILES, config).allowed
+
+
+MESSAGES = _route("POST", "/v1/messages?beta=true")
+MODELS = _route("GET", "/v1/models")
+
+
+def test_messages_go_to_the_first_upstream_of_any_kind() -> None:
+    """A Messages request is served by the policy's first upstream whatever its kind, its model
+    (named in the body) left to the exchange; the cloud formats keep the first of their own kind."""
+    config = _config(
+        Policy(name="eng", groups=("eng",), models=("claude-haiku-*",), upstreams=("vertex", "bedrock-us"))
+    )
+    assert decide(ADA, MESSAGES, config) == PolicyDecision(True, None, "eng", "vertex")
+    assert decide(ADA, MODELS, config) == PolicyDecision(True, None, "eng", "vertex")
+    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(True, None, "eng", "bedrock-us")
+    anthropic = GatewayConfig(
+        upstreams=(
+            ("api", Upstream(kind="anthropic", settings=AnthropicConfig(AnthropicCredentials("sk-ant-x")))),
+            *UPSTREAMS,
+        ),
+        policies=(Policy(name="eng", groups=("eng",), upstreams=("api", "vertex")),),
+    )
+    assert decide(ADA, MESSAGES, anthropic) == PolicyDecision(True, None, "eng", "api")
+    # The Anthropic API serves no cloud format: Vertex clients still get Vertex.
+    assert decide(ADA, VERTEX_HAIKU, anthropic) == PolicyDecision(True, None, "eng", "vertex")
+
+
+def test_check_model_is_the_one_model_rule() -> None:
+    """check_model applies the policy's patterns (dated id or family) and a token's own patterns."""
+    eng = Policy(name="eng", groups=("eng",), models=("claude-sonnet-4-5",), upstreams=("vertex",))
+    assert policy.check_model(eng, None, "claude-sonnet-4-5-20250929") is None
+    assert (
+        policy.check_model(eng, None, "claude-opus-5-5")
+        == "model claude-opus-5-5 is not allowed for your groups"
+    )
+    assert (
+        policy.check_model(eng, ("claude-haiku-*",), "claude-sonnet-4-5-20250929")
+        == "model claude-sonnet-4-5-20250929 is not allowed for this service token"
+    )
