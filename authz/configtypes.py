@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from authz.jsondoc import JsonObject
 from backends.descriptor import UpstreamSettings
 
 
@@ -22,10 +23,31 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """The certificate Envoy's listener serves: PEM files, reloaded when they are replaced."""
+
+    certificate_file: str
+    private_key_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyAddress(Address):
+    """Envoy's client-facing listener: an address, and how it speaks TLS.
+
+    Without ``tls`` it is plain HTTP, which start-up refuses on a non-loopback address unless
+    ``allow_plaintext`` says a TLS terminator is in front (Claude Code requires https beyond
+    loopback).
+    """
+
+    tls: ListenerTls | None = None
+    allow_plaintext: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     """Where each process listens."""
 
-    envoy: Address = field(default_factory=lambda: Address(port=8080))
+    envoy: EnvoyAddress = field(default_factory=lambda: EnvoyAddress(port=8080))
     envoy_admin: Address = field(default_factory=lambda: Address(port=9901))
     grpc: Address = field(default_factory=lambda: Address(port=9001))
     portal: Address = field(default_factory=lambda: Address(port=9100))
@@ -90,6 +112,7 @@ class Portal:
     device_code_ttl: int = 600
     device_poll_interval: int = 5
     user_code_attempts_per_minute: int = 10
+    login_notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +147,8 @@ class Policy:
 
     A user matches when they are in any of ``groups`` or their email domain is in
     ``email_domains``. Policies are tried in file order and the first match applies.
+    ``managed_settings`` is the Claude Code managed-settings document the users it admits receive
+    from ``GET /managed/settings`` (None: that endpoint answers 404, "no managed policy").
     """
 
     name: str
@@ -131,6 +156,7 @@ class Policy:
     email_domains: tuple[str, ...] = ()
     models: tuple[str, ...] = ("claude-*",)
     upstreams: tuple[str, ...] = ()
+    managed_settings: JsonObject | None = None
 
 
 @dataclass(frozen=True, slots=True)
