@@ -156,7 +156,9 @@ def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
     )
 
 
-async def _start_portal(worker: Worker, keyset: KeySet) -> None:
+async def _start_portal(
+    worker: Worker, keyset: KeySet, verifier: TokenVerifier, revocations: RevocationSet
+) -> None:
     config = worker.config
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
@@ -171,6 +173,9 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
             readiness=readiness.report,
+            # The bearer-authenticated endpoints judge tokens exactly as ext_authz does.
+            verifier=verifier,
+            is_revoked=revocations.blocks,
         )
     )
     runner = web.AppRunner(app, access_log=None)
@@ -255,7 +260,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         config, index, ledger, upstreams, server, port, health=health, watcher=watcher, logouts=logouts
     )
     if index == 0:
-        await _start_portal(worker, keyset)
+        await _start_portal(worker, keyset, verifier, revocations)
     await health.serving()
     log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker

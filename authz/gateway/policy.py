@@ -39,6 +39,13 @@ def _matches_user(policy: Policy, identity: Caller, domain: str | None) -> bool:
     return domain is not None and domain in {d.lower() for d in policy.email_domains}
 
 
+def policy_for(identity: Caller, config: GatewayConfig) -> Policy | None:
+    """The policy that applies to ``identity``: the first, in file order, that lists one of its
+    groups or its email domain (see :func:`decide`); None when no policy admits it."""
+    domain = _email_domain(identity.email)
+    return next((p for p in config.policies if _matches_user(p, identity, domain)), None)
+
+
 def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
     # fnmatchcase, not fnmatch: fnmatch folds case by OS convention; we fold both sides ourselves.
     candidates = {model.lower(), model_family(model).lower()}
@@ -64,8 +71,7 @@ def decide(
     3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
        format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
     """
-    domain = _email_domain(identity.email)
-    policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
+    policy = policy_for(identity, config)
     if policy is None:
         return PolicyDecision(False, "no policy admits this user", None, None)
 

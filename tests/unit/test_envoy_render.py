@@ -254,6 +254,9 @@ def _header_matches(matcher: dict[str, Any], headers: dict[str, str]) -> bool:
             "vertex_invoke",
         ),
         ("GET", "/healthz", "healthz"),
+        ("GET", "/managed/settings", "portal_managed_settings"),
+        ("GET", "/managed/settings?x=1", "portal_managed_settings"),
+        ("GET", "/managed/settingsX", "not_found"),
         ("GET", "/model/m/invoke", "not_found"),
         ("POST", "/model/a/b/invoke", "not_found"),
         ("GET", "/inference-profilesX", "not_found"),
@@ -324,6 +327,16 @@ def test_healthz_bypasses_the_services(dev: dict[str, Any]) -> None:
     assert endpoints(portal) == [("127.0.0.1", 19002)]
     protocol = protocol_options(portal)
     assert protocol["explicit_http_config"] == {"http_protocol_options": {}}
+
+
+def test_managed_settings_go_to_the_portal_which_judges_the_token(dev: dict[str, Any]) -> None:
+    """/managed/settings goes to the portal with ext_authz and the ext_proc off (the portal checks
+    the bearer itself), and reaches no upstream."""
+    r = route(dev, "portal_managed_settings")
+    assert r["match"] == {"path": "/managed/settings"}
+    assert r["route"]["cluster"] == "gateway_portal"
+    assert r["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
+    assert r["typed_per_filter_config"][PROC]["disabled"] is True
 
 
 # --- connection manager ----------------------------------------------------------------------------

@@ -178,3 +178,18 @@ def test_a_service_tokens_own_models_narrow_the_policy() -> None:
     unlimited = Caller(sub="service:nightly", email="", groups=("ci",), session_id="svc:tok-1")
     assert decide(unlimited, sonnet, config).allowed
     assert decide(limited, LIST_PROFILES, config).allowed
+
+
+def test_policy_for_is_the_first_match_decide_applies() -> None:
+    """policy_for names the policy decide uses: first by file order, by group or email domain, else None."""
+    config = _config(
+        Policy(name="by-domain", email_domains=("example.com",), upstreams=("vertex",)),
+        Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)),
+    )
+    chosen = policy.policy_for(ADA, config)
+    assert chosen is not None and chosen.name == "by-domain"
+    assert decide(ADA, VERTEX_HAIKU, config).policy == "by-domain"
+    other = Identity(sub="u2", email="bo@elsewhere.org", groups=("eng",))
+    assert policy.policy_for(other, config) is config.policies[1]
+    nobody = Identity(sub="u3", email="cy@elsewhere.org", groups=("sales",))
+    assert policy.policy_for(nobody, config) is None

@@ -19,6 +19,8 @@ from authz.signin.portal import oauth
 from authz.signin.portal import web as pages_web
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
 from authz.signin.portal.http import oauth_error
+from authz.signin.portal.managed import MANAGED_SETTINGS_PATH, ManagedSettingsEndpoint
+from authz.translate.envelope import STATUS_FOR_TYPE, error_body
 
 log = logging.getLogger("authz.signin.portal")
 
@@ -28,6 +30,9 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 PORTAL = web.AppKey("portal", PortalContext)
 
+# The Anthropic error type of each status (429 is the rate limit, not a spend cap).
+_STATUS_TYPES = {status: kind for kind, status in STATUS_FOR_TYPE.items() if kind != "billing_error"}
+
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -35,13 +40,28 @@ def _is_json_path(path: str) -> bool:
     return path.startswith("/.well-known/") or (path.startswith("/oauth/") and path != "/oauth/callback")
 
 
+def _envelope_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """An aiohttp refusal (wrong method, oversized body) in the Anthropic envelope."""
+    if exc.status == 405:
+        kind, message = "invalid_request_error", f"{request.method} is not supported here; use GET."
+    else:
+        kind, message = _STATUS_TYPES.get(exc.status, "invalid_request_error"), exc.reason
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return web.Response(
+        status=exc.status, body=error_body(kind, message), content_type="application/json", headers=headers
+    )
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Failures in the caller's format: the OAuth endpoints only ever answer RFC 6749 §5.2 JSON
-    (also for a wrong method or an oversized body), and PostgreSQL trouble is a 503."""
+    (also for a wrong method or an oversized body), the bearer-authenticated ``/managed/settings``
+    the Anthropic error envelope, and PostgreSQL trouble is a 503."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
+        if exc.status >= 400 and request.path == MANAGED_SETTINGS_PATH:
+            return _envelope_error(request, exc)
         if exc.status < 400 or not _is_json_path(request.path):
             raise
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
@@ -54,7 +74,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 
 
 def build_portal(deps: PortalDeps) -> web.Application:
-    """The portal application: health, RFC 8414 discovery, JWKS, the device flow and revocation."""
+    """The portal application: health, RFC 8414 discovery, JWKS, the device flow, revocation and
+    Claude Code's managed settings."""
     context = PortalContext(deps)
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_errors])
     app[PORTAL] = context
@@ -92,4 +113,6 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_post("/device", browser.device_submit)
     app.router.add_post("/device/approve", browser.approve)
     app.router.add_get("/oauth/callback", browser.callback)
+    managed = ManagedSettingsEndpoint(context)
+    app.router.add_get(MANAGED_SETTINGS_PATH, managed.get)
     return app

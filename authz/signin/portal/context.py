@@ -14,7 +14,7 @@ from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, Token
 from authz.signin.portal.device import RateLimiter
 from authz.signin.portal.http import cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
-from authz.signin.tokens import KeySet, TokenVerifier
+from authz.signin.tokens import Claims, KeySet, TokenVerifier
 from authz.store import sessions as store
 from authz.store.db import Pool
 
@@ -73,6 +73,10 @@ def _always_healthy() -> bool:
     return True
 
 
+def _never_revoked(_claims: Claims) -> bool:
+    return False
+
+
 class ReadinessCheck(Protocol):
     """One line of ``/readyz`` (:class:`authz.ops.health.CheckResult` satisfies this)."""
 
@@ -91,7 +95,10 @@ class PortalDeps:
     ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
-    they need PostgreSQL (503 otherwise).
+    they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
+    on the bearer-authenticated endpoints (``/managed/settings``) exactly as ext_authz does: the
+    worker passes its own verifier and revocation set (without a verifier the portal builds one
+    from ``keyset`` and ``sessions``).
     """
 
     config: GatewayConfig
@@ -102,6 +109,8 @@ class PortalDeps:
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
+    verifier: TokenVerifier | None = None
+    is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
 
 
 class PortalContext:
@@ -130,6 +139,10 @@ class PortalContext:
             config.portal.user_code_attempts_per_minute, lambda: deps.clock().timestamp()
         )
         self.box = SecretBox(config.sessions.encryption_key) if config.sessions.encryption_key else None
+        sessions = config.sessions
+        self.verifier = deps.verifier or TokenVerifier(
+            deps.keyset, issuer=sessions.issuer, audience=sessions.audience, clock_skew=sessions.clock_skew
+        )
         # RFC 7009 §2.1 lets a client revoke a token it still holds even once expired: accept a
         # signature for as long as the session could live.
         self.revocation_verifier = TokenVerifier(
