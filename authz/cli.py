@@ -49,25 +49,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_envoy(args: argparse.Namespace) -> int:
     """Print (or write) the rendered Envoy bootstrap, or run Envoy with it."""
-    from authz.envoy.render import load_for_render, render_yaml
+    from authz.envoy.render import load_for_render, render_yaml, write_bootstrap
 
     if args.render:
         # The bootstrap never contains the ${file:...} secrets, so they are not read (a Kubernetes
         # init container renders it without the key Secret mounted).
-        text = render_yaml(load_for_render(args.config, os.environ))
+        config = load_for_render(args.config, os.environ)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            # With listen.envoy.tls the listener's SDS file goes beside it.
+            write_bootstrap(config, args.output)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(render_yaml(config))
         return 0
-    text = render_yaml(_config(args))
+    config = _config(args)
     from authz.envoy.binary import envoy_binary
     from authz.statedir import state_dir
 
     root = state_dir(args.config, args.state_dir, os.environ)
-    out = Path(args.output) if args.output else root / "envoy.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    out = write_bootstrap(config, Path(args.output) if args.output else root / "envoy.yaml")
     binary = envoy_binary()
     # A base id of its own, so several Envoys (several gateways) can share the host.
     argv = [binary, "-c", str(out), "--log-level", args.log_level, "--use-dynamic-base-id"]

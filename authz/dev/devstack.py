@@ -29,7 +29,7 @@ from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.dev.ports import consecutive_free_ports, free_port
 from authz.envoy.binary import envoy_binary
-from authz.envoy.render import render_yaml
+from authz.envoy.render import write_bootstrap
 from authz.signin.secretbox import generate_key
 from authz.signin.tokens import KeySet, generate_signing_key, mint
 from authz.supervisor import Proc, wait_http_ok, wait_port
@@ -117,9 +117,11 @@ class Stack:
 
     @property
     def envoy_url(self) -> str:
-        """Where clients connect."""
+        """Where clients connect: https when ``extra_config`` gives Envoy's listener a certificate."""
         assert self.ports is not None
-        return f"http://127.0.0.1:{self.ports.envoy}"
+        envoy = self.extra_config.get("listen", {}).get("envoy", {})
+        scheme = "https" if isinstance(envoy, Mapping) and envoy.get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.ports.envoy}"
 
     @property
     def emulator_url(self) -> str:
@@ -250,6 +252,8 @@ class Stack:
                 "signing_key": {"kid": "dev-1", "algorithm": "ES256", "private_key": f"${{file:{key_path}}}"},
             },
             "store": {"url": self.database_url, "spool_dir": str(self.root / "spool")},
+            # What the portal publishes (and, over https, whether its cookies are __Host-).
+            "portal": {"public_url": self.envoy_url},
             "upstreams": {
                 "bedrock-dev": {
                     "kind": "bedrock",
@@ -284,7 +288,6 @@ class Stack:
                 box_key.write_text(generate_key(), encoding="utf-8")
                 box_key.chmod(0o600)
             raw["sessions"]["encryption_key"] = f"${{file:{box_key}}}"
-            raw["portal"] = {"public_url": self.envoy_url}
             raw["oidc"] = {
                 "issuer": self.idp_url,
                 "client_id": DEV_CLIENT_ID,
@@ -324,8 +327,7 @@ class Stack:
     def start_envoy(self) -> None:
         """Render Envoy's bootstrap and start Envoy; wait until it reports ready."""
         assert self.ports is not None and self.config is not None
-        path = self.root / "envoy.yaml"
-        path.write_text(render_yaml(self.config), encoding="utf-8")
+        path = write_bootstrap(self.config, self.root / "envoy.yaml")
         argv = [
             envoy_binary(),
             "-c",
