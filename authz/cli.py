@@ -360,7 +360,7 @@ def cmd_setup_claude_code(args: argparse.Namespace) -> int:
     sys.stdout.write(render(settings, settings_path=str(path)))
     if not args.write:
         return 0
-    from authz.client.setup import merge_settings
+    from authz.client.setup import UNSET_REASONS, merge_settings
     from authz.client.tokenfile import write_private
 
     # A settings.json symlinked from a dotfiles repository stays a symlink: write its target.
@@ -388,7 +388,7 @@ def cmd_setup_claude_code(args: argparse.Namespace) -> int:
     saved = f" (the previous one is saved as {backup})" if backup else ""
     print(f"Wrote {target}{saved}")
     for name in settings.unset:
-        print(f"Remember to `unset {name}` in your shell profile: it would replace the gateway token.")
+        print(f"Remember to `unset {name}` in your shell profile: {UNSET_REASONS[name]}.")
     return 0
 
 
@@ -524,7 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="setup_command", required=True)
     c = ssub.add_parser("claude-code", help="print (or --write) the Claude Code settings for the gateway")
     c.add_argument("--gateway", required=True, help="the gateway URL")
-    c.add_argument("--format", required=True, choices=["bedrock", "vertex"])
+    c.add_argument(
+        "--format",
+        required=True,
+        choices=["messages", "bedrock", "vertex"],
+        help="messages: ANTHROPIC_BASE_URL, the Anthropic Messages API; bedrock, vertex: that cloud's format",
+    )
     c.add_argument("--region", help="AWS_REGION (bedrock, default us-east-1) or CLOUD_ML_REGION (vertex)")
     c.add_argument("--project", help="ANTHROPIC_VERTEX_PROJECT_ID (vertex; the gateway uses its own)")
     c.add_argument(

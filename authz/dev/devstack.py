@@ -392,6 +392,10 @@ def settings_text(stack: Stack, token: str) -> str:
     return f"""
 Claude gateway is running on {stack.envoy_url}
 
+{_native_text(stack)}Claude Code, Anthropic Messages format, with the apiKeyHelper below
+(unset ANTHROPIC_AUTH_TOKEN and ANTHROPIC_API_KEY, which would replace it):
+  export ANTHROPIC_BASE_URL={stack.envoy_url}
+
 Claude Code, Bedrock format (no AWS credentials needed; unset AWS_BEARER_TOKEN_BEDROCK):
   export CLAUDE_CODE_USE_BEDROCK=1
   export ANTHROPIC_BEDROCK_BASE_URL={stack.envoy_url}
@@ -414,6 +418,18 @@ A token for {DEV_USER} (groups: {", ".join(DEV_GROUPS)}), valid for one hour:
 {_signin_text(stack, authz)}Recent usage:  {authz} usage --config {stack.config_path}
 Logs:          {stack.root / "logs"}
 Stop with Ctrl-C.
+"""
+
+
+def _native_text(stack: Stack) -> str:
+    """Claude Code's own gateway sign-in, the preferred way in: shown when sign-in is on."""
+    if not stack.dev_idp:
+        return ""
+    return f"""Claude Code's own gateway sign-in (preferred: no apiKeyHelper, managed settings applied):
+  in Claude Code run /login, choose "Cloud gateway" and enter {stack.envoy_url}
+  (the development IdP's user is {DEV_USER}, password {DEV_PASSWORD}; plain http is accepted on
+  loopback only, so a gateway on another host needs listen.envoy.tls or an https terminator)
+
 """
 
 
