@@ -7,6 +7,7 @@ in :mod:`authz.config`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -112,6 +113,8 @@ class Portal:
     device_code_ttl: int = 600
     device_poll_interval: int = 5
     user_code_attempts_per_minute: int = 10
+    admin_groups: tuple[str, ...] = ()
+    admin_session_ttl: int = 3600
     login_notice: str | None = None
 
 
@@ -157,6 +160,14 @@ class Policy:
     models: tuple[str, ...] = ("claude-*",)
     upstreams: tuple[str, ...] = ()
     managed_settings: JsonObject | None = None
+
+    def admits(self, email: str, groups: Iterable[str]) -> bool:
+        """Whether this policy lists one of ``groups`` (exact, case-sensitive IdP group names) or
+        the domain of ``email`` (case-insensitive, exact: no subdomains)."""
+        if set(self.groups).intersection(groups):
+            return True
+        domain = _email_domain(email)
+        return domain is not None and domain in {d.lower() for d in self.email_domains}
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +221,60 @@ class Retention:
 
 
 @dataclass(frozen=True, slots=True)
+class Otlp:
+    """Where metrics, traces and relayed client telemetry are pushed (OTLP). An empty ``endpoint``
+    pushes nothing; the ``OTEL_EXPORTER_OTLP_*`` variables stand in for keys the file leaves out
+    (:func:`authz.config.loads`)."""
+
+    endpoint: str = ""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    headers: tuple[tuple[str, str], ...] = ()
+    interval: float = 60.0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusEndpoint:
+    """The Prometheus scrape endpoint (``/metrics``) of each worker: ``port + worker index``."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class Traces:
+    """Tracing of inference requests through Envoy, ext_authz and ext_proc (needs ``otlp.endpoint``)."""
+
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Claude Code's own OTLP telemetry (``POST /v1/metrics|logs|traces``), forwarded to ``otlp.endpoint``."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Metrics (OTLP push and Prometheus pull), traces and the client telemetry relay."""
+
+    service_name: str = "claude-gateway"
+    otlp: Otlp = field(default_factory=Otlp)
+    prometheus: PrometheusEndpoint = field(default_factory=PrometheusEndpoint)
+    traces: Traces = field(default_factory=Traces)
+    relay: Relay = field(default_factory=Relay)
+    per_user_attributes: bool = False
+
+    @property
+    def tracing(self) -> bool:
+        """Whether inference requests are traced (an OTLP endpoint and a positive sample ratio)."""
+        return bool(self.otlp.endpoint) and self.traces.sample_ratio > 0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -225,6 +290,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
     retention: Retention = field(default_factory=Retention)
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""
@@ -232,3 +298,17 @@ class GatewayConfig:
             if key == name:
                 return value
         raise KeyError(name)
+
+    def policy_for(self, email: str, groups: Iterable[str]) -> Policy | None:
+        """The policy that applies to a user: the first, in file order, that admits them (one rule
+        for inference, authz/gateway/policy.py, and the managed settings, authz/signin/portal);
+        None when none does."""
+        groups = tuple(groups)
+        return next((p for p in self.policies if p.admits(email, groups)), None)
+
+
+def _email_domain(email: str) -> str | None:
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    return domain.lower()

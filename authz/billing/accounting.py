@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow
 from authz.identity import RequestIdentity
 from authz.serviceid import service_identity
+from authz.store.usagerow import UsageRow
 from backends.usage import MeterResult, Usage
 
 # Anthropic models average about four bytes of JSON request body per input token (text is about

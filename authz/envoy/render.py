@@ -64,6 +64,7 @@ from authz.envoy.filters import (
 )
 from authz.envoy.routes import _route_config
 from authz.envoy.tls import NODE, sds_path_for, transport_socket, write_sds_file
+from authz.envoy.tracing import collector_cluster, runtime, tracing
 from authz.errors import ConfigError
 
 __all__ = [
@@ -115,15 +116,18 @@ def render(
             "the listener's certificate is read through an SDS file written beside the bootstrap:"
             " render to a file (--output) rather than to standard output",
         )
+    collector = collector_cluster(config.telemetry, ca_bundle)
     bootstrap = Bootstrap(
         node=NODE if tls else None,
         admin=Admin(address=_address(config.listen.envoy_admin.address, config.listen.envoy_admin.port)),
+        layered_runtime=runtime(config.telemetry),
         static_resources=BootstrapStaticResources(
             listeners=[_listener(config, access_log, tls_sds_file if tls else None)],
             clusters=[
                 _grpc_cluster(config, ports),
                 _portal_cluster(config),
                 *_upstream_clusters(config, ca_bundle),
+                *([collector] if collector is not None else []),
             ],
         ),
     )
@@ -248,6 +252,8 @@ def _listener(config: GatewayConfig, access_log: bool, tls_sds_file: str | None)
         early_header_mutation_extensions=[_strip_internal_headers()],
         local_reply_config=_local_reply_config(),
         access_log=[_service_access_log(), *([_stdout_access_log()] if access_log else [])],
+        # A span per request when telemetry traces (authz/envoy/tracing.py).
+        tracing=tracing(config.telemetry),
     )
     return Listener(
         name="gateway",

@@ -10,7 +10,7 @@ load the database).
 An allowed request's report becomes a partial row (``recorded_by = access_log``) with what Envoy
 knows: how the request ended (its status and response flags) and how many bytes went each way,
 from which the tokens are estimated. If the exchange also wrote a partial row for it (its stream
-closed early), the two merge in the ledger (authz.billing.usagerow.merge_rows): the access log
+closed early), the two merge in the ledger (authz.store.usagerow.merge_rows): the access log
 names the cause, the exchange contributes what it counted.
 """
 
@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 from authz.billing.accounting import BYTES_PER_INPUT_TOKEN, usage_row
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow
 from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.store.usagerow import UsageRow
 from backends.usage import MeterResult, Usage
 
 log = logging.getLogger("authz.gateway.accesslog")
@@ -48,11 +48,14 @@ _CLIENT_FLAGS = frozenset({"downstream_connection_termination", "downstream_remo
 BYTES_PER_OUTPUT_TOKEN = 4
 
 
-# The paths Envoy routes to the portal (authz/envoy/routes.py): sign-in, discovery and Claude Code's
-# managed settings. Envoy logs them like any request nothing recorded; they are neither usage nor
-# refusals (a settings poll carries a valid token, and must not become a "denied" row).
-_PORTAL_EXACT = frozenset({"/healthz", "/device", "/managed/settings"})
-_PORTAL_PREFIXES = ("/.well-known/", "/oauth/", "/device/")
+# The paths Envoy routes to the portal (authz/envoy/routes.py): sign-in, discovery, the admin page,
+# relayed client telemetry and Claude Code's managed settings. Envoy logs them like any request
+# nothing recorded; they are neither usage nor refusals (a settings poll carries a valid token, and
+# must not become a "denied" row).
+_PORTAL_EXACT = frozenset(
+    {"/healthz", "/device", "/admin", "/v1/metrics", "/v1/logs", "/v1/traces", "/managed/settings"}
+)
+_PORTAL_PREFIXES = ("/.well-known/", "/oauth/", "/device/", "/admin/")
 
 
 def is_portal_path(path: str) -> bool:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow
 from authz.identity import RequestIdentity
+from authz.store.usagerow import UsageRow
 from authz.translate.base import Translator
 from authz.translate.envelope import ErrorReply, error_reply
 from authz.translate.registry import translator_for

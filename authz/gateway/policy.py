@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from authz.configtypes import GatewayConfig, Policy
+from authz.configtypes import GatewayConfig
 from authz.identity import Caller
 from backends.base import model_family
 from backends.descriptor import PassThroughRoute
@@ -26,26 +26,6 @@ class PolicyDecision:
     upstream: str | None
 
 
-def _email_domain(email: str) -> str | None:
-    local, at, domain = email.rpartition("@")
-    if not at or not local or not domain:
-        return None
-    return domain.lower()
-
-
-def _matches_user(policy: Policy, identity: Caller, domain: str | None) -> bool:
-    if set(policy.groups).intersection(identity.groups):
-        return True
-    return domain is not None and domain in {d.lower() for d in policy.email_domains}
-
-
-def policy_for(identity: Caller, config: GatewayConfig) -> Policy | None:
-    """The policy that applies to ``identity``: the first, in file order, that lists one of its
-    groups or its email domain (see :func:`decide`); None when no policy admits it."""
-    domain = _email_domain(identity.email)
-    return next((p for p in config.policies if _matches_user(p, identity, domain)), None)
-
-
 def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
     # fnmatchcase, not fnmatch: fnmatch folds case by OS convention; we fold both sides ourselves.
     candidates = {model.lower(), model_family(model).lower()}
@@ -61,7 +41,8 @@ def decide(
 
     1. Policies are tried in file order. The first one that lists one of the user's groups (exact,
        case-sensitive IdP group names) or the user's email domain (case-insensitive, exact domain,
-       no subdomains) applies; later policies are never consulted, even if the first denies.
+       no subdomains) applies (:meth:`GatewayConfig.policy_for`, which the managed settings use
+       too); later policies are never consulted, even if the first denies.
        No matching policy: denied, "no policy admits this user".
     2. For invoke and stream, the canonical model id, or its family without the snapshot date,
        must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
@@ -71,7 +52,7 @@ def decide(
     3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
        format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
     """
-    policy = policy_for(identity, config)
+    policy = config.policy_for(identity.email, identity.groups)
     if policy is None:
         return PolicyDecision(False, "no policy admits this user", None, None)
 

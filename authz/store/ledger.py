@@ -28,13 +28,13 @@ from typing import TypeVar
 
 import asyncpg
 
-from authz.billing.usagerow import UsageRow
 from authz.configtypes import Store
 from authz.errors import StoreError
 from authz.store.db import Connection, Pool, connect_pool
 from authz.store.migrate import migrate as apply_migrations
 from authz.store.queries import insert_rows
 from authz.store.spool import Spool
+from authz.store.usagerow import UsageRow
 
 log = logging.getLogger("authz.store.ledger")
 
@@ -204,6 +204,10 @@ class Ledger:
     def pending(self) -> int:
         """Rows queued in memory, not yet written or spooled."""
         return len(self._queue)
+
+    def spooled_bytes(self) -> int:
+        """Bytes of rows in the spool waiting for PostgreSQL (blocking file I/O: a metrics thread)."""
+        return self._spool.pending_bytes()
 
     @property
     def database_ok(self) -> bool:

@@ -9,9 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from authz.billing.usagerow import UsageRow, merge_rows
 from authz.errors import StoreError
 from authz.store.db import Connection, Pool
+from authz.store.usagerow import UsageRow, merge_rows
 
 # PostgreSQL type of each UsageRow field as sent in the insert. groups travels as jsonb because
 # unnest() flattens a two-dimensional text[][] into single strings; it is rebuilt into text[] below.

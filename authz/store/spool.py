@@ -25,8 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from authz.billing.usagerow import UsageRow
 from authz.errors import StoreError
+from authz.store.usagerow import UsageRow
 
 log = logging.getLogger("authz.store.spool")
 
@@ -104,6 +104,18 @@ class Spool:
             os.close(fd)
         _fsync_dir(self.directory)
         return path
+
+    def pending_bytes(self) -> int:
+        """Bytes of rows waiting in segments (open or sealed) for PostgreSQL; a metric, so a file
+        that vanishes mid-scan (replayed by another worker) is simply not counted."""
+        total = 0
+        for entry in os.scandir(self.directory):
+            if _SEGMENT.match(entry.name) or _OPEN_SEGMENT.match(entry.name):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return total
 
     # --- reading -----------------------------------------------------------------------------
 

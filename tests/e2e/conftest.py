@@ -22,7 +22,7 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
     A second Bedrock upstream, ``bedrock-badkey``, signs with a secret the emulator does not know:
     requests through it are refused upstream, which is how the tests provoke "the upstream
     rejected our signature". The developers' policy allows only some models, so a disallowed
-    model can be asked for.
+    model can be asked for; the ``haiku-only`` group may use nothing but haiku.
     """
     return {
         "upstreams": {
@@ -45,6 +45,12 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
                 "upstreams": ["bedrock-dev", "vertex-dev"],
             },
             {"name": "badkey", "groups": ["badkey"], "models": ["claude-*"], "upstreams": ["bedrock-badkey"]},
+            {
+                "name": "haiku-only",
+                "groups": ["haiku-only"],
+                "models": ["claude-haiku-*"],
+                "upstreams": ["bedrock-dev", "vertex-dev"],
+            },
         ],
         "limits": {"max_request_body_bytes": BODY_CAP},
     }

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from authz.billing.usagerow import UsageRow
 from authz.config import load
 from authz.envoy.binary import envoy_binary
 from authz.store.db import connect
 from authz.store.queries import insert_rows
+from authz.store.usagerow import UsageRow
 from tests.bench import SLOW_GROUP, make_stack
 from tests.bench_arms import SCENARIOS, VARIANTS, Scenario, request_bytes, request_headers, request_path
 from tests.bench_ledger import Job, check_ledger

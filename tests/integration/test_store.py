@@ -17,7 +17,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from authz.billing.usagerow import UsageRow
 from authz.configtypes import Store
 from authz.errors import StoreError
 from authz.store.db import connect, connect_pool, redact_url
@@ -26,6 +25,7 @@ from authz.store.ledger import Ledger
 from authz.store.migrate import migrate, migrations
 from authz.store.queries import recent_usage
 from authz.store.spool import Spool
+from authz.store.usagerow import UsageRow
 
 pytestmark = pytest.mark.integration
 

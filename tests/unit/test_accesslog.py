@@ -7,9 +7,9 @@ import dataclasses
 from decimal import Decimal
 
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow, merge_rows
 from authz.gateway.accesslog import AccessLog, AccessRecord
 from authz.identity import Caller, RequestIdentity
+from authz.store.usagerow import UsageRow, merge_rows
 
 T0 = 1_900_000_000.0
 ALICE = Caller(sub="00u-alice", email="alice@example.com", groups=("eng",), session_id="s1")

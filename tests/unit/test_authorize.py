@@ -7,7 +7,6 @@ import json
 
 import pytest
 
-from authz.billing.usagerow import UsageRow
 from authz.config import loads
 from authz.configtypes import GatewayConfig, Sessions, SigningKey
 from authz.envoy.common import UPSTREAM_HEADER
@@ -15,6 +14,7 @@ from authz.errors import TokenError
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny, bearer_token
 from authz.identity import Caller, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, KeySet, TokenVerifier, generate_signing_key, mint
+from authz.store.usagerow import UsageRow
 
 NOW = 1_900_000_000.0
 ISSUER = "https://gw.test"

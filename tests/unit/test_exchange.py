@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from authz.billing.pricing import PriceBook
-from authz.billing.usagerow import UsageRow
 from authz.gateway.exchange import CONTINUE, RECORDED, Continue, Deps, Exchange, Reply
 from authz.identity import Caller as Who
 from authz.identity import ClientFacts, RequestIdentity
+from authz.store.usagerow import UsageRow
 from backends.base import Caller, Endpoint, ModelRef, Operation, SignedRequest, Upstream
 from backends.emulator.canned import canned_message
 from backends.errors import BackendError

@@ -181,15 +181,15 @@ def test_a_service_tokens_own_models_narrow_the_policy() -> None:
 
 
 def test_policy_for_is_the_first_match_decide_applies() -> None:
-    """policy_for names the policy decide uses: first by file order, by group or email domain, else None."""
+    """config.policy_for names the policy decide uses: first in file order, by group or email
+    domain, else None."""
     config = _config(
         Policy(name="by-domain", email_domains=("example.com",), upstreams=("vertex",)),
         Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)),
     )
-    chosen = policy.policy_for(ADA, config)
+    chosen = config.policy_for(ADA.email, ADA.groups)
     assert chosen is not None and chosen.name == "by-domain"
     assert decide(ADA, VERTEX_HAIKU, config).policy == "by-domain"
-    other = Identity(sub="u2", email="bo@elsewhere.org", groups=("eng",))
-    assert policy.policy_for(other, config) is config.policies[1]
-    nobody = Identity(sub="u3", email="cy@elsewhere.org", groups=("sales",))
-    assert policy.policy_for(nobody, config) is None
+    assert config.policy_for("bo@elsewhere.org", ("eng",)) is config.policies[1]
+    assert config.policy_for("cy@elsewhere.org", ("sales",)) is None
+    assert config.policy_for("not-an-address", ()) is None

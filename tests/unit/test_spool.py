@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import authz.store.spool as spool_module
-from authz.billing.usagerow import UsageRow
 from authz.errors import StoreError
 from authz.store.spool import Spool
+from authz.store.usagerow import UsageRow
 
 
 def make_row(i: int = 0, **changes: object) -> UsageRow:

@@ -17,10 +17,11 @@ from aiohttp import web
 from authz.errors import StoreError
 from authz.signin.portal import oauth
 from authz.signin.portal import web as pages_web
+from authz.signin.portal.admin import AdminPages
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
-from authz.signin.portal.http import oauth_error
+from authz.signin.portal.http import anthropic_error, oauth_error
 from authz.signin.portal.managed import MANAGED_SETTINGS_PATH, ManagedSettingsEndpoint
-from authz.translate.envelope import STATUS_FOR_TYPE, error_body
+from authz.signin.portal.telemetry import TelemetryEndpoints
 
 log = logging.getLogger("authz.signin.portal")
 
@@ -29,9 +30,6 @@ MAX_REQUEST_BYTES = 64 * 1024
 
 
 PORTAL = web.AppKey("portal", PortalContext)
-
-# The Anthropic error type of each status (429 is the rate limit, not a spend cap).
-_STATUS_TYPES = {status: kind for kind, status in STATUS_FOR_TYPE.items() if kind != "billing_error"}
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,12 +42,12 @@ def _envelope_error(request: web.Request, exc: web.HTTPException) -> web.Respons
     """An aiohttp refusal (wrong method, oversized body) in the Anthropic envelope."""
     if exc.status == 405:
         kind, message = "invalid_request_error", f"{request.method} is not supported here; use GET."
+    elif exc.status == 413:
+        kind, message = "request_too_large", exc.reason
     else:
-        kind, message = _STATUS_TYPES.get(exc.status, "invalid_request_error"), exc.reason
+        kind, message = ("invalid_request_error" if exc.status < 500 else "api_error"), exc.reason
     headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-    return web.Response(
-        status=exc.status, body=error_body(kind, message), content_type="application/json", headers=headers
-    )
+    return anthropic_error(exc.status, kind, message, headers=headers)
 
 
 @web.middleware
@@ -74,8 +72,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 
 
 def build_portal(deps: PortalDeps) -> web.Application:
-    """The portal application: health, RFC 8414 discovery, JWKS, the device flow, revocation and
-    Claude Code's managed settings."""
+    """The portal application: health, RFC 8414 discovery, JWKS, the device flow, revocation, the
+    admin page, the client telemetry relay and Claude Code's managed settings."""
     context = PortalContext(deps)
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_errors])
     app[PORTAL] = context
@@ -113,6 +111,12 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_post("/device", browser.device_submit)
     app.router.add_post("/device/approve", browser.approve)
     app.router.add_get("/oauth/callback", browser.callback)
+    admin = AdminPages(context)
+    app.router.add_get("/admin", admin.dashboard)
+    app.router.add_get("/admin/login", admin.login)
+    app.router.add_get("/admin/usage.csv", admin.export)
+    relayed = TelemetryEndpoints(context)
+    app.router.add_post("/v1/{signal:metrics|logs|traces}", relayed.export)
     managed = ManagedSettingsEndpoint(context)
     app.router.add_get(MANAGED_SETTINGS_PATH, managed.get)
     return app

@@ -17,6 +17,7 @@ from authz.signin.secretbox import SecretBox
 from authz.signin.tokens import Claims, KeySet, TokenVerifier
 from authz.store import sessions as store
 from authz.store.db import Pool
+from authz.telemetry.relay import Relay
 
 
 class IdentityProvider(Protocol):
@@ -96,9 +97,10 @@ class PortalDeps:
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
     they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
-    on the bearer-authenticated endpoints (``/managed/settings``) exactly as ext_authz does: the
-    worker passes its own verifier and revocation set (without a verifier the portal builds one
-    from ``keyset`` and ``sessions``).
+    on the bearer-authenticated endpoints (the client telemetry relay, ``/managed/settings``) exactly
+    as ext_authz does: the worker passes its own verifier and revocation set (without a verifier the
+    telemetry endpoints drop everything, and ``/managed/settings`` builds one from ``keyset`` and
+    ``sessions``); ``relay`` forwards the telemetry they accept (none: dropped).
     """
 
     config: GatewayConfig
@@ -111,6 +113,7 @@ class PortalDeps:
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
     verifier: TokenVerifier | None = None
     is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
+    relay: Relay | None = None
 
 
 class PortalContext:

@@ -5,7 +5,7 @@ hour with its gateway token (code.claude.com/docs/en/llm-gateway-protocol, "Mana
 
 * the token is judged as ext_authz judges it (the same header rules, verifier and revocation set),
   and a bad one gets 401 ``authentication_error`` in the Anthropic envelope;
-* the policy is the one inference uses (:func:`authz.gateway.policy.policy_for`, first match);
+* the policy is the one inference uses (:meth:`GatewayConfig.policy_for`, the first match);
   with no policy, or a policy without ``managed_settings``, the answer is 404 ("no managed
   policy"); an empty mapping is 200 with ``{}`` ("an empty policy"), which is not the same;
 * 200 carries ``{"uuid", "checksum", "settings"}``; ``checksum`` is ``sha256:`` + the hex SHA-256
@@ -29,10 +29,8 @@ from aiohttp import web
 
 from authz.configtypes import Policy
 from authz.errors import TokenError
-from authz.gateway.authorize import bearer_token
-from authz.gateway.policy import policy_for
-from authz.identity import Caller
-from authz.translate.envelope import error_reply
+from authz.signin.portal.http import anthropic_error
+from authz.signin.tokens import Claims, bearer_token
 
 if TYPE_CHECKING:
     from authz.signin.portal.context import PortalContext
@@ -95,14 +93,6 @@ def if_none_match_hits(header: str | None, etag: str) -> bool:
     return False
 
 
-def _error(error_type: str, message: str, *, should_retry: bool | None = None) -> web.Response:
-    reply = error_reply(error_type, message, should_retry=should_retry)
-    headers = {name: value for name, value in reply.headers if name != "content-type"}
-    return web.Response(
-        status=reply.status, body=reply.body, content_type="application/json", headers=headers
-    )
-
-
 class ManagedSettingsEndpoint:
     """The handler; the documents are computed once per configuration."""
 
@@ -113,12 +103,12 @@ class ManagedSettingsEndpoint:
     async def get(self, request: web.Request) -> web.Response:
         """Answer one poll (module docstring)."""
         try:
-            caller = self._caller(request)
+            claims = self._claims(request)
         except TokenError as exc:
             message = _TOKEN_MESSAGES.get(exc.reason, "The gateway access token is not valid.")
             # As ext_authz: retrying with the same token cannot help.
-            return _error("authentication_error", message, should_retry=False)
-        policy = policy_for(caller, self._ctx.config)
+            return anthropic_error(401, "authentication_error", message, should_retry=False)
+        policy = self._ctx.config.policy_for(claims.email, claims.groups)
         document = self._documents.get(policy) if policy is not None else None
         if document is None:
             message = (
@@ -126,14 +116,14 @@ class ManagedSettingsEndpoint:
                 if policy is None
                 else "Your policy has no managed settings."
             )
-            return _error("not_found_error", message)
+            return anthropic_error(404, "not_found_error", message)
         headers = {"ETag": document.etag, "Cache-Control": _CACHE_CONTROL}
         if if_none_match_hits(request.headers.get("If-None-Match"), document.etag):
             return web.Response(status=304, headers=headers)
         return web.Response(body=document.body, content_type="application/json", headers=headers)
 
-    def _caller(self, request: web.Request) -> Caller:
-        """The verified, unrevoked caller; TokenError otherwise (the rules of ext_authz)."""
+    def _claims(self, request: web.Request) -> Claims:
+        """The verified, unrevoked token's claims; TokenError otherwise (the rules of ext_authz)."""
         ctx = self._ctx
         names = ("authorization", "x-api-key")
         headers = {name: request.headers[name] for name in names if name in request.headers}
@@ -144,10 +134,4 @@ class ManagedSettingsEndpoint:
         claims = ctx.verifier.verify(token, ctx.now().timestamp())
         if ctx.deps.is_revoked(claims):
             raise TokenError("revoked")
-        return Caller(
-            sub=claims.sub,
-            email=claims.email,
-            groups=claims.groups,
-            session_id=claims.sid,
-            models=claims.models,
-        )
+        return claims
