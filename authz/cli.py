@@ -50,25 +50,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_envoy(args: argparse.Namespace) -> int:
     """Print (or write) the rendered Envoy bootstrap, or run Envoy with it."""
-    from authz.envoy.render import load_for_render, render_yaml
+    from authz.envoy.render import load_for_render, render_yaml, write_bootstrap
 
     if args.render:
         # The bootstrap never contains the ${file:...} secrets, so they are not read (a Kubernetes
         # init container renders it without the key Secret mounted).
-        text = render_yaml(load_for_render(args.config, os.environ))
+        config = load_for_render(args.config, os.environ)
         if args.output:
-            Path(args.output).write_text(text, encoding="utf-8")
+            # With listen.envoy.tls the listener's SDS file goes beside it.
+            write_bootstrap(config, args.output)
         else:
-            sys.stdout.write(text)
+            sys.stdout.write(render_yaml(config))
         return 0
-    text = render_yaml(_config(args))
+    config = _config(args)
     from authz.envoy.binary import envoy_binary
     from authz.statedir import state_dir
 
     root = state_dir(args.config, args.state_dir, os.environ)
-    out = Path(args.output) if args.output else root / "envoy.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    out = write_bootstrap(config, Path(args.output) if args.output else root / "envoy.yaml")
     binary = envoy_binary()
     # A base id of its own, so several Envoys (several gateways) can share the host.
     argv = [binary, "-c", str(out), "--log-level", args.log_level, "--use-dynamic-base-id"]
@@ -383,7 +382,7 @@ def cmd_setup_claude_code(args: argparse.Namespace) -> int:
     sys.stdout.write(render(settings, settings_path=str(path)))
     if not args.write:
         return 0
-    from authz.client.setup import merge_settings
+    from authz.client.setup import UNSET_REASONS, merge_settings
     from authz.client.tokenfile import write_private
 
     # A settings.json symlinked from a dotfiles repository stays a symlink: write its target.
@@ -411,7 +410,7 @@ def cmd_setup_claude_code(args: argparse.Namespace) -> int:
     saved = f" (the previous one is saved as {backup})" if backup else ""
     print(f"Wrote {target}{saved}")
     for name in settings.unset:
-        print(f"Remember to `unset {name}` in your shell profile: it would replace the gateway token.")
+        print(f"Remember to `unset {name}` in your shell profile: {UNSET_REASONS[name]}.")
     return 0
 
 
@@ -547,7 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="setup_command", required=True)
     c = ssub.add_parser("claude-code", help="print (or --write) the Claude Code settings for the gateway")
     c.add_argument("--gateway", required=True, help="the gateway URL")
-    c.add_argument("--format", required=True, choices=["bedrock", "vertex"])
+    c.add_argument(
+        "--format",
+        required=True,
+        choices=["messages", "bedrock", "vertex"],
+        help="messages: ANTHROPIC_BASE_URL, the Anthropic Messages API; bedrock, vertex: that cloud's format",
+    )
     c.add_argument("--region", help="AWS_REGION (bedrock, default us-east-1) or CLOUD_ML_REGION (vertex)")
     c.add_argument("--project", help="ANTHROPIC_VERTEX_PROJECT_ID (vertex; the gateway uses its own)")
     c.add_argument(

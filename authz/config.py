@@ -22,6 +22,7 @@ import yaml
 
 from authz.configtypes import GatewayConfig, Price, Upstream
 from authz.errors import ConfigError
+from authz.jsondoc import JsonObject, JsonValueError, json_object
 from backends.base import is_loopback_host
 from backends.kinds import KINDS
 
@@ -201,6 +202,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return value
     if tp is Upstream:
         return _upstream(value, where)
+    if tp is JsonObject:
+        try:
+            return json_object(value)
+        except JsonValueError as exc:
+            raise ConfigError(f"{where}{exc.path}", exc.problem) from None
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)  # type: ignore[arg-type]  # is_dataclass narrows to instance or type
     if origin is tuple:
@@ -304,9 +310,58 @@ def validate(config: GatewayConfig) -> None:
     portal = urlsplit(config.portal.public_url)
     if portal.scheme not in ("http", "https") or not portal.hostname or portal.query or portal.fragment:
         raise ConfigError("portal.public_url", "must be an http(s) URL with a host and no query")
+    _validate_listener(config)
+    _validate_login_notice(config.portal.login_notice)
     for i, key in enumerate(sessions.verify_keys):
         if not key.public_key and not key.private_key:
             raise ConfigError(f"sessions.verify_keys[{i}]", "set public_key (or private_key)")
+
+
+def _validate_listener(config: GatewayConfig) -> None:
+    """TLS on Envoy's listener, or plain HTTP where that is safe: loopback, or behind a terminator.
+
+    Claude Code's gateway sign-in refuses http:// beyond loopback, so a plain listener on another
+    address only works with something in front that speaks TLS; ``allow_plaintext`` says there is.
+    """
+    envoy = config.listen.envoy
+    tls = envoy.tls
+    if tls is None:
+        if not envoy.allow_plaintext and not is_loopback_host(envoy.address):
+            raise ConfigError(
+                "listen.envoy.tls",
+                f"is required on the non-loopback address {envoy.address!r}: set"
+                " listen.envoy.tls.certificate_file and private_key_file, or set"
+                " listen.envoy.allow_plaintext: true if a TLS terminator in front of Envoy serves"
+                " clients over https (Claude Code requires https beyond loopback)",
+            )
+        return
+    for name in ("certificate_file", "private_key_file"):
+        value = getattr(tls, name)
+        if not value or not Path(value).is_absolute():
+            raise ConfigError(f"listen.envoy.tls.{name}", "must be an absolute path to a PEM file")
+    if urlsplit(config.portal.public_url).scheme != "https":
+        raise ConfigError(
+            "portal.public_url",
+            "must be an https URL when listen.envoy.tls is set (the listener speaks TLS only)",
+        )
+
+
+# The device authorization response's `login_notice`: plain text Claude Code shows beside the code.
+MAX_LOGIN_NOTICE = 500
+
+
+def _validate_login_notice(notice: str | None) -> None:
+    if notice is None:
+        return
+    if not notice.strip():
+        raise ConfigError("portal.login_notice", "must not be empty (leave it out instead)")
+    if len(notice) > MAX_LOGIN_NOTICE:
+        raise ConfigError(
+            "portal.login_notice",
+            f"is {len(notice)} characters; Claude Code shows at most {MAX_LOGIN_NOTICE}",
+        )
+    if any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in notice):
+        raise ConfigError("portal.login_notice", "must be plain text (no control characters but newlines)")
 
 
 def _validate_telemetry(config: GatewayConfig) -> None:

@@ -7,9 +7,11 @@ in :mod:`authz.config`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from authz.jsondoc import JsonObject
 from backends.descriptor import UpstreamSettings
 
 
@@ -22,10 +24,31 @@ class Address:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenerTls:
+    """The certificate Envoy's listener serves: PEM files, reloaded when they are replaced."""
+
+    certificate_file: str
+    private_key_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyAddress(Address):
+    """Envoy's client-facing listener: an address, and how it speaks TLS.
+
+    Without ``tls`` it is plain HTTP, which start-up refuses on a non-loopback address unless
+    ``allow_plaintext`` says a TLS terminator is in front (Claude Code requires https beyond
+    loopback).
+    """
+
+    tls: ListenerTls | None = None
+    allow_plaintext: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     """Where each process listens."""
 
-    envoy: Address = field(default_factory=lambda: Address(port=8080))
+    envoy: EnvoyAddress = field(default_factory=lambda: EnvoyAddress(port=8080))
     envoy_admin: Address = field(default_factory=lambda: Address(port=9901))
     grpc: Address = field(default_factory=lambda: Address(port=9001))
     portal: Address = field(default_factory=lambda: Address(port=9100))
@@ -92,6 +115,7 @@ class Portal:
     user_code_attempts_per_minute: int = 10
     admin_groups: tuple[str, ...] = ()
     admin_session_ttl: int = 3600
+    login_notice: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +150,8 @@ class Policy:
 
     A user matches when they are in any of ``groups`` or their email domain is in
     ``email_domains``. Policies are tried in file order and the first match applies.
+    ``managed_settings`` is the Claude Code managed-settings document the users it admits receive
+    from ``GET /managed/settings`` (None: that endpoint answers 404, "no managed policy").
     """
 
     name: str
@@ -133,6 +159,15 @@ class Policy:
     email_domains: tuple[str, ...] = ()
     models: tuple[str, ...] = ("claude-*",)
     upstreams: tuple[str, ...] = ()
+    managed_settings: JsonObject | None = None
+
+    def admits(self, email: str, groups: Iterable[str]) -> bool:
+        """Whether this policy lists one of ``groups`` (exact, case-sensitive IdP group names) or
+        the domain of ``email`` (case-insensitive, exact: no subdomains)."""
+        if set(self.groups).intersection(groups):
+            return True
+        domain = _email_domain(email)
+        return domain is not None and domain in {d.lower() for d in self.email_domains}
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,3 +306,17 @@ class GatewayConfig:
             if key == name:
                 return value
         raise KeyError(name)
+
+    def policy_for(self, email: str, groups: Iterable[str]) -> Policy | None:
+        """The policy that applies to a user: the first, in file order, that admits them (one rule
+        for inference, authz/gateway/policy.py, and the managed settings, authz/signin/portal);
+        None when none does."""
+        groups = tuple(groups)
+        return next((p for p in self.policies if p.admits(email, groups)), None)
+
+
+def _email_domain(email: str) -> str | None:
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    return domain.lower()

@@ -191,6 +191,7 @@ async def _start_portal(
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
             readiness=readiness.report,
+            # The bearer-authenticated endpoints judge tokens exactly as ext_authz does.
             verifier=verifier,
             is_revoked=revocations.blocks,
             relay=relay,

@@ -36,7 +36,7 @@ from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.envoy.binary import envoy_binary
 from authz.envoy.clusters import _connect_host as connect_host
-from authz.envoy.render import render_yaml
+from authz.envoy.render import write_bootstrap
 from authz.errors import ConfigError, GatewayError
 
 # How often the supervisor looks at its children: a dead child is reported within this.
@@ -215,8 +215,7 @@ class Supervisor:
             wait_grpc_serving(grpc_host, listen.grpc.port + i, self.gateway, timeout=60)
         wait_http_ok(f"http://{_http_host(listen.portal.address)}:{listen.portal.port}/healthz", self.gateway)
 
-        envoy_path = self.root / "envoy.yaml"
-        envoy_path.write_text(render_yaml(self.config), encoding="utf-8")
+        envoy_path = write_bootstrap(self.config, self.root / "envoy.yaml")
         self.envoy = Proc(
             "envoy",
             [

@@ -29,7 +29,7 @@ from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.dev.ports import consecutive_free_ports, free_port
 from authz.envoy.binary import envoy_binary
-from authz.envoy.render import render_yaml
+from authz.envoy.render import write_bootstrap
 from authz.signin.secretbox import generate_key
 from authz.signin.tokens import KeySet, generate_signing_key, mint
 from authz.supervisor import Proc, wait_http_ok, wait_port
@@ -118,9 +118,11 @@ class Stack:
 
     @property
     def envoy_url(self) -> str:
-        """Where clients connect."""
+        """Where clients connect: https when ``extra_config`` gives Envoy's listener a certificate."""
         assert self.ports is not None
-        return f"http://127.0.0.1:{self.ports.envoy}"
+        envoy = self.extra_config.get("listen", {}).get("envoy", {})
+        scheme = "https" if isinstance(envoy, Mapping) and envoy.get("tls") else "http"
+        return f"{scheme}://127.0.0.1:{self.ports.envoy}"
 
     @property
     def emulator_url(self) -> str:
@@ -251,6 +253,8 @@ class Stack:
                 "signing_key": {"kid": "dev-1", "algorithm": "ES256", "private_key": f"${{file:{key_path}}}"},
             },
             "store": {"url": self.database_url, "spool_dir": str(self.root / "spool")},
+            # What the portal publishes (and, over https, whether its cookies are __Host-).
+            "portal": {"public_url": self.envoy_url},
             "upstreams": {
                 "bedrock-dev": {
                     "kind": "bedrock",
@@ -290,7 +294,6 @@ class Stack:
                 box_key.write_text(generate_key(), encoding="utf-8")
                 box_key.chmod(0o600)
             raw["sessions"]["encryption_key"] = f"${{file:{box_key}}}"
-            raw["portal"] = {"public_url": self.envoy_url}
             raw["oidc"] = {
                 "issuer": self.idp_url,
                 "client_id": DEV_CLIENT_ID,
@@ -330,8 +333,7 @@ class Stack:
     def start_envoy(self) -> None:
         """Render Envoy's bootstrap and start Envoy; wait until it reports ready."""
         assert self.ports is not None and self.config is not None
-        path = self.root / "envoy.yaml"
-        path.write_text(render_yaml(self.config), encoding="utf-8")
+        path = write_bootstrap(self.config, self.root / "envoy.yaml")
         argv = [
             envoy_binary(),
             "-c",
@@ -396,6 +398,10 @@ def settings_text(stack: Stack, token: str) -> str:
     return f"""
 Claude gateway is running on {stack.envoy_url}
 
+{_native_text(stack)}Claude Code, Anthropic Messages format, with the apiKeyHelper below
+(unset ANTHROPIC_AUTH_TOKEN and ANTHROPIC_API_KEY, which would replace it):
+  export ANTHROPIC_BASE_URL={stack.envoy_url}
+
 Claude Code, Bedrock format (no AWS credentials needed; unset AWS_BEARER_TOKEN_BEDROCK):
   export CLAUDE_CODE_USE_BEDROCK=1
   export ANTHROPIC_BEDROCK_BASE_URL={stack.envoy_url}
@@ -421,6 +427,18 @@ A token for {DEV_USER} (groups: {", ".join(DEV_GROUPS)}), valid for one hour:
 {_signin_text(stack, authz)}Recent usage:  {authz} usage --config {stack.config_path}
 Logs:          {stack.root / "logs"}
 Stop with Ctrl-C.
+"""
+
+
+def _native_text(stack: Stack) -> str:
+    """Claude Code's own gateway sign-in, the preferred way in: shown when sign-in is on."""
+    if not stack.dev_idp:
+        return ""
+    return f"""Claude Code's own gateway sign-in (preferred: no apiKeyHelper, managed settings applied):
+  in Claude Code run /login, choose "Cloud gateway" and enter {stack.envoy_url}
+  (the development IdP's user is {DEV_USER}, password {DEV_PASSWORD}; plain http is accepted on
+  loopback only, so a gateway on another host needs listen.envoy.tls or an https terminator)
+
 """
 
 

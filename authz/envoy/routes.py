@@ -1,6 +1,6 @@
-"""The route table for :mod:`authz.envoy.render`: ``/healthz`` and the portal, the inference routes
-(each sending to the cluster ext_authz names in ``x-gateway-upstream``), and the 413 and 404 direct
-responses.
+"""The route table for :mod:`authz.envoy.render`: ``/healthz`` and the portal (sign-in, discovery,
+``/managed/settings``), the inference routes (each sending to the cluster ext_authz names in
+``x-gateway-upstream``), and the 413 and 404 direct responses.
 """
 
 from __future__ import annotations
@@ -111,6 +111,14 @@ def _route_config(limits: Limits) -> RouteConfiguration:
         Route(
             name="portal_telemetry",
             match=_match("POST", regex=r"/v1/(metrics|logs|traces)"),
+            route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
+            typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
+        ),
+        # Claude Code's managed settings (authz/signin/portal/managed.py): the portal judges the
+        # gateway token itself, by ext_authz's rules, and answers from the configuration.
+        Route(
+            name="portal_managed_settings",
+            match=RouteMatch(path="/managed/settings"),
             route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
             typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
         ),

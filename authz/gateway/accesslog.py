@@ -48,10 +48,13 @@ _CLIENT_FLAGS = frozenset({"downstream_connection_termination", "downstream_remo
 BYTES_PER_OUTPUT_TOKEN = 4
 
 
-# The paths Envoy routes to the portal (authz/envoy/routes.py): sign-in, discovery, the admin page
-# and relayed client telemetry. Envoy logs them like any request nothing recorded; they are neither
-# usage nor refusals.
-_PORTAL_EXACT = frozenset({"/healthz", "/device", "/admin", "/v1/metrics", "/v1/logs", "/v1/traces"})
+# The paths Envoy routes to the portal (authz/envoy/routes.py): sign-in, discovery, the admin page,
+# relayed client telemetry and Claude Code's managed settings. Envoy logs them like any request
+# nothing recorded; they are neither usage nor refusals (a settings poll carries a valid token, and
+# must not become a "denied" row).
+_PORTAL_EXACT = frozenset(
+    {"/healthz", "/device", "/admin", "/v1/metrics", "/v1/logs", "/v1/traces", "/managed/settings"}
+)
 _PORTAL_PREFIXES = ("/.well-known/", "/oauth/", "/device/", "/admin/")
 
 

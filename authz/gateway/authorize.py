@@ -19,7 +19,7 @@ from authz.envoy.upstreams import cluster_name
 from authz.errors import BadModelId, TokenError
 from authz.gateway.policy import decide
 from authz.identity import Caller, ClientFacts, RequestIdentity
-from authz.signin.tokens import Claims, TokenVerifier
+from authz.signin.tokens import Claims, TokenVerifier, bearer_token
 from authz.store.usagerow import UsageRow
 from authz.translate import messages
 from authz.translate.envelope import ErrorReply, error_reply
@@ -80,31 +80,6 @@ class Deny:
 def headers_to_strip(headers: Mapping[str, str]) -> tuple[str, ...]:
     """Names of client credential and internal headers present on the request, sorted."""
     return tuple(sorted(name for name in headers if name in _STRIP_EXACT or name.startswith(_STRIP_PREFIXES)))
-
-
-def bearer_token(headers: Mapping[str, str], repeated: frozenset[str] = frozenset()) -> str | None:
-    """The gateway token: ``Authorization: Bearer`` (Bedrock, Vertex, the SDKs) or ``x-api-key``
-    (Claude Code's native mode sends both, with the same value); None when neither is sent.
-
-    Raises :class:`TokenError` ("ambiguous") when a credential header is repeated, an
-    ``Authorization`` header is not one non-empty bearer token, or the two headers carry different
-    tokens: the gateway judges exactly one credential, never picks among several.
-    """
-    if "authorization" in repeated or "x-api-key" in repeated:
-        raise TokenError("ambiguous")
-    tokens = set()
-    if "authorization" in headers:
-        scheme, _, value = headers["authorization"].strip().partition(" ")
-        value = value.strip()
-        if scheme.lower() != "bearer" or not value or " " in value:
-            raise TokenError("ambiguous")
-        tokens.add(value)
-    api_key = headers.get("x-api-key", "").strip()
-    if api_key:
-        tokens.add(api_key)
-    if len(tokens) > 1:
-        raise TokenError("ambiguous")
-    return tokens.pop() if tokens else None
 
 
 def parse_route(method: str, path: str) -> tuple[str, PassThroughRoute] | None:

@@ -27,19 +27,6 @@ class PolicyDecision:
     upstream: str | None
 
 
-def _email_domain(email: str) -> str | None:
-    local, at, domain = email.rpartition("@")
-    if not at or not local or not domain:
-        return None
-    return domain.lower()
-
-
-def _matches_user(policy: Policy, identity: Caller, domain: str | None) -> bool:
-    if set(policy.groups).intersection(identity.groups):
-        return True
-    return domain is not None and domain in {d.lower() for d in policy.email_domains}
-
-
 def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
     # fnmatchcase, not fnmatch: fnmatch folds case by OS convention; we fold both sides ourselves.
     candidates = {model.lower(), model_family(model).lower()}
@@ -66,7 +53,8 @@ def decide(
 
     1. Policies are tried in file order. The first one that lists one of the user's groups (exact,
        case-sensitive IdP group names) or the user's email domain (case-insensitive, exact domain,
-       no subdomains) applies; later policies are never consulted, even if the first denies.
+       no subdomains) applies (:meth:`GatewayConfig.policy_for`, which the managed settings use
+       too); later policies are never consulted, even if the first denies.
        No matching policy: denied, "no policy admits this user".
     2. For invoke and stream, the canonical model id, or its family without the snapshot date,
        must match one of the policy's ``models`` glob patterns (case-insensitive); otherwise
@@ -79,8 +67,7 @@ def decide(
        for the Bedrock and Vertex formats the first of that kind, for the Messages format the
        first of any kind; none: denied, "no upstream serves the <format> format for your policy".
     """
-    domain = _email_domain(identity.email)
-    policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
+    policy = config.policy_for(identity.email, identity.groups)
     if policy is None:
         return PolicyDecision(False, "no policy admits this user", None, None)
 

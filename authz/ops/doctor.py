@@ -272,19 +272,18 @@ def _credential_fix(kind: str, source: str) -> str:
 def check_envoy(config: GatewayConfig) -> Finding:
     """Envoy's rendered bootstrap passes ``envoy --mode validate`` with the real binary."""
     from authz.envoy.binary import envoy_binary
-    from authz.envoy.render import render_yaml
+    from authz.envoy.render import write_bootstrap
 
-    try:
-        text = render_yaml(config)
-        binary = envoy_binary()
-    except (ConfigError, GatewayError) as exc:
-        field = exc.field if isinstance(exc, ConfigError) else "listen"
-        return _fail("envoy config", field, str(exc), "correct the configuration Envoy is rendered from")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            # With listen.envoy.tls the listener's SDS file is written beside the bootstrap.
+            path = write_bootstrap(config, Path(tmp) / "envoy.yaml")
+            binary = envoy_binary()
+        except (ConfigError, GatewayError) as exc:
+            field = exc.field if isinstance(exc, ConfigError) else "listen"
+            return _fail("envoy config", field, str(exc), "correct the configuration Envoy is rendered from")
         result = subprocess.run(  # noqa: S603 - the Envoy binary on a file we wrote
-            [binary, "--mode", "validate", "-c", f.name, "--log-level", "error"],
+            [binary, "--mode", "validate", "-c", str(path), "--log-level", "error"],
             capture_output=True,
             text=True,
             timeout=120,

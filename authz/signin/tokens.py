@@ -319,6 +319,33 @@ def _string(payload: Mapping[str, Any], name: str, default: str | None = None) -
     return value
 
 
+def bearer_token(headers: Mapping[str, str], repeated: frozenset[str] = frozenset()) -> str | None:
+    """The gateway token in a request's lower-cased ``headers``: ``Authorization: Bearer`` (Bedrock,
+    Vertex, the SDKs) or ``x-api-key`` (Claude Code's native mode sends both, with the same value);
+    None when neither is sent. ext_authz and the portal's bearer-authenticated endpoints read it
+    the same way.
+
+    Raises :class:`TokenError` ("ambiguous") when a credential header is repeated, an
+    ``Authorization`` header is not one non-empty bearer token, or the two headers carry different
+    tokens: the gateway judges exactly one credential, never picks among several.
+    """
+    if "authorization" in repeated or "x-api-key" in repeated:
+        raise TokenError("ambiguous")
+    tokens = set()
+    if "authorization" in headers:
+        scheme, _, value = headers["authorization"].strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value or " " in value:
+            raise TokenError("ambiguous")
+        tokens.add(value)
+    api_key = headers.get("x-api-key", "").strip()
+    if api_key:
+        tokens.add(api_key)
+    if len(tokens) > 1:
+        raise TokenError("ambiguous")
+    return tokens.pop() if tokens else None
+
+
 class TokenVerifier:
     """Verifies gateway access tokens on the inference hot path.
 

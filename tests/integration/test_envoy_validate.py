@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from authz.configtypes import Address, GatewayConfig
-from authz.envoy.render import load_for_render, render_yaml
+from authz.configtypes import Address, EnvoyAddress, GatewayConfig, ListenerTls, Portal
+from authz.envoy.render import load_for_render, render_yaml, write_bootstrap
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +72,21 @@ def test_rendering_with_explicit_grpc_ports_validates(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_tls_rendering_validates(tmp_path: Path) -> None:
+    """The production example with TLS on its listener (SDS file beside the bootstrap) is accepted."""
+    config = load_for_render(FIXTURES / "example.yaml", {})
+    tls = ListenerTls(str(tmp_path / "tls" / "tls.crt"), str(tmp_path / "tls" / "tls.key"))
+    config = dataclasses.replace(
+        config,
+        listen=dataclasses.replace(config.listen, envoy=EnvoyAddress("0.0.0.0", 8443, tls=tls)),
+        portal=Portal(public_url="https://claude-gateway.example.com"),
+    )
+    path = write_bootstrap(config, tmp_path / "envoy.yaml")
+    assert (tmp_path / "envoy.listener-tls.yaml").exists()
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # --- a running Envoy with nothing behind it ----------------------------------------------------------
 
 
@@ -94,7 +109,7 @@ def lone_envoy(tmp_path: Path) -> Iterator[str]:
     dev = load_for_render(FIXTURES / "dev.yaml", {})
     listen = dataclasses.replace(
         dev.listen,
-        envoy=Address("127.0.0.1", envoy_port),
+        envoy=EnvoyAddress("127.0.0.1", envoy_port),
         envoy_admin=Address("127.0.0.1", admin_port),
         grpc=Address("127.0.0.1", grpc_port),
         portal=Address("127.0.0.1", portal_port),

@@ -330,7 +330,13 @@ def csrf_in(page: str) -> str | None:
 
 
 def _config(
-    dsn: str, *, oidc: bool = True, grace: int = 0, public: str = PUBLIC, spool: Path | None = None
+    dsn: str,
+    *,
+    oidc: bool = True,
+    grace: int = 0,
+    public: str = PUBLIC,
+    spool: Path | None = None,
+    notice: str | None = None,
 ) -> GatewayConfig:
     return GatewayConfig(
         sessions=Sessions(
@@ -339,7 +345,7 @@ def _config(
             encryption_key=generate_key(),
         ),
         oidc=Oidc(issuer=IDP, client_id="gw", client_secret="s3cret", refresh_grace=grace) if oidc else None,
-        portal=Portal(public_url=public, user_code_attempts_per_minute=5),
+        portal=Portal(public_url=public, user_code_attempts_per_minute=5, login_notice=notice),
         store=Store(url=dsn, spool_dir=str(spool or ""), replay_interval=0.2, connect_timeout=2.0),
     )
 
@@ -390,10 +396,15 @@ async def make_portal(clean_db: str, tmp_path: Path) -> AsyncIterator[PortalFact
     made: list[Portal_] = []
 
     async def factory(
-        *, oidc: bool = True, grace: int = 0, idp: StubIdp | None = None, public: str = PUBLIC
+        *,
+        oidc: bool = True,
+        grace: int = 0,
+        idp: StubIdp | None = None,
+        public: str = PUBLIC,
+        notice: str | None = None,
     ) -> Portal_:
         spool = tmp_path / f"spool-{len(made)}"
-        config = _config(clean_db, oidc=oidc, grace=grace, public=public, spool=spool)
+        config = _config(clean_db, oidc=oidc, grace=grace, public=public, spool=spool, notice=notice)
         portal = await _serve(config, pool, (idp or StubIdp()) if oidc else None, Clock())
         made.append(portal)
         return portal
@@ -476,6 +487,16 @@ async def test_device_authorization_shape(portal: Portal_) -> None:
         "SELECT count(*) FROM device_codes WHERE device_code_hash = $1", body["device_code"].encode()
     )
     assert count == 0
+
+
+async def test_device_authorization_carries_the_login_notice(make_portal: PortalFactory) -> None:
+    """portal.login_notice travels as `login_notice` in the device authorization response, as given;
+    without it the response has no such field (test_device_authorization_shape)."""
+    notice = "Authorised use only.\nSessions are recorded — see go/ai-policy."
+    portal = await make_portal(notice=notice)
+    body = await portal.authorize()
+    assert body["login_notice"] == notice
+    assert body["verification_uri"] == f"{PUBLIC}/device"
 
 
 async def test_device_authorization_needs_no_parameters(portal: Portal_) -> None:
@@ -900,6 +921,8 @@ async def test_refresh_rotates_and_rechecks_groups(portal: Portal_) -> None:
     status, fresh = await portal.refresh(tokens["refresh_token"])
     assert status == 200
     assert fresh["refresh_token"] != tokens["refresh_token"]
+    # The refresh answer names the account too (Claude Code shows it in /status).
+    assert fresh["email"] == "ada@example.com"
     claims = portal.verify(fresh["access_token"])
     assert claims.groups == ("eng", "platform")
     session = await store.get_session(portal.pool, claims.sid)

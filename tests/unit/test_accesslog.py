@@ -142,3 +142,23 @@ def test_a_cut_row_and_the_access_log_merge() -> None:
     # A replay of the merged row changes nothing.
     merged = merge_rows(log, cut)
     assert merge_rows(merged, merged) == merged
+
+
+def test_portal_requests_are_neither_rows_nor_refusals() -> None:
+    """A managed-settings poll (a valid token, served by the portal) and the sign-in endpoints
+    write no usage row and count no refusal; an unknown path with that token still does."""
+    sink = Sink()
+    log = handler(sink, caller=ALICE)
+    for method, path in [
+        ("GET", "/managed/settings"),
+        ("GET", "/managed/settings?x=1"),
+        ("POST", "/oauth/token"),
+        ("GET", "/.well-known/oauth-authorization-server"),
+        ("GET", "/device"),
+        ("GET", "/healthz"),
+    ]:
+        log.handle(record(method=method, path=path, identity=None, details="via_upstream"))
+    assert (sink.rows, sink.refusals) == ([], [])
+    log.handle(record(method="GET", path="/managed/settingsX", identity=None, details="route_not_found"))
+    [row] = sink.rows
+    assert row.outcome == "denied"

@@ -333,6 +333,39 @@ def test_setup_prints_vertex_settings(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "export ANTHROPIC_VERTEX_PROJECT_ID=p1" in out and "export CLOUD_ML_REGION=r1" in out
 
 
+def test_setup_prints_messages_settings_with_the_native_login(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Messages setup prints /login as the preferred way, then ANTHROPIC_BASE_URL and the apiKeyHelper."""
+    world = World(tmp_path)
+    assert world.run("setup", "claude-code", "--gateway", GW, "--format", "messages") == 0
+    out = capsys.readouterr().out
+    assert '/login, choose "Cloud gateway"' in out
+    assert f"export ANTHROPIC_BASE_URL={GW}" in out
+    assert f'"apiKeyHelper": "{AUTHZ} token --gateway {GW}"' in out
+    assert "export CLAUDE_CODE_USE_BEDROCK" not in out and "export CLAUDE_CODE_USE_VERTEX" not in out
+
+
+def test_setup_write_messages_says_why_each_variable_must_be_unset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--write`` in the Messages format writes ANTHROPIC_BASE_URL and says which shell variables
+    to unset, and why."""
+    world = World(tmp_path)
+    assert world.run("setup", "claude-code", "--gateway", GW, "--format", "messages", "--write") == 0
+    settings_path = tmp_path / "home" / ".claude" / "settings.json"
+    assert json.loads(settings_path.read_text())["env"] == {"ANTHROPIC_BASE_URL": GW}
+    out = capsys.readouterr().out
+    assert (
+        "Remember to `unset ANTHROPIC_AUTH_TOKEN` in your shell profile: it would replace the gateway token."
+        in out
+    )
+    assert (
+        "`unset CLAUDE_CODE_USE_VERTEX` in your shell profile: it would switch Claude Code to Vertex format."
+        in out
+    )
+
+
 def test_setup_write_merges_into_an_existing_settings_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

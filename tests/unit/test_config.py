@@ -12,10 +12,13 @@ import pytest
 from authz.config import load, loads
 from authz.configtypes import (
     Address,
+    EnvoyAddress,
     GatewayConfig,
     Limits,
     Listen,
+    ListenerTls,
     Policy,
+    Portal,
     Price,
     Pricing,
     Sessions,
@@ -24,6 +27,7 @@ from authz.configtypes import (
     Upstream,
 )
 from authz.errors import ConfigError
+from authz.jsondoc import json_object
 from backends.bedrock import AwsCredentials, BedrockConfig
 from backends.vertex import GoogleCredentials, VertexConfig
 
@@ -100,7 +104,7 @@ def test_unknown_key_names_its_dotted_field(text: str, field: str) -> None:
 def test_unknown_key_error_lists_the_valid_keys() -> None:
     """The unknown-key message lists what the section does accept, so the fix is obvious."""
     err = _error("listen:\n  envoy: {adress: 0.0.0.0}\n")
-    assert "expected one of: address, port" in err.problem
+    assert "expected one of: address, allow_plaintext, port, tls" in err.problem
 
 
 # --- wrong types ------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def test_duplicate_key_is_refused_by_name() -> None:
 
 def test_merge_keys_may_be_overridden() -> None:
     """A YAML merge (`<<: *anchor`) followed by an explicit key is not mistaken for a duplicate."""
-    config = loads("listen:\n  envoy: &b {address: 10.0.0.1, port: 1}\n  grpc: {<<: *b, port: 2}\n", {})
+    config = loads("listen:\n  portal: &b {address: 10.0.0.1, port: 1}\n  grpc: {<<: *b, port: 2}\n", {})
     assert config.listen.grpc == Address(address="10.0.0.1", port=2)
 
 
@@ -413,11 +417,118 @@ def test_ping_interval_is_zero_or_positive() -> None:
     assert _error("translate: {ping_interval: -1}\n").field == "translate.ping_interval"
 
 
+# --- Envoy's listener: TLS, or plain HTTP where that is safe --------------------------------------
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "10.1.2.3", "::", "gateway.internal"])
+def test_plaintext_on_a_non_loopback_address_is_refused_naming_the_field(address: str) -> None:
+    """Without TLS or allow_plaintext, a listener beyond loopback stops start-up, naming the fields."""
+    err = _error(f"listen:\n  envoy: {{address: '{address}', port: 8080}}\n")
+    assert err.field == "listen.envoy.tls"
+    assert "listen.envoy.allow_plaintext: true" in err.problem and "https" in err.problem
+
+
+@pytest.mark.parametrize(
+    "envoy",
+    [
+        "{address: 127.0.0.1}",
+        "{address: '::1'}",
+        "{address: localhost}",
+        "{address: 0.0.0.0, allow_plaintext: true}",
+    ],
+)
+def test_plaintext_on_loopback_or_behind_a_terminator_is_accepted(envoy: str) -> None:
+    """Plain HTTP stays allowed on loopback, and anywhere when allow_plaintext says TLS ends in front."""
+    config = loads(f"listen:\n  envoy: {envoy}\n", {})
+    assert config.listen.envoy.tls is None
+
+
+def test_tls_listener_needs_absolute_pem_paths_and_an_https_public_url() -> None:
+    """TLS files must be absolute paths, and the portal's public URL must then be https."""
+    tls = "{certificate_file: /etc/gw/tls.crt, private_key_file: /etc/gw/tls.key}"
+    ok = loads(
+        f"listen:\n  envoy: {{address: 0.0.0.0, tls: {tls}}}\nportal: {{public_url: https://gw.example}}\n",
+        {},
+    )
+    assert ok.listen.envoy.tls is not None and ok.listen.envoy.tls.private_key_file == "/etc/gw/tls.key"
+    err = _error(f"listen:\n  envoy: {{address: 0.0.0.0, tls: {tls}}}\n")
+    assert err.field == "portal.public_url" and "https" in err.problem
+    relative = "{certificate_file: tls.crt, private_key_file: /etc/gw/tls.key}"
+    err = _error(f"listen:\n  envoy: {{tls: {relative}}}\nportal: {{public_url: https://gw.example}}\n")
+    assert err.field == "listen.envoy.tls.certificate_file"
+    assert _error("listen:\n  envoy: {tls: {certificate_file: /a.pem}}\n").field == (
+        "listen.envoy.tls.private_key_file"
+    )
+
+
+# --- portal.login_notice and policies[].managed_settings ------------------------------------------
+
+
+def test_login_notice_is_plain_text_of_at_most_500_characters() -> None:
+    """The notice loads as given up to 500 characters; longer, blank or with control characters: refused."""
+    assert loads(f"portal: {{login_notice: '{'x' * 500}'}}\n", {}).portal.login_notice == "x" * 500
+    assert loads('portal: {login_notice: "Line one\\nline two"}\n', {}).portal.login_notice == (
+        "Line one\nline two"
+    )
+    assert loads("", {}).portal.login_notice is None
+    for notice, problem in [
+        (f"'{'x' * 501}'", "501 characters"),
+        ("'   '", "empty"),
+        ('"bell\\a"', "plain text"),
+        ('"esc\\e[31m"', "plain text"),
+    ]:
+        err = _error(f"portal: {{login_notice: {notice}}}\n")
+        assert err.field == "portal.login_notice" and problem in err.problem
+
+
+def test_managed_settings_is_a_json_mapping_kept_canonically() -> None:
+    """A policy's managed_settings becomes an immutable JSON document; none means None."""
+    config = loads(
+        BASE
+        + """    managed_settings:
+      permissions: {deny: [Read(./.env)], disableBypassPermissionsMode: disable}
+      env: {ANTHROPIC_MODEL: claude-sonnet-4-5, RETRIES: 3, RATIO: 1.0}
+""",
+        {},
+    )
+    settings = config.policies[0].managed_settings
+    assert settings is not None
+    assert settings.value() == {
+        "env": {"ANTHROPIC_MODEL": "claude-sonnet-4-5", "RATIO": 1, "RETRIES": 3},
+        "permissions": {"deny": ["Read(./.env)"], "disableBypassPermissionsMode": "disable"},
+    }
+    assert loads(BASE, {}).policies[0].managed_settings is None
+    empty = loads(BASE + "    managed_settings: {}\n", {}).policies[0].managed_settings
+    assert empty is not None and empty.value() == {}
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "problem"),
+    [
+        ("[a, b]", "policies[0].managed_settings", "expected a mapping"),
+        ("{1: x}", "policies[0].managed_settings", "not a string"),
+        ("{env: {WHEN: 2025-01-01}}", "policies[0].managed_settings.env.WHEN", "quote dates"),
+        ("{limit: .nan}", "policies[0].managed_settings.limit", "not a JSON number"),
+        ("{big: 9007199254740993}", "policies[0].managed_settings.big", "2^53"),
+        ("{list: [1, .inf]}", "policies[0].managed_settings.list[1]", "not a JSON number"),
+    ],
+)
+def test_managed_settings_that_json_cannot_carry_exactly_are_refused(
+    value: str, field: str, problem: str
+) -> None:
+    """Values JSON (or the JavaScript client) cannot hold exactly are refused, naming where they are."""
+    err = _error(BASE + f"    managed_settings: {value}\n")
+    assert err.field == field and problem in err.problem
+
+
 # --- a whole realistic file -------------------------------------------------------------------
 
 REALISTIC = """
 listen:
-  envoy: {address: 0.0.0.0, port: 8443}
+  envoy:
+    address: 0.0.0.0
+    port: 8443
+    tls: {certificate_file: /etc/gw/tls/tls.crt, private_key_file: /etc/gw/tls/tls.key}
   envoy_admin: {port: 9901}
   grpc: {port: 9101}
   portal: {port: 9200}
@@ -435,6 +546,9 @@ sessions:
 store:
   url: ${DATABASE_URL}
   batch_size: 50
+portal:
+  public_url: https://gw.example.com
+  login_notice: "Use of this system is monitored."
 upstreams:
   bedrock-us:
     kind: bedrock
@@ -461,6 +575,9 @@ policies:
     email_domains: [contractors.example.com]
     models: ["claude-sonnet-*", "claude-haiku-*"]
     upstreams: [bedrock-us]
+    managed_settings:
+      permissions: {deny: ["Read(./.env)"]}
+      env: {CLAUDE_CODE_ENABLE_TELEMETRY: "1"}
 pricing:
   models:
     claude-opus-5-5: {input: 3, output: 15, cache_write_5m: 3.75, cache_write_1h: 6, cache_read: 0.3}
@@ -483,7 +600,9 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
 
     assert config == GatewayConfig(
         listen=Listen(
-            envoy=Address("0.0.0.0", 8443),
+            envoy=EnvoyAddress(
+                "0.0.0.0", 8443, tls=ListenerTls("/etc/gw/tls/tls.crt", "/etc/gw/tls/tls.key")
+            ),
             envoy_admin=Address("127.0.0.1", 9901),
             grpc=Address("127.0.0.1", 9101),
             portal=Address("127.0.0.1", 9200),
@@ -498,6 +617,7 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
             verify_keys=(SigningKey(kid="2025-08", algorithm="ES256", public_key="OLD-PUB"),),
         ),
         store=Store(url="postgresql://db/gw", batch_size=50),
+        portal=Portal(public_url="https://gw.example.com", login_notice="Use of this system is monitored."),
         upstreams=(
             (
                 "bedrock-us",
@@ -545,6 +665,9 @@ def test_realistic_config_loads_into_the_expected_frozen_objects(tmp_path: Path)
                 email_domains=("contractors.example.com",),
                 models=("claude-sonnet-*", "claude-haiku-*"),
                 upstreams=("bedrock-us",),
+                managed_settings=json_object(
+                    {"env": {"CLAUDE_CODE_ENABLE_TELEMETRY": "1"}, "permissions": {"deny": ["Read(./.env)"]}}
+                ),
             ),
         ),
         pricing=Pricing(

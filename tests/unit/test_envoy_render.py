@@ -282,6 +282,9 @@ def _header_matches(matcher: dict[str, Any], headers: dict[str, str]) -> bool:
             "vertex_invoke",
         ),
         ("GET", "/healthz", "healthz"),
+        ("GET", "/managed/settings", "portal_managed_settings"),
+        ("GET", "/managed/settings?x=1", "portal_managed_settings"),
+        ("GET", "/managed/settingsX", "not_found"),
         ("GET", "/model/m/invoke", "not_found"),
         ("POST", "/model/a/b/invoke", "not_found"),
         ("GET", "/inference-profilesX", "not_found"),
@@ -359,6 +362,16 @@ def test_healthz_bypasses_the_services(dev: dict[str, Any]) -> None:
     assert endpoints(portal) == [("127.0.0.1", 19002)]
     protocol = protocol_options(portal)
     assert protocol["explicit_http_config"] == {"http_protocol_options": {}}
+
+
+def test_managed_settings_go_to_the_portal_which_judges_the_token(dev: dict[str, Any]) -> None:
+    """/managed/settings goes to the portal with ext_authz and the ext_proc off (the portal checks
+    the bearer itself), and reaches no upstream."""
+    r = route(dev, "portal_managed_settings")
+    assert r["match"] == {"path": "/managed/settings"}
+    assert r["route"]["cluster"] == "gateway_portal"
+    assert r["typed_per_filter_config"][EXT_AUTHZ]["disabled"] is True
+    assert r["typed_per_filter_config"][PROC]["disabled"] is True
 
 
 # --- connection manager ----------------------------------------------------------------------------
@@ -652,3 +665,74 @@ def test_main_prints_the_bootstrap(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == (ROOT / "envoy" / "dev.yaml").read_text(encoding="utf-8")
     assert envoy_render.main([str(FIXTURES / "example.yaml")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# --- TLS on the listener ---------------------------------------------------------------------------
+
+TLS_CONFIG = """
+listen:
+  envoy:
+    address: 0.0.0.0
+    port: 8443
+    tls: {certificate_file: /etc/gw/tls/tls.crt, private_key_file: /etc/gw/tls/tls.key}
+portal: {public_url: "https://gw.example.com"}
+"""
+
+
+def test_tls_listener_reads_its_certificate_through_path_based_sds(tmp_path: Path) -> None:
+    """With listen.envoy.tls the listener speaks TLS 1.2+ with ALPN h2 and http/1.1, its certificate
+    from an SDS file beside the bootstrap whose secret watches the PEM files' directory."""
+    config = loads(TLS_CONFIG, {})
+    path = envoy_render.write_bootstrap(config, tmp_path / "envoy.yaml")
+    bootstrap = yaml.safe_load(path.read_text(encoding="utf-8"))
+    sds_file = tmp_path / "envoy.listener-tls.yaml"
+    assert bootstrap["node"] == {"id": "claude-gateway", "cluster": "claude-gateway"}
+    [listener] = bootstrap["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    socket = chain["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    context = socket["typed_config"]
+    assert context["@type"].endswith("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext")
+    common = context["common_tls_context"]
+    assert common["alpn_protocols"] == ["h2", "http/1.1"]
+    assert common["tls_params"] == {"tls_minimum_protocol_version": "TLSv1_2"}
+    [secret_config] = common["tls_certificate_sds_secret_configs"]
+    assert secret_config["sds_config"] == {
+        "path_config_source": {"path": str(sds_file)},
+        "resource_api_version": "V3",
+    }
+    sds = yaml.safe_load(sds_file.read_text(encoding="utf-8"))
+    [secret] = sds["resources"]
+    assert secret["@type"] == "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    assert secret["name"] == secret_config["name"]
+    assert secret["tls_certificate"] == {
+        "certificate_chain": {"filename": "/etc/gw/tls/tls.crt"},
+        "private_key": {"filename": "/etc/gw/tls/tls.key"},
+        "watched_directory": {"path": "/etc/gw/tls"},
+    }
+
+
+def test_plain_listener_has_no_transport_socket_and_no_node(dev: dict[str, Any]) -> None:
+    """Without listen.envoy.tls the listener stays plain HTTP and the bootstrap names no node."""
+    [listener] = dev["static_resources"]["listeners"]
+    assert "transport_socket" not in listener["filter_chains"][0]
+    assert "node" not in dev
+
+
+def test_tls_rendering_needs_a_place_for_its_sds_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The TLS bootstrap cannot go to standard output alone: render() refuses without the SDS
+    path, the command line says to use --output, and --output writes both files."""
+    config = loads(TLS_CONFIG, {})
+    with pytest.raises(ConfigError) as info:
+        render(config)
+    assert info.value.field == "listen.envoy.tls" and "--output" in info.value.problem
+    source = tmp_path / "gateway.yaml"
+    source.write_text(TLS_CONFIG, encoding="utf-8")
+    assert envoy_render.main([str(source)]) == 2
+    assert "listen.envoy.tls" in capsys.readouterr().err
+    assert envoy_render.main([str(source), "--output", str(tmp_path / "out" / "envoy.yaml")]) == 0
+    assert (tmp_path / "out" / "envoy.yaml").exists() and (
+        tmp_path / "out" / "envoy.listener-tls.yaml"
+    ).exists()

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("backends",),
     ("backends.emulator",),
+    ("authz.jsondoc",),
     ("authz.errors", "authz.identity", "authz.serviceid", "authz.configtypes"),
     ("authz.config", "authz.statedir"),
     ("authz.store",),

@@ -218,3 +218,18 @@ def test_check_model_is_the_one_model_rule() -> None:
         policy.check_model(eng, ("claude-haiku-*",), "claude-sonnet-4-5-20250929")
         == "model claude-sonnet-4-5-20250929 is not allowed for this service token"
     )
+
+
+def test_policy_for_is_the_first_match_decide_applies() -> None:
+    """config.policy_for names the policy decide uses: first in file order, by group or email
+    domain, else None."""
+    config = _config(
+        Policy(name="by-domain", email_domains=("example.com",), upstreams=("vertex",)),
+        Policy(name="eng", groups=("eng",), upstreams=("bedrock-us",)),
+    )
+    chosen = config.policy_for(ADA.email, ADA.groups)
+    assert chosen is not None and chosen.name == "by-domain"
+    assert decide(ADA, VERTEX_HAIKU, config).policy == "by-domain"
+    assert config.policy_for("bo@elsewhere.org", ("eng",)) is config.policies[1]
+    assert config.policy_for("cy@elsewhere.org", ("sales",)) is None
+    assert config.policy_for("not-an-address", ()) is None

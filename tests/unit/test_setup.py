@@ -82,3 +82,42 @@ def test_merge_refuses_an_env_that_is_not_an_object() -> None:
     settings = claude_code_settings(GW, "vertex", authz=AUTHZ)
     with pytest.raises(SetupError, match="env"):
         merge_settings({"env": ["A=1"]}, settings)
+
+
+def test_messages_settings() -> None:
+    """Messages format: ANTHROPIC_BASE_URL and the helper; credentials that would win over it are unset."""
+    settings = claude_code_settings(GW + "/", "messages", authz=AUTHZ)
+    assert settings.env_dict() == {"ANTHROPIC_BASE_URL": GW}
+    assert settings.api_key_helper == f"'/opt/claude gateway/bin/authz' token --gateway {GW}"
+    assert {"ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"} <= set(settings.unset)
+    with pytest.raises(SetupError, match="--region and --project"):
+        claude_code_settings(GW, "messages", authz=AUTHZ, region="us-east-1")
+
+
+def test_messages_render_puts_the_native_login_first() -> None:
+    """The Messages text recommends /login ("Cloud gateway") first, then the export and helper fragment."""
+    text = render(claude_code_settings(GW, "messages", authz=("/usr/bin/authz",)))
+    assert text.index('choose "Cloud gateway"') < text.index(f"export ANTHROPIC_BASE_URL={GW}\n")
+    assert f"#   {GW}\n" in text
+    assert "unset ANTHROPIC_API_KEY  # it would replace the gateway token" in text
+    assert "CLAUDE_CODE_USE_BEDROCK=" not in text and "AWS_REGION" not in text
+    fragment = json.loads(text[text.index("{") : text.rindex("}") + 1])
+    assert fragment == {
+        "apiKeyHelper": f"/usr/bin/authz token --gateway {GW}",
+        "env": {"ANTHROPIC_BASE_URL": GW},
+    }
+
+
+def test_merging_messages_drops_the_cloud_formats_and_competing_credentials() -> None:
+    """Switching to the Messages format drops the Bedrock/Vertex selectors and keys that beat the helper."""
+    existing = {
+        "env": {
+            "CLAUDE_CODE_USE_BEDROCK": "1",
+            "ANTHROPIC_BEDROCK_BASE_URL": GW,
+            "CLAUDE_CODE_SKIP_BEDROCK_AUTH": "1",
+            "ANTHROPIC_API_KEY": "sk-old",
+            "AWS_REGION": "us-east-1",
+        }
+    }
+    merged = merge_settings(existing, claude_code_settings(GW, "messages", authz=AUTHZ))
+    assert merged["env"] == {"AWS_REGION": "us-east-1", "ANTHROPIC_BASE_URL": GW}

@@ -19,7 +19,8 @@ from authz.signin.portal import oauth
 from authz.signin.portal import web as pages_web
 from authz.signin.portal.admin import AdminPages
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
-from authz.signin.portal.http import oauth_error
+from authz.signin.portal.http import anthropic_error, oauth_error
+from authz.signin.portal.managed import MANAGED_SETTINGS_PATH, ManagedSettingsEndpoint
 from authz.signin.portal.telemetry import TelemetryEndpoints
 
 log = logging.getLogger("authz.signin.portal")
@@ -37,13 +38,28 @@ def _is_json_path(path: str) -> bool:
     return path.startswith("/.well-known/") or (path.startswith("/oauth/") and path != "/oauth/callback")
 
 
+def _envelope_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """An aiohttp refusal (wrong method, oversized body) in the Anthropic envelope."""
+    if exc.status == 405:
+        kind, message = "invalid_request_error", f"{request.method} is not supported here; use GET."
+    elif exc.status == 413:
+        kind, message = "request_too_large", exc.reason
+    else:
+        kind, message = ("invalid_request_error" if exc.status < 500 else "api_error"), exc.reason
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return anthropic_error(exc.status, kind, message, headers=headers)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Failures in the caller's format: the OAuth endpoints only ever answer RFC 6749 §5.2 JSON
-    (also for a wrong method or an oversized body), and PostgreSQL trouble is a 503."""
+    (also for a wrong method or an oversized body), the bearer-authenticated ``/managed/settings``
+    the Anthropic error envelope, and PostgreSQL trouble is a 503."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
+        if exc.status >= 400 and request.path == MANAGED_SETTINGS_PATH:
+            return _envelope_error(request, exc)
         if exc.status < 400 or not _is_json_path(request.path):
             raise
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
@@ -57,7 +73,7 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 
 def build_portal(deps: PortalDeps) -> web.Application:
     """The portal application: health, RFC 8414 discovery, JWKS, the device flow, revocation, the
-    admin page and the client telemetry relay."""
+    admin page, the client telemetry relay and Claude Code's managed settings."""
     context = PortalContext(deps)
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_errors])
     app[PORTAL] = context
@@ -101,4 +117,6 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_get("/admin/usage.csv", admin.export)
     relayed = TelemetryEndpoints(context)
     app.router.add_post("/v1/{signal:metrics|logs|traces}", relayed.export)
+    managed = ManagedSettingsEndpoint(context)
+    app.router.add_get(MANAGED_SETTINGS_PATH, managed.get)
     return app

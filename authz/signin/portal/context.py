@@ -74,6 +74,10 @@ def _always_healthy() -> bool:
     return True
 
 
+def _never_revoked(_claims: Claims) -> bool:
+    return False
+
+
 class ReadinessCheck(Protocol):
     """One line of ``/readyz`` (:class:`authz.ops.health.CheckResult` satisfies this)."""
 
@@ -81,10 +85,6 @@ class ReadinessCheck(Protocol):
     def ok(self) -> bool: ...
     @property
     def detail(self) -> str: ...
-
-
-def _never_revoked(_claims: Claims) -> bool:
-    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +97,10 @@ class PortalDeps:
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
     they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
-    on the client telemetry endpoints exactly as ext_authz does, and ``relay`` forwards what they
-    accept; without a relay those endpoints drop everything.
+    on the bearer-authenticated endpoints (the client telemetry relay, ``/managed/settings``) exactly
+    as ext_authz does: the worker passes its own verifier and revocation set (without a verifier the
+    telemetry endpoints drop everything, and ``/managed/settings`` builds one from ``keyset`` and
+    ``sessions``); ``relay`` forwards the telemetry they accept (none: dropped).
     """
 
     config: GatewayConfig
@@ -140,6 +142,10 @@ class PortalContext:
             config.portal.user_code_attempts_per_minute, lambda: deps.clock().timestamp()
         )
         self.box = SecretBox(config.sessions.encryption_key) if config.sessions.encryption_key else None
+        sessions = config.sessions
+        self.verifier = deps.verifier or TokenVerifier(
+            deps.keyset, issuer=sessions.issuer, audience=sessions.audience, clock_skew=sessions.clock_skew
+        )
         # RFC 7009 §2.1 lets a client revoke a token it still holds even once expired: accept a
         # signature for as long as the session could live.
         self.revocation_verifier = TokenVerifier(

@@ -1,8 +1,10 @@
 """HTTP helpers the portal's OAuth endpoints and browser pages share: form bodies, origins, the
-client's address and User-Agent, RFC 6749 JSON answers, and the binding of sealed IdP tokens."""
+client's address and User-Agent, RFC 6749 JSON answers, the Anthropic error envelope of the
+bearer-authenticated endpoints, and the binding of sealed IdP tokens."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -104,6 +106,27 @@ def oauth_json(body: dict[str, Any], status: int = 200) -> web.Response:
 def oauth_error(error: str, status: int = 400, headers: dict[str, str] | None = None) -> web.Response:
     """An RFC 6749 §5.2 error object."""
     return web.json_response({"error": error}, status=status, headers={**NO_STORE, **(headers or {})})
+
+
+def anthropic_error(
+    status: int,
+    error_type: str,
+    message: str,
+    *,
+    should_retry: bool | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    """An error in the Anthropic envelope (``{"type":"error","error":{"type","message"}}``), which
+    Claude Code and the SDKs show; ``should_retry=False`` adds ``x-should-retry: false`` (a new
+    token is needed, not another attempt). Built here because the portal sits beside, not above,
+    the translators that build it for the inference routes (authz/translate/envelope.py)."""
+    body = json.dumps(
+        {"type": "error", "error": {"type": error_type, "message": message}}, separators=(",", ":")
+    )
+    extra = dict(headers or {})
+    if should_retry is not None:
+        extra["x-should-retry"] = "true" if should_retry else "false"
+    return web.Response(status=status, text=body, content_type="application/json", headers=extra)
 
 
 def idp_token_binding(sub: str) -> bytes:

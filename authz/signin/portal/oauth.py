@@ -172,16 +172,18 @@ class OAuthEndpoints:
             return oauth_error("temporarily_unavailable", 503)
         await self._audit(caller, "device_authorization", "ok", detail={"surface": surface})
         # RFC 8628 §3.2 response parameters.
-        return oauth_json(
-            {
-                "device_code": device_code,
-                "user_code": user_code,
-                "verification_uri": ctx.url("/device"),
-                "verification_uri_complete": ctx.url(f"/device?user_code={user_code}"),
-                "expires_in": portal.device_code_ttl,
-                "interval": portal.device_poll_interval,
-            }
-        )
+        body: dict[str, Any] = {
+            "device_code": device_code,
+            "user_code": user_code,
+            "verification_uri": ctx.url("/device"),
+            "verification_uri_complete": ctx.url(f"/device?user_code={user_code}"),
+            "expires_in": portal.device_code_ttl,
+            "interval": portal.device_poll_interval,
+        }
+        if portal.login_notice is not None:
+            # Claude Code's extension: plain text shown beside the code on its sign-in screen.
+            body["login_notice"] = portal.login_notice
+        return oauth_json(body)
 
     # --- token endpoint (RFC 6749 §3.2, RFC 8628 §3.4-3.5) -----------------------------------------
 
