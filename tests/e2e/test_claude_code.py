@@ -258,7 +258,9 @@ def test_vertex_mode(stack: Stack, usage: str, developer: Developer) -> None:
         assert f"/projects/{DEFAULT_PROJECT}/" in record["raw_path"], record["raw_path"]
 
 
-@pytest.mark.parametrize(("fmt", "model"), [("bedrock", BEDROCK_MODEL), ("vertex", VERTEX_MODEL)])
+@pytest.mark.parametrize(
+    ("fmt", "model"), [("bedrock", BEDROCK_MODEL), ("vertex", VERTEX_MODEL), ("messages", MESSAGES_MODEL)]
+)
 def test_settings_from_authz_setup(
     stack: Stack, usage: str, developer: Developer, fmt: str, model: str
 ) -> None:
@@ -269,7 +271,13 @@ def test_settings_from_authz_setup(
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(developer.home)}
     done = subprocess.run(setup, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert "CLAUDE_CODE_SKIP_" in settings.read_text()
+    written = json.loads(settings.read_text())["env"]
+    if fmt == "messages":
+        # The native mode: the gateway is the API's base URL, no cloud mode variable at all.
+        assert written["ANTHROPIC_BASE_URL"] == stack.envoy_url
+        assert not any(name.startswith("CLAUDE_CODE_USE_") for name in written)
+    else:
+        assert any(name.startswith("CLAUDE_CODE_SKIP_") for name in written)
     # No mode variable in the environment: they all come from the settings file's "env".
     run = claude(developer, {}, "--model", model)
     assert_answered(run, usage)
