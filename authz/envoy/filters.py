@@ -163,24 +163,28 @@ FORWARDED_HEADERS = (
 )
 
 
-def route_mode(*, request_body: bool, streaming: bool) -> Mode:
-    """The processing mode of one inference route.
+def route_mode(*, request_body: bool) -> Mode:
+    """The processing mode of one inference route, as configured: the request side only.
 
     Request headers always (the request is held there until it is prepared; skipping them and
     mutating headers from the body response does not work: with request_header_mode SKIP Envoy has
     already passed the headers on). The request body whole (BUFFERED; the buffer filter has
-    bounded it) when the translator rewrites it or the upstream signs over it. Response headers
-    always (an error is switched to BUFFERED with mode_override and rewritten). The response body
-    whole for non-streaming answers, chunk by chunk for streams (STREAMED: Envoy waits for each
-    chunk's answer, so nothing reaches the client uncounted). ``POST /v1/messages`` is a stream or
-    not as its body says: its route streams, and the exchange switches a whole answer to BUFFERED,
-    or a stream it rewrites with keep-alives to FULL_DUPLEX_STREAMED (in which Envoy relays nothing
-    itself: every byte the client gets is one the exchange sent). mode_override may do so because
-    the filter-level mode is not FULL_DUPLEX_STREAMED (ExternalProcessor.allow_mode_override).
+    bounded it) when the translator rewrites it or the upstream signs over it.
+
+    The response side is off here and switched on by the service's answer to the request headers
+    (``mode_override``, see ``authz/gateway/servicer.py``): response headers (an error is then
+    switched to BUFFERED and rewritten), and the body whole for non-streaming answers or chunk by
+    chunk for streams (STREAMED: Envoy waits for each chunk's answer, so nothing reaches the client
+    uncounted). A request ext_authz refuses never reaches the service's request phase, so its local
+    reply passes the filter without opening a stream: configured here, the response side would
+    send every refusal's response to the service. ``POST /v1/messages`` is a stream or not as its
+    body says: it starts STREAMED and the exchange switches a whole answer to BUFFERED, or a stream
+    it rewrites with keep-alives to FULL_DUPLEX_STREAMED (in which Envoy relays nothing itself:
+    every byte the client gets is one the exchange sent). mode_override may do so because the
+    filter-level mode is not FULL_DUPLEX_STREAMED (ExternalProcessor.allow_mode_override).
     """
     body = ProcessingModeBodySendMode.BUFFERED if request_body else ProcessingModeBodySendMode.NONE
-    response = ProcessingModeBodySendMode.STREAMED if streaming else ProcessingModeBodySendMode.BUFFERED
-    return (True, body, True, response)
+    return (True, body, False, ProcessingModeBodySendMode.NONE)
 
 
 ANSWERED: Mode = (True, ProcessingModeBodySendMode.NONE, False, ProcessingModeBodySendMode.NONE)

@@ -62,15 +62,13 @@ def _inference_routes(limits: Limits) -> list[Route]:
                     spec.name,
                     _match(spec.method, regex=spec.regex),
                     limits,
-                    route_mode(
-                        request_body=kind.signs_body and spec.method == "POST", streaming=spec.streaming
-                    ),
+                    route_mode(request_body=kind.signs_body and spec.method == "POST"),
                 )
             )
     for spec in messages.ROUTES:
         # The model is in the body, which every Messages call hands to ext_proc (GET /v1/models has
         # none: the exchange answers it from the request headers alone).
-        proc = route_mode(request_body=True, streaming=spec.streaming) if spec.method == "POST" else ANSWERED
+        proc = route_mode(request_body=True) if spec.method == "POST" else ANSWERED
         routes.append(_inference(spec.name, _match(spec.method, regex=spec.regex), limits, proc))
     return routes
 

@@ -137,6 +137,12 @@ class Exchange:
         self._duplex = False
 
     @property
+    def streams(self) -> bool:
+        """Whether the response body starts chunk by chunk (STREAMED) rather than whole: streams,
+        and Messages calls until their response headers say otherwise."""
+        return self._route_streams
+
+    @property
     def duplex(self) -> bool:
         """Whether the response body runs in FULL_DUPLEX_STREAMED mode: every body message must be
         answered with the bytes the exchange writes (none are relayed as they came)."""
@@ -154,8 +160,8 @@ class Exchange:
             return Reply(error_reply("api_error", "Gateway misconfiguration: missing request context."))
         self._identity = identity
         self._headers = headers
-        # The route's configured response body mode (authz/envoy/filters.py, route_mode): STREAMED
-        # for streams and for Messages calls (a stream or not, as the body will say).
+        # The response body mode the request-headers answer sets (authz/gateway/servicer.py):
+        # STREAMED for streams and for Messages calls (a stream or not, as the body will say).
         self._route_streams = identity.streaming or (
             identity.client_format == MESSAGES and identity.operation == "invoke"
         )

@@ -291,6 +291,43 @@ def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
 
 
+def _response_side(request_body: int, streams: bool) -> processing_mode_pb2.ProcessingMode:
+    return _MODE(
+        request_header_mode=_MODE.SEND,
+        request_body_mode=request_body,
+        response_header_mode=_MODE.SEND,
+        response_body_mode=_MODE.STREAMED if streams else _MODE.BUFFERED,
+        request_trailer_mode=_MODE.SKIP,
+        response_trailer_mode=_MODE.SKIP,
+    )
+
+
+# The routes configure only the request side (authz/envoy/filters.py: route_mode): the answer to
+# the request headers switches the response side on, so a request ext_authz refused (whose local
+# reply passes this filter without a request phase) never opens a stream to the service. The
+# request body mode is the route's, as Envoy reports it (ProcessingRequest.protocol_config).
+_OPENED = {
+    (body, streams): ep.ProcessingResponse(
+        request_headers=ep.HeadersResponse(), mode_override=_response_side(body, streams)
+    )
+    for body in (_MODE.NONE, _MODE.BUFFERED)
+    for streams in (False, True)
+}
+
+
+def _open_response(action: Continue, request: ep.ProcessingRequest, streams: bool) -> ep.ProcessingResponse:
+    """The answer to the request headers, with the response side of the processing mode on."""
+    body = request.protocol_config.request_body_mode
+    response = _to_response("request_headers", action)
+    shared = _OPENED.get((body, streams))
+    if shared is not None and response is _UNCHANGED["request_headers"]:
+        return shared
+    opened = ep.ProcessingResponse()
+    opened.CopyFrom(response)
+    opened.mode_override.CopyFrom(_response_side(body, streams))
+    return opened
+
+
 def _streamed(body: bytes, end_of_stream: bool, *, recorded: bool = False) -> ep.ProcessingResponse:
     """A body chunk in FULL_DUPLEX_STREAMED mode (BodyMutation.streamed_response), the only answer
     Envoy takes to a body message in that mode."""
@@ -364,6 +401,12 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = await exchange.on_request_headers(
                         _headers(message), message.end_of_stream, _identity(request)
                     )
+                    if not isinstance(action, Reply):
+                        response = _open_response(action, request, exchange.streams)
+                        if timed:
+                            telemetry.exchange_seconds(kind, time.perf_counter() - started)
+                        yield response
+                        continue
                 elif kind == "request_body":
                     action = await exchange.on_request_body(request.request_body.body)
                 elif kind == "response_headers":

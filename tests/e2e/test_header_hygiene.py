@@ -8,6 +8,7 @@ import json
 import socket
 from typing import Any
 
+import httpx
 import pytest
 
 from authz.dev.devstack import Stack
@@ -136,3 +137,33 @@ def test_anonymous_refusals_write_no_rows(emulator_reset: Stack, unique_user: st
     assert status == 200
     wait_for(lambda: rows_for_user(stack.database_url, unique_user))
     assert fetch_rows(stack.database_url, "user_email IS NULL AND reason LIKE 'token_%'") == []
+
+
+def ext_proc_streams(stack: Stack) -> int:
+    """How many streams Envoy has opened to the ext_proc service (its own counter)."""
+    assert stack.ports is not None
+    stats = httpx.get(f"http://127.0.0.1:{stack.ports.admin}/stats?filter=ext_proc.streams_started").text
+    return sum(int(line.rpartition(":")[2]) for line in stats.splitlines() if "streams_started" in line)
+
+
+def test_refusals_cost_no_ext_proc_stream(emulator_reset: Stack, unique_user: str) -> None:
+    """A request ext_authz refuses (a bad token, a model the policy denies) is answered without
+    opening a stream to the ext_proc service: a flood of refusals costs one Check each, no more."""
+    stack = emulator_reset
+    before = ext_proc_streams(stack)
+    for i in range(10):
+        status, _ = raw_request(stack, f"authorization: Bearer not-a-token-{i}\r\n".encode())
+        assert status == 401
+    denied = httpx.post(
+        f"{stack.envoy_url}/model/us.anthropic.claude-opus-4-6-v1:0/invoke",
+        headers={"authorization": f"Bearer {stack.mint(unique_user)}"},
+        content=BODY,
+    )
+    assert denied.status_code == 400
+    assert ext_proc_streams(stack) == before
+    # The control: an allowed request does open one, and its response is still processed (metered).
+    status, _ = raw_request(stack, f"authorization: Bearer {stack.mint(unique_user)}\r\n".encode())
+    assert status == 200
+    assert ext_proc_streams(stack) == before + 1
+    rows = wait_for(lambda: [r for r in rows_for_user(stack.database_url, unique_user) if r["status"] == 200])
+    assert rows[0]["output_tokens"] > 0 and rows[0]["output_tokens_estimated"] is False

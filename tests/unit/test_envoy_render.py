@@ -171,17 +171,17 @@ def test_ext_procs_idle_unless_a_route_enables_them(example: dict[str, Any]) -> 
 
 def test_ext_proc_mode_on_every_inference_route(example: dict[str, Any]) -> None:
     """Bedrock POSTs send headers and the buffered body (SigV4 covers the body); Vertex and the GET
-    send only headers (a bearer token covers no body); every route shows response headers, and the
-    response body whole (non-streaming) or chunk by chunk, blocking (streams)."""
+    send only headers (a bearer token covers no body). No route configures the response side: the
+    service's answer to the request headers switches it on, so an ext_authz refusal's local reply
+    never opens a stream to the service."""
     with_body = {"bedrock_stream", "bedrock_invoke"}
     for name in STREAMING + NON_STREAMING:
         mode = route(example, name)["typed_per_filter_config"][PROC]["overrides"]["processing_mode"]
         expected = {
             "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
+            "response_header_mode": "SKIP",
             "request_trailer_mode": "SKIP",
             "response_trailer_mode": "SKIP",
-            "response_body_mode": "STREAMED" if name in STREAMING else "BUFFERED",
         }
         if name in with_body:
             expected["request_body_mode"] = "BUFFERED"
@@ -189,10 +189,8 @@ def test_ext_proc_mode_on_every_inference_route(example: dict[str, Any]) -> None
 
 
 def test_ext_proc_mode_on_the_messages_routes(example: dict[str, Any]) -> None:
-    """Messages POSTs hand the body to ext_proc (the model is in it); /v1/messages streams its
-    response (the exchange switches a whole answer to BUFFERED, or a translated stream to
-    FULL_DUPLEX_STREAMED), count_tokens buffers it; GET /v1/models sends only the request headers,
-    which the exchange answers."""
+    """Messages POSTs hand the body to ext_proc (the model is in it); GET /v1/models sends only the
+    request headers, which the exchange answers. The response side is the service's to switch on."""
 
     def mode(name: str) -> dict[str, str]:
         found: dict[str, str] = route(example, name)["typed_per_filter_config"][PROC]["overrides"][
@@ -200,20 +198,15 @@ def test_ext_proc_mode_on_the_messages_routes(example: dict[str, Any]) -> None:
         ]
         return found
 
-    common = {"request_header_mode": "SEND", "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"}
-    assert mode("messages") == {
-        **common,
-        "request_body_mode": "BUFFERED",
-        "response_header_mode": "SEND",
-        "response_body_mode": "STREAMED",
+    common = {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SKIP",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
     }
-    assert mode("messages_count_tokens") == {
-        **common,
-        "request_body_mode": "BUFFERED",
-        "response_header_mode": "SEND",
-        "response_body_mode": "BUFFERED",
-    }
-    assert mode("messages_models") == {**common, "response_header_mode": "SKIP"}
+    assert mode("messages") == {**common, "request_body_mode": "BUFFERED"}
+    assert mode("messages_count_tokens") == {**common, "request_body_mode": "BUFFERED"}
+    assert mode("messages_models") == common
 
 
 # --- routes ----------------------------------------------------------------------------------------
