@@ -37,12 +37,14 @@ from authz.errors import StoreError
 from authz.gateway.accesslog import AccessLog
 from authz.gateway.authorize import Authorizer
 from authz.gateway.exchange import Deps
+from authz.gateway.limits import LimitGate
 from authz.gateway.servicer import (
     AccessLogServicer,
     AuthorizationServicer,
     ExternalProcessorServicer,
     add_servicers,
 )
+from authz.identity import Caller
 from authz.ops.health import Readiness, WorkerHealth
 from authz.ops.retention import Pruner
 from authz.signin.backchannel import BackchannelLogouts
@@ -86,6 +88,8 @@ class Worker:
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
     pruner: Pruner | None = None
+    gate: LimitGate | None = None
+    gate_pool: Pool | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -99,6 +103,10 @@ class Worker:
         if drain:
             await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
+        if self.gate is not None:
+            await self.gate.aclose()
+        if self.gate_pool is not None:
+            await self.gate_pool.close()
         if self.pruner is not None:
             await self.pruner.aclose()
         if self.portal is not None:
@@ -156,7 +164,9 @@ def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
     )
 
 
-async def _start_portal(worker: Worker, keyset: KeySet) -> None:
+async def _start_portal(
+    worker: Worker, keyset: KeySet, identify: Callable[[Mapping[str, str], float], Caller | None]
+) -> None:
     config = worker.config
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
@@ -171,6 +181,7 @@ async def _start_portal(worker: Worker, keyset: KeySet) -> None:
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
             readiness=readiness.report,
+            identify=identify,
         )
     )
     runner = web.AppRunner(app, access_log=None)
@@ -230,6 +241,14 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         ]
     )
     authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
+    # Spend caps and rate limits: leases and counters in PostgreSQL, synced in the background.
+    # min_size=0: the worker starts (and fails closed or open per spend.on_store_error) while
+    # PostgreSQL is down.
+    gate_pool = await connect_pool(
+        config.store.url, min_size=0, max_size=2, timeout=config.store.connect_timeout
+    )
+    gate = LimitGate(config, prices, gate_pool)
+    await gate.start()
     refusals: Counter[str] = Counter()
 
     def count_refusal(reason: str) -> None:
@@ -240,7 +259,7 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     add_servicers(
         server,
-        AuthorizationServicer(authorizer, ledger.record, count_refusal=count_refusal),
+        AuthorizationServicer(authorizer, ledger.record, count_refusal=count_refusal, gate=gate),
         ExternalProcessorServicer(deps),
         AccessLogServicer(access_log),
     )
@@ -252,10 +271,20 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     await server.start()
     worker = Worker(
-        config, index, ledger, upstreams, server, port, health=health, watcher=watcher, logouts=logouts
+        config,
+        index,
+        ledger,
+        upstreams,
+        server,
+        port,
+        health=health,
+        watcher=watcher,
+        logouts=logouts,
+        gate=gate,
+        gate_pool=gate_pool,
     )
     if index == 0:
-        await _start_portal(worker, keyset)
+        await _start_portal(worker, keyset, authorizer.identify)
     await health.serving()
     log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from authz.configtypes import GatewayConfig, Policy
+from authz.billing.caps import policy_for
+from authz.configtypes import GatewayConfig
 from authz.identity import Caller
 from backends.base import model_family
 from backends.descriptor import PassThroughRoute
@@ -24,19 +25,6 @@ class PolicyDecision:
     reason: str | None
     policy: str | None
     upstream: str | None
-
-
-def _email_domain(email: str) -> str | None:
-    local, at, domain = email.rpartition("@")
-    if not at or not local or not domain:
-        return None
-    return domain.lower()
-
-
-def _matches_user(policy: Policy, identity: Caller, domain: str | None) -> bool:
-    if set(policy.groups).intersection(identity.groups):
-        return True
-    return domain is not None and domain in {d.lower() for d in policy.email_domains}
 
 
 def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
@@ -64,8 +52,7 @@ def decide(
     3. The upstream is the first of the policy's ``upstreams`` whose kind serves the client
        format byte for byte; none: denied, "no upstream serves the <format> format for your policy".
     """
-    domain = _email_domain(identity.email)
-    policy = next((p for p in config.policies if _matches_user(p, identity, domain)), None)
+    policy = policy_for(config.policies, identity.groups, identity.email)
     if policy is None:
         return PolicyDecision(False, "no policy admits this user", None, None)
 

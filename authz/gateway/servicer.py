@@ -30,6 +30,7 @@ from authz.gateway.accesslog import AccessLog, AccessRecord
 from authz.gateway.authorize import Allow, Authorizer, CheckInput
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
 from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
+from authz.gateway.limits import LimitGate
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
 from authz.translate.envelope import ErrorReply
@@ -96,11 +97,13 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         record: Callable[[UsageRow], None],
         clock: Callable[[], float] = time.time,
         count_refusal: Callable[[str], None] = lambda _reason: None,
+        gate: LimitGate | None = None,
     ) -> None:
         self._authorizer = authorizer
         self._record = record
         self._clock = clock
         self._count_refusal = count_refusal
+        self._gate = gate
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -122,6 +125,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 malformed=problem,
             )
         )
+        if isinstance(decision, Allow) and self._gate is not None:
+            # Spend caps and rate limits; the body (its first part: ExtAuthz.with_request_body)
+            # gives max_tokens for the reservation.
+            decision = await self._gate.admit(decision, http.raw_body or http.body.encode())
         if isinstance(decision, Allow):
             return _allow_response(decision)
         if decision.row is not None:
@@ -139,6 +146,9 @@ def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=[_authz_header_option(k, v) for k, v in decision.set_headers],
             headers_to_remove=list(decision.remove_headers),
+            # Added to the response the client gets (OkHttpResponse.response_headers_to_add), after
+            # the upstream's own anthropic-ratelimit-* were stripped (authz.envoy.filters).
+            response_headers_to_add=[_authz_header_option(k, v) for k, v in decision.response_headers],
         ),
         dynamic_metadata=metadata,
     )

@@ -96,12 +96,13 @@ NON_STREAMING = ("bedrock_invoke", "bedrock_inference_profiles", "vertex_invoke"
 
 
 def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
-    """buffer, ext_authz, the ext_proc and router run in order; no service failure lets a request
-    through."""
+    """buffer, ext_authz, the ext_proc, the upstream rate-limit strip and router run in order; no
+    service failure lets a request through."""
     assert [f["name"] for f in hcm(example)["http_filters"]] == [
         BUFFER,
         EXT_AUTHZ,
         PROC,
+        "gateway.strip_upstream_ratelimit",
         "envoy.filters.http.router",
     ]
     for name in (EXT_AUTHZ, PROC):
@@ -113,10 +114,38 @@ def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
     assert authz["transport_api_version"] == "V3"
     assert authz["grpc_service"]["timeout"] == "2s"
     assert authz["clear_route_cache"] is True
-    assert "with_request_body" not in authz
+    # The start of the body, for max_tokens (spend reservations), as raw bytes and never a 413.
+    assert authz["with_request_body"] == {
+        "max_request_bytes": 128 * 1024,
+        "allow_partial_message": True,
+        "pack_as_bytes": True,
+    }
     # Raw header bytes, one entry per line: repeated credentials and bad UTF-8 are refused.
     assert authz["encode_raw_headers"] is True
     assert http_filter(example, "envoy.filters.http.router")["suppress_envoy_headers"] is True
+
+
+def test_upstream_ratelimit_headers_are_stripped_before_ext_authz_adds_its_own(
+    example: dict[str, Any],
+) -> None:
+    """Every response loses headers starting anthropic-ratelimit- in a filter after ext_authz (so on
+    the response path before ext_authz adds the caller's standing headers)."""
+    names = [f["name"] for f in hcm(example)["http_filters"]]
+    assert names.index("gateway.strip_upstream_ratelimit") > names.index(EXT_AUTHZ)
+    mutation = http_filter(example, "gateway.strip_upstream_ratelimit")
+    assert mutation["mutations"] == {
+        "response_mutations": [{"remove_on_match": {"key_matcher": {"prefix": "anthropic-ratelimit-"}}}]
+    }
+
+
+def test_usage_endpoint_goes_to_the_portal(example: dict[str, Any]) -> None:
+    """GET /api/oauth/usage is routed to the portal with ext_authz and the ext_proc off (the portal
+    verifies the gateway token itself)."""
+    routes = hcm(example)["route_config"]["virtual_hosts"][0]["routes"]
+    (route,) = [r for r in routes if r["name"] == "portal_usage"]
+    assert route["match"] == {"path": "/api/oauth/usage"}
+    assert route["route"]["cluster"] == "gateway_portal"
+    assert set(route["typed_per_filter_config"]) == {EXT_AUTHZ, PROC}
 
 
 def test_whole_body_held_before_ext_authz(example: dict[str, Any]) -> None:

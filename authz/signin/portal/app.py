@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from authz.errors import StoreError
-from authz.signin.portal import oauth
+from authz.signin.portal import oauth, usage
 from authz.signin.portal import web as pages_web
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
 from authz.signin.portal.http import oauth_error
@@ -92,4 +92,5 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_post("/device", browser.device_submit)
     app.router.add_post("/device/approve", browser.approve)
     app.router.add_get("/oauth/callback", browser.callback)
+    app.router.add_get("/api/oauth/usage", usage.UsageEndpoint(context).get)
     return app

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 from authz.configtypes import GatewayConfig
+from authz.identity import Caller
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, TokenSet
 from authz.signin.portal.device import RateLimiter
@@ -91,7 +92,9 @@ class PortalDeps:
     ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
-    they need PostgreSQL (503 otherwise).
+    they need PostgreSQL (503 otherwise). ``identify`` names the verified, unrevoked caller of a
+    request's gateway token (ext_authz's own check), for ``GET /api/oauth/usage``; without it that
+    endpoint answers 401.
     """
 
     config: GatewayConfig
@@ -102,6 +105,7 @@ class PortalDeps:
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
+    identify: Callable[[Mapping[str, str], float], Caller | None] | None = None
 
 
 class PortalContext:
