@@ -52,6 +52,7 @@ from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
 )
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import Mutations
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
     LocalReplyConfig,
@@ -159,10 +160,11 @@ AUTHZ_BODY_BYTES = 128 * 1024
 
 def _strip_upstream_ratelimit() -> HttpFilter:
     # The upstream's own rate-limit headers describe the gateway's cloud account, not the caller, and
-    # would contradict the gateway's anthropic-ratelimit-unified-* standing headers: removed from
-    # every response by prefix (config.common.mutation_rules.v3.HeaderMutation.remove_on_match).
-    # The filter sits after ext_authz in the chain, so on the response path it runs before
-    # ext_authz adds the caller's standing (OkHttpResponse.response_headers_to_add).
+    # would contradict the gateway's anthropic-ratelimit-unified-* standing headers: removed by
+    # prefix (config.common.mutation_rules.v3.HeaderMutation.remove_on_match). An upstream filter of
+    # the router (Router.upstream_http_filters), so it sees only what an upstream answered: the
+    # gateway's own refusals (ext_authz local replies) keep their unified headers, and on the way
+    # to the client ext_authz adds the caller's standing after this ran.
     mutation = HeaderMutationFilter(
         mutations=Mutations(
             response_mutations=[
@@ -269,9 +271,10 @@ def _ext_proc(limits: Limits) -> HttpFilter:
 
 def _router() -> HttpFilter:
     # No x-envoy-upstream-service-time and friends on responses (Router.suppress_envoy_headers).
-    return HttpFilter(
-        name="envoy.filters.http.router", typed_config=_pack(Router(suppress_envoy_headers=True))
-    )
+    # Upstream filters end with the codec filter (Router.upstream_http_filters).
+    codec = HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_pack(UpstreamCodec()))
+    router = Router(suppress_envoy_headers=True, upstream_http_filters=[_strip_upstream_ratelimit(), codec])
+    return HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router))
 
 
 # --- local replies ------------------------------------------------------------------------------

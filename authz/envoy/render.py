@@ -58,7 +58,6 @@ from authz.envoy.filters import (
     _service_access_log,
     _stdout_access_log,
     _strip_internal_headers,
-    _strip_upstream_ratelimit,
 )
 from authz.envoy.routes import _route_config
 from authz.errors import ConfigError
@@ -172,13 +171,7 @@ def _listener(config: GatewayConfig, access_log: bool) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
         route_config=_route_config(limits),
-        http_filters=[
-            _buffer(limits),
-            _ext_authz(limits),
-            _ext_proc(limits),
-            _strip_upstream_ratelimit(),
-            _router(),
-        ],
+        http_filters=[_buffer(limits), _ext_authz(limits), _ext_proc(limits), _router()],
         # Some servers read x_api_key as x-api-key, so such names could slip past header checks;
         # refuse them with 400 rather than drop them silently
         # (HttpProtocolOptions.headers_with_underscores_action).

@@ -96,13 +96,12 @@ NON_STREAMING = ("bedrock_invoke", "bedrock_inference_profiles", "vertex_invoke"
 
 
 def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
-    """buffer, ext_authz, the ext_proc, the upstream rate-limit strip and router run in order; no
-    service failure lets a request through."""
+    """buffer, ext_authz, the ext_proc and router run in order; no service failure lets a request
+    through."""
     assert [f["name"] for f in hcm(example)["http_filters"]] == [
         BUFFER,
         EXT_AUTHZ,
         PROC,
-        "gateway.strip_upstream_ratelimit",
         "envoy.filters.http.router",
     ]
     for name in (EXT_AUTHZ, PROC):
@@ -125,15 +124,14 @@ def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
     assert http_filter(example, "envoy.filters.http.router")["suppress_envoy_headers"] is True
 
 
-def test_upstream_ratelimit_headers_are_stripped_before_ext_authz_adds_its_own(
-    example: dict[str, Any],
-) -> None:
-    """Every response loses headers starting anthropic-ratelimit- in a filter after ext_authz (so on
-    the response path before ext_authz adds the caller's standing headers)."""
-    names = [f["name"] for f in hcm(example)["http_filters"]]
-    assert names.index("gateway.strip_upstream_ratelimit") > names.index(EXT_AUTHZ)
-    mutation = http_filter(example, "gateway.strip_upstream_ratelimit")
-    assert mutation["mutations"] == {
+def test_upstream_ratelimit_headers_are_stripped_from_upstream_answers_only(example: dict[str, Any]) -> None:
+    """Headers starting anthropic-ratelimit- are removed by an upstream filter of the router: from
+    what upstreams answer, never from the gateway's own refusals; the codec filter ends the chain."""
+    router = http_filter(example, "envoy.filters.http.router")
+    strip, codec = router["upstream_http_filters"]
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    assert strip["name"] == "gateway.strip_upstream_ratelimit"
+    assert strip["typed_config"]["mutations"] == {
         "response_mutations": [{"remove_on_match": {"key_matcher": {"prefix": "anthropic-ratelimit-"}}}]
     }
 
