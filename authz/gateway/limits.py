@@ -29,8 +29,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -49,7 +49,7 @@ from authz.billing.standing import (
     refusal_message,
     standing_headers,
 )
-from authz.configtypes import GatewayConfig, Policy
+from authz.configtypes import GatewayConfig, Policy, RateLimits
 from authz.errors import StoreError
 from authz.gateway.authorize import Allow, Deny
 from authz.identity import RequestIdentity, Reservation
@@ -66,6 +66,22 @@ HELD_RETRY_AFTER = 2
 # Spend state the sync prunes about once a minute (any worker may; the deletes are idempotent).
 _PRUNE_EVERY = 60.0
 _ZERO = Decimal(0)
+
+
+# Callers whose caps are kept computed (the cache is emptied when full, and at every change of caps).
+_PLAN_CACHE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What admission checks for one caller on one UTC day: the caps, each one's bucket (with the
+    cap) and reset, and the policy's rate limits (None: none)."""
+
+    caps: tuple[Cap, ...]
+    needs: tuple[tuple[Bucket, Decimal], ...]
+    resets: tuple[datetime, ...]
+    limits: RateLimits | None
+    day: float
 
 
 def holder_name() -> str:
@@ -118,6 +134,7 @@ class LimitGate:
         self._config = config
         self._policies: dict[str, Policy] = {p.name: p for p in config.policies}
         self._index = CapIndex(config.policies, config.spend, self._stored)
+        self._plans: dict[tuple[str | None, str | None, tuple[str, ...]], _Plan] = {}
         self._anything = bool(
             self._stored
             or config.spend.org_caps
@@ -136,12 +153,12 @@ class LimitGate:
         if caller is None:
             return allow
         user = user_key(caller.email, caller.sub)
-        policy = self._policies.get(identity.policy or "")
-        caps = self._index.caps(identity.policy, user, caller.groups)
-        limits = policy.rate_limits if policy is not None else None
+        now = identity.started_at
+        plan = self._plan(identity.policy, user, caller.groups, now)
+        caps = plan.caps
+        limits = plan.limits
         if not caps and (limits is None or not limits.any):
             return allow
-        now = identity.started_at
         if user is not None and limits is not None and limits.any:
             refused = self._rates.admit(user, limits, now)
             if refused is not None:
@@ -150,13 +167,40 @@ class LimitGate:
                 )
         if not caps or identity.operation in FREE_OPERATIONS:
             return allow
-        decision = await self._spend(allow, caps, body, now)
+        decision = await self._spend(allow, plan, body, now)
         if isinstance(decision, Deny) and user is not None and limits is not None and limits.any:
             self._rates.forget(user, now)
         return decision
 
-    async def _spend(self, allow: Allow, caps: tuple[Cap, ...], body: bytes, now: float) -> Allow | Deny:
+    def _plan(self, policy: str | None, user: str | None, groups: tuple[str, ...], now: float) -> _Plan:
+        """The caller's caps with their buckets for the day of ``now`` and rate limits, cached: the
+        same caller asks again and again, and only a new UTC day (or a new configuration or set of
+        caps, which empties the cache) changes the answer."""
+        key = (policy, user, groups)
+        plan = self._plans.get(key)
+        if plan is not None and plan.day <= now < plan.day + 86400.0:
+            return plan
+        caps = self._index.caps(policy, user, groups)
+        bounds = [self._periods.bounds(cap.period, now) for cap in caps]
+        found = self._policies.get(policy or "")
+        plan = _Plan(
+            caps=caps,
+            needs=tuple(
+                (Bucket(cap.scope, cap.name, cap.period, start), cap.usd)
+                for cap, (start, _end) in zip(caps, bounds, strict=True)
+            ),
+            resets=tuple(end for _start, end in bounds),
+            limits=found.rate_limits if found is not None and found.rate_limits.any else None,
+            day=self._periods.bounds("daily", now)[0].timestamp(),
+        )
+        if len(self._plans) >= _PLAN_CACHE:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
+
+    async def _spend(self, allow: Allow, plan: _Plan, body: bytes, now: float) -> Allow | Deny:
         identity = allow.identity
+        caps = plan.caps
         usd = estimate_usd(
             self._prices,
             identity.model,
@@ -164,8 +208,8 @@ class LimitGate:
             request_bytes=identity.request_bytes,
             max_tokens=max_tokens_of(body),
         )
-        buckets = [self._bucket(cap, now) for cap in caps]
-        needs = [(bucket, cap.usd) for bucket, cap in zip(buckets, caps, strict=True)]
+        needs = plan.needs
+        buckets = [bucket for bucket, _usd in needs]
         leases = self._leases
         result: Admitted | Short | None = None
         if leases is not None and self._down_since is None:
@@ -184,17 +228,15 @@ class LimitGate:
             return self._refuse(identity, cap, result, now)
         assert leases is not None
         standings = [
-            Standing(cap, leases.spent(bucket) or _ZERO, self._reset(cap, now))
-            for cap, bucket in zip(caps, buckets, strict=True)
+            Standing(cap, leases.spent(bucket) or _ZERO, reset)
+            for cap, bucket, reset in zip(caps, buckets, plan.resets, strict=True)
         ]
-        return replace(
-            allow,
-            identity=replace(identity, reservation=Reservation(usd, result.leases)),
-            response_headers=standing_headers(standings),
+        return Allow(
+            allow.set_headers,
+            allow.remove_headers,
+            replace(identity, reservation=Reservation(usd, result.leases)),
+            standing_headers(standings),
         )
-
-    def _bucket(self, cap: Cap, now: float) -> Bucket:
-        return Bucket(cap.scope, cap.name, cap.period, self._periods.bounds(cap.period, now)[0])
 
     def _reset(self, cap: Cap, now: float) -> datetime:
         return self._periods.bounds(cap.period, now)[1]
@@ -218,7 +260,7 @@ class LimitGate:
         return self._deny(identity, reply, f"spend_cap: {cap.label}")
 
     def _store_down(
-        self, allow: Allow, caps: tuple[Cap, ...], buckets: list[Bucket], usd: Decimal, now: float
+        self, allow: Allow, caps: tuple[Cap, ...], buckets: Sequence[Bucket], usd: Decimal, now: float
     ) -> Allow | Deny:
         identity = allow.identity
         spend = self._config.spend
