@@ -727,7 +727,9 @@ def _prepared(
     if prepared is None:
         prepared = build(state, model)
         if state.response_headers:
-            prepared = _Prepared(prepared.parts, {**prepared.headers, **state.response_headers}, prepared.body)
+            prepared = _Prepared(
+                prepared.parts, {**prepared.headers, **state.response_headers}, prepared.body
+            )
         cache.entries[(kind, model)] = prepared
     return prepared
 

@@ -462,3 +462,79 @@ async def test_rate_counts_are_shared_at_sync(db: Pool, tmp_path: Path) -> None:
     await a.sync(db, now)
     tokens = a.admit("ada@example.com", RateLimits(tokens_per_minute=49_000), now)
     assert tokens is not None and tokens.limit == "tokens_per_minute"  # make_row's 49,545 tokens
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def test_spend_limits_and_spend_show_commands(
+    fresh_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """set, list, show and delete through `authz`: amounts as people read them, the old value on
+    change, every cap on the user with what remains, exit 1 deleting a cap that is not there."""
+    from authz.cli import main
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        f"store: {{url: '{fresh_db}'}}\n"
+        "upstreams: {b: {kind: bedrock, region: us-east-1}}\n"
+        "policies:\n"
+        "  - {name: eng, groups: [eng], upstreams: [b], spend_caps: [{period: monthly, usd: 300}]}\n",
+        encoding="utf-8",
+    )
+    base = ["--config", str(config)]
+    assert (
+        main(["spend-limits", "set", *base, "--user", "Ada@Example.com", "--period", "daily", "--usd", "5"])
+        == 0
+    )
+    assert "user ada@example.com daily: none -> $5.00" in capsys.readouterr().out
+    assert (
+        main(["spend-limits", "set", *base, "--user", "ada@example.com", "--period", "daily", "--usd", "7.5"])
+        == 0
+    )
+    assert "$5.00 -> $7.50" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "spend-limits",
+                "set",
+                *base,
+                "--group",
+                "eng",
+                "--pooled",
+                "--period",
+                "weekly",
+                "--usd",
+                "1000",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["spend-limits", "set", *base, "--org", "--period", "monthly", "--usd", "0.5", "--pooled"]) == 2
+    )
+    assert "--pooled goes with --group" in capsys.readouterr().err
+    assert main(["spend-limits", "list", *base]) == 0
+    listed = capsys.readouterr().out
+    assert "group_pool  eng" in listed and "$7.50" in listed and "$1000.00" in listed
+
+    async def spend() -> None:
+        pool = await connect_pool(fresh_db, min_size=1, max_size=2, timeout=5)
+        try:
+            async with ledger(pool, tmp_path / "spool") as led:
+                led.record(row(1, "1.25", at=period_start("daily", datetime.now(UTC)), groups=("eng",)))
+                await led.flush()
+        finally:
+            await pool.close()
+
+    asyncio.run(spend())
+    assert main(["spend", "show", *base, "--user", "ada@example.com", "--groups", "eng"]) == 0
+    shown = capsys.readouterr().out
+    lines = [line.split() for line in shown.splitlines()]
+    assert "policy: eng)" in shown and ["daily", "$1.25"] == lines[2][:2]
+    assert ["group_pool", "eng", "weekly", "$1000.00", "$1.25", "$998.75"] in [line[:6] for line in lines]
+    assert ["user", "daily", "$7.50", "$1.25", "$6.25"] in [line[:5] for line in lines]
+    assert ["user", "monthly", "$300.00", "$1.25", "$298.75"] in [line[:5] for line in lines]
+    assert main(["spend-limits", "delete", *base, "--user", "ada@example.com", "--period", "daily"]) == 0
+    assert main(["spend-limits", "delete", *base, "--user", "ada@example.com", "--period", "daily"]) == 1
+    assert "no daily spend limit for user ada@example.com" in capsys.readouterr().err
