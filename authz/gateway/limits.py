@@ -50,6 +50,7 @@ from authz.billing.standing import (
     standing_headers,
 )
 from authz.configtypes import GatewayConfig, Policy, RateLimits
+from authz.envoy.filters import AUTHZ_BODY_BYTES
 from authz.errors import StoreError
 from authz.gateway.authorize import Allow, Deny
 from authz.identity import RequestIdentity, Reservation
@@ -201,12 +202,15 @@ class LimitGate:
     async def _spend(self, allow: Allow, plan: _Plan, body: bytes, now: float) -> Allow | Deny:
         identity = allow.identity
         caps = plan.caps
+        whole = identity.request_bytes <= len(body) < AUTHZ_BODY_BYTES
         usd = estimate_usd(
             self._prices,
             identity.model,
             regional=identity.regional,
-            request_bytes=identity.request_bytes,
-            max_tokens=max_tokens_of(body),
+            request_bytes=max(identity.request_bytes, len(body)),
+            # Only a whole body says what max_tokens is: past ext_authz's share of a large body the
+            # top-level key may follow a smaller nested one, so a prefix gets the largest output.
+            max_tokens=max_tokens_of(body) if whole else None,
         )
         needs = plan.needs
         buckets = [bucket for bucket, _usd in needs]

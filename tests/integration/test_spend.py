@@ -259,7 +259,12 @@ def config(**spend: Any) -> GatewayConfig:
 
 
 def allow(
-    at: datetime, *, email: str = "ada@example.com", groups: tuple[str, ...] = ("eng",), i: int = 0
+    at: datetime,
+    *,
+    email: str = "ada@example.com",
+    groups: tuple[str, ...] = ("eng",),
+    i: int = 0,
+    body: bytes = BODY,
 ) -> Allow:
     identity = RequestIdentity(
         request_id=f"r-{at.timestamp()}-{i}",
@@ -270,7 +275,7 @@ def allow(
         policy="eng" if "eng" in groups else "free",
         upstream="b",
         model=HAIKU,
-        request_bytes=len(BODY),
+        request_bytes=len(body),
     )
     return Allow(set_headers=(), remove_headers=(), identity=identity)
 
@@ -311,7 +316,7 @@ async def test_the_gate_admits_until_the_cap_then_refuses_with_the_unified_shape
     await gate.sync()
     t = DAY + timedelta(hours=23, minutes=59)
     seen: list[tuple[str, str | None]] = []
-    decision: Allow | Deny = await gate.admit(allow(t), SMALL)
+    decision: Allow | Deny = await gate.admit(allow(t, body=SMALL), SMALL)
     async with ledger(db, tmp_path) as led:
         while isinstance(decision, Allow):
             headers = dict(decision.response_headers)
@@ -322,7 +327,7 @@ async def test_the_gate_admits_until_the_cap_then_refuses_with_the_unified_shape
             led.record(written(decision, "0.0003"))
             await led.flush()
             await gate.sync()
-            decision = await gate.admit(allow(t, i=len(seen)), SMALL)
+            decision = await gate.admit(allow(t, i=len(seen), body=SMALL), SMALL)
     # $0.012 at $0.0003 a row: 75% after 30 rows, 95% after 38, no room for an estimate after 39.
     assert seen == [("allowed", None)] * 30 + [("allowed_warning", "0.75")] * 8 + [
         ("allowed_warning", "0.95")
@@ -337,9 +342,26 @@ async def test_the_gate_admits_until_the_cap_then_refuses_with_the_unified_shape
     assert (DAY + timedelta(days=1)).strftime("%Y-%m-%d 00:00 UTC") in message["message"]
     assert "https://it.example.com/more" in message["message"]
     assert decision.row.outcome == "denied" and decision.row.reason == "spend_cap: user daily 0.012 USD"
-    tomorrow = await gate.admit(allow(DAY + timedelta(days=1)), SMALL)
+    tomorrow = await gate.admit(allow(DAY + timedelta(days=1), body=SMALL), SMALL)
     assert isinstance(tomorrow, Allow)
     assert dict(tomorrow.response_headers)[f"{U}overage-utilization"] == "0.00"
+
+
+async def test_a_body_seen_in_part_is_reserved_at_the_largest_output(db: Pool) -> None:
+    """When ext_authz got only the start of a large body, its max_tokens is not trusted (a nested
+    one may come first): the reservation assumes the largest output."""
+    gate = LimitGate(
+        config(group_budgets=(GroupBudget("big", "daily", 100.0),)), PriceBook(), db, holder="g1"
+    )
+    whole = allow(DAY + timedelta(hours=1), groups=("free", "big"), body=SMALL)
+    partial = replace(whole, identity=replace(whole.identity, request_bytes=len(SMALL) + 500_000))
+    seen = await gate.admit(whole, SMALL)
+    cut = await gate.admit(partial, SMALL)
+    assert isinstance(seen, Allow) and seen.identity.reservation is not None
+    assert isinstance(cut, Allow) and cut.identity.reservation is not None
+    assert seen.identity.reservation.usd == Decimal("0.00053600")
+    # 125,018 input tokens at $2/M and 128,000 output tokens at $5/M.
+    assert cut.identity.reservation.usd == Decimal("0.89003600")
 
 
 async def test_callers_without_caps_pass_untouched(db: Pool) -> None:
