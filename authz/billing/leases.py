@@ -120,13 +120,6 @@ class LeaseBook:
             lease.unit = usd
         return Admitted(tuple(lease.lease_id for lease in leases))
 
-    def unreserve(self, needs: Sequence[tuple[Bucket, Decimal]], admitted: Admitted, usd: Decimal) -> None:
-        """Give a reservation back to the local leases (the request was refused after all)."""
-        for (bucket, _cap), lease_id in zip(needs, admitted.leases, strict=True):
-            lease = self._leases.get(bucket)
-            if lease is not None and lease.lease_id == lease_id:
-                lease.free += usd
-
     def refused_locally(
         self, needs: Sequence[tuple[Bucket, Decimal]], usd: Decimal, now: float
     ) -> Short | None:
