@@ -6,11 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
-# Outside Python: Debian's chromium (Playwright drives it; never `playwright install`), the test
+# Outside Python: Debian's chromium (Playwright drives it; never `playwright install`) and
+# prometheus (the telemetry tests run every dashboard query against a real one), the test
 # IdP's npm packages (tests/idp, the real oidc-provider) and the pinned Claude Code CLI the
 # end-to-end tests drive (tests/claude_code; its native binary comes as a platform package from the
 # same registry, so the install needs no other download).
 CHROMIUM := /usr/bin/chromium
+PROMETHEUS := /usr/bin/prometheus
 IDP_MODULES := tests/idp/node_modules/.package-lock.json
 CLAUDE_CODE_MODULES := tests/claude_code/node_modules/.package-lock.json
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -31,7 +33,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the gateway with its development tools
 
 .PHONY: deps-system
-deps-system: $(CHROMIUM) $(IDP_MODULES) $(CLAUDE_CODE_MODULES) ## Install Debian's chromium, the test IdP and Claude Code (npm) if missing
+deps-system: $(CHROMIUM) $(PROMETHEUS) $(IDP_MODULES) $(CLAUDE_CODE_MODULES) ## Install Debian's chromium and prometheus, the test IdP and Claude Code (npm) if missing
 	@:
 
 $(CHROMIUM):
@@ -41,6 +43,15 @@ $(CHROMIUM):
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	else \
 	  echo "apt-get not found: skipping chromium; install it at $(CHROMIUM) for the browser tests"; \
+	fi
+
+$(PROMETHEUS):
+	@if command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Debian's prometheus for the telemetry tests"; \
+	  $(SUDO) apt-get update -qq >/dev/null && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else \
+	  echo "apt-get not found: skipping prometheus; install it at $(PROMETHEUS) for the telemetry tests"; \
 	fi
 
 $(IDP_MODULES): tests/idp/package.json tests/idp/package-lock.json

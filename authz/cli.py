@@ -2,7 +2,8 @@
 
 ``authz serve`` runs the gateway services, ``authz envoy`` runs (or prints) Envoy's configuration,
 ``authz run`` runs everything, ``authz doctor`` checks a deployment's configuration, ``authz usage``
-shows recent usage rows, and ``authz token mint`` signs a short-lived token for development.
+shows recent usage rows or their sums (``--by``), ``authz audit`` the audit log, and ``authz token
+mint`` signs a short-lived token for development.
 
 For developers: ``authz login`` signs in to a gateway (device flow), ``authz token`` prints a fresh
 access token (Claude Code's ``apiKeyHelper``), ``authz logout`` ends the session, and ``authz setup
@@ -128,11 +129,32 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    """Print the most recent usage rows."""
-    from authz.billing.usage_report import print_recent
+    """Print the most recent usage rows, or with ``--by`` their sums per user, group, model, ..."""
+    from datetime import UTC, datetime
+
+    from authz.billing.usage_report import parse_time, print_recent, print_summary
 
     config = _config(args)
-    return asyncio.run(print_recent(config, limit=args.limit, as_json=args.json))
+    if args.by is None:
+        if args.since or args.until or args.format != "table":
+            raise GatewayError("--since, --until and --format go with --by")
+        return asyncio.run(print_recent(config, limit=args.limit, as_json=args.json))
+    now = datetime.now(UTC)
+    since = parse_time(args.since, now) if args.since else None
+    until = parse_time(args.until, now) if args.until else None
+    return asyncio.run(print_summary(config, by=args.by, since=since, until=until, fmt=args.format))
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Print the audit log: sign-ins, refreshes, revocations, logouts and admin actions."""
+    from datetime import UTC, datetime
+
+    from authz.billing.usage_report import parse_time
+    from authz.signin.audit_report import print_audit
+
+    since = parse_time(args.since, datetime.now(UTC)) if args.since else None
+    config = _config(args)
+    return asyncio.run(print_audit(config, since=since, kind=args.kind, limit=args.limit, fmt=args.format))
 
 
 # --- developer sign-in: login, token, logout, setup --------------------------------------------
@@ -665,11 +687,25 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="the figures as JSON (exact amounts)")
     show.set_defaults(func=cmd_spend_show)
 
-    p = sub.add_parser("usage", help="show recent usage rows")
+    from authz.store.reports import GROUPINGS
+
+    p = sub.add_parser("usage", help="show recent usage rows, or their sums per user, group, model, day, ...")
     p.add_argument("--config", required=True)
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--by", choices=list(GROUPINGS), help="sum requests, tokens, cost and denials per key")
+    p.add_argument("--since", help="with --by: from this time (2026-11-01, 2026-11-01T09:30, 24h, 7d)")
+    p.add_argument("--until", help="with --by: before this time (same forms)")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table", help="with --by")
+    p.add_argument("--limit", type=int, default=20, help="without --by: how many recent rows")
+    p.add_argument("--json", action="store_true", help="without --by: one JSON object per line")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("audit", help="show the audit log (sign-ins, revocations, admin actions)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--since", help="from this time (2026-11-01, 2026-11-01T09:30, 24h, 7d)")
+    p.add_argument("--kind", help="only events of this kind (callback, approval, admin_revoke, ...)")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many, the newest (default 1000)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

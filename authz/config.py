@@ -16,7 +16,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -49,13 +49,68 @@ def loads(text: str, environ: Mapping[str, str], base_dir: Path | None = None) -
     if raw is None:
         raw = {}
     try:
-        resolved = _resolve_refs(raw, environ, base_dir or Path.cwd(), "")
+        resolved = _otel_environment(_resolve_refs(raw, environ, base_dir or Path.cwd(), ""), environ)
         config = build(GatewayConfig, resolved, "")
     except RecursionError:
         # `a: &x [*x]` is valid YAML that safe_load turns into a self-containing list.
         raise ConfigError("", "recursive YAML aliases are not supported") from None
     validate(config)
     return config
+
+
+# The OpenTelemetry SDK environment variables that stand in for telemetry keys the file leaves out
+# (https://opentelemetry.io/docs/specs/otel/protocol/exporter/ and .../sdk-environment-variables/).
+# Values keep their variable's name as the field in errors: `OTEL_EXPORTER_OTLP_PROTOCOL: ...`.
+_OTEL_ENV: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", ("otlp", "endpoint")),
+    ("OTEL_EXPORTER_OTLP_PROTOCOL", ("otlp", "protocol")),
+    ("OTEL_EXPORTER_OTLP_HEADERS", ("otlp", "headers")),
+    ("OTEL_METRIC_EXPORT_INTERVAL", ("otlp", "interval")),
+    ("OTEL_SERVICE_NAME", ("service_name",)),
+)
+
+
+def _otel_environment(raw: Any, environ: Mapping[str, str]) -> Any:
+    """``raw`` with each ``telemetry`` key the file leaves out taken from its ``OTEL_*`` variable."""
+    if not isinstance(raw, dict) or not any(environ.get(name) for name, _ in _OTEL_ENV):
+        return raw
+    telemetry = raw.get("telemetry")
+    if telemetry is None:
+        telemetry = {}
+    if not isinstance(telemetry, dict) or not isinstance(telemetry.get("otlp", {}), dict):
+        return raw  # build() names the malformed section
+    telemetry = {**telemetry, "otlp": dict(telemetry.get("otlp") or {})}
+    for name, path in _OTEL_ENV:
+        value = environ.get(name)
+        section = telemetry if len(path) == 1 else telemetry["otlp"]
+        if not value or path[-1] in section:
+            continue
+        if name == "OTEL_EXPORTER_OTLP_HEADERS":
+            section[path[-1]] = _otel_headers(value)
+        elif name == "OTEL_METRIC_EXPORT_INTERVAL":
+            try:
+                section[path[-1]] = float(value) / 1000.0  # milliseconds in the variable
+            except ValueError:
+                raise ConfigError(name, f"expected milliseconds, got {value!r}") from None
+        else:
+            section[path[-1]] = value
+    if not telemetry["otlp"]:
+        del telemetry["otlp"]
+    return {**raw, "telemetry": telemetry} if telemetry else raw
+
+
+def _otel_headers(value: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with percent-encoded values (the W3C Baggage list format the OTLP exporter
+    specification uses for OTEL_EXPORTER_OTLP_HEADERS)."""
+    headers: dict[str, str] = {}
+    for item in value.split(","):
+        if not item.strip():
+            continue
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("OTEL_EXPORTER_OTLP_HEADERS", f"expected key=value pairs, got {item.strip()!r}")
+        headers[unquote(key.strip()).lower()] = unquote(val.strip())
+    return headers
 
 
 def _reject_duplicate_keys(node: yaml.Node | None, where: str, seen_nodes: set[int]) -> None:
@@ -248,6 +303,9 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("sessions.verify_keys", "key ids (kid) must be unique")
     if config.oidc is not None:
         _validate_oidc(config)
+    _validate_telemetry(config)
+    if config.portal.admin_session_ttl <= 0:
+        raise ConfigError("portal.admin_session_ttl", "must be positive")
     portal = urlsplit(config.portal.public_url)
     if portal.scheme not in ("http", "https") or not portal.hostname or portal.query or portal.fragment:
         raise ConfigError("portal.public_url", "must be an http(s) URL with a host and no query")
@@ -280,6 +338,38 @@ def _validate_spend(config: GatewayConfig) -> None:
         raise ConfigError("spend.lease_ttl", "must be at least three times spend.sync_interval")
     if not 0 <= spend.lease_fraction <= 1:
         raise ConfigError("spend.lease_fraction", "must be between 0 and 1")
+
+
+def _validate_telemetry(config: GatewayConfig) -> None:
+    telemetry = config.telemetry
+    otlp = telemetry.otlp
+    if otlp.endpoint:
+        url = urlsplit(otlp.endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+            raise ConfigError(
+                "telemetry.otlp.endpoint", "must be an http(s) URL such as http://collector:4318"
+            )
+        if otlp.protocol == "grpc" and url.path not in ("", "/"):
+            raise ConfigError("telemetry.otlp.endpoint", "a gRPC endpoint takes no path")
+    for name, value in (("interval", otlp.interval), ("timeout", otlp.timeout)):
+        if value <= 0:
+            raise ConfigError(f"telemetry.otlp.{name}", "must be positive")
+    for key in dict(otlp.headers):
+        if not key or any(c in key for c in " :\r\n"):
+            raise ConfigError(f"telemetry.otlp.headers.{key}", "is not a valid header name")
+    if not 0.0 <= telemetry.traces.sample_ratio <= 1.0:
+        raise ConfigError("telemetry.traces.sample_ratio", "must be between 0 and 1")
+    if telemetry.relay.max_body_bytes <= 0 or telemetry.relay.max_queue <= 0:
+        raise ConfigError("telemetry.relay", "max_body_bytes and max_queue must be positive")
+    prometheus = telemetry.prometheus
+    grpc = config.listen.grpc
+    if prometheus.enabled and prometheus.port and grpc.port:
+        mine = set(range(prometheus.port, prometheus.port + config.workers))
+        if mine & set(range(grpc.port, grpc.port + config.workers)):
+            raise ConfigError("telemetry.prometheus.port", "collides with the gRPC worker ports")
+        for name in ("envoy", "envoy_admin", "portal"):
+            if getattr(config.listen, name).port in mine:
+                raise ConfigError("telemetry.prometheus.port", f"collides with listen.{name}.port")
 
 
 def _validate_oidc(config: GatewayConfig) -> None:

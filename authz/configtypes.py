@@ -90,6 +90,8 @@ class Portal:
     device_code_ttl: int = 600
     device_poll_interval: int = 5
     user_code_attempts_per_minute: int = 10
+    admin_groups: tuple[str, ...] = ()
+    admin_session_ttl: int = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,60 @@ class Spend:
 
 
 @dataclass(frozen=True, slots=True)
+class Otlp:
+    """Where metrics, traces and relayed client telemetry are pushed (OTLP). An empty ``endpoint``
+    pushes nothing; the ``OTEL_EXPORTER_OTLP_*`` variables stand in for keys the file leaves out
+    (:func:`authz.config.loads`)."""
+
+    endpoint: str = ""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    headers: tuple[tuple[str, str], ...] = ()
+    interval: float = 60.0
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrometheusEndpoint:
+    """The Prometheus scrape endpoint (``/metrics``) of each worker: ``port + worker index``."""
+
+    enabled: bool = False
+    address: str = "127.0.0.1"
+    port: int = 9464
+
+
+@dataclass(frozen=True, slots=True)
+class Traces:
+    """Tracing of inference requests through Envoy, ext_authz and ext_proc (needs ``otlp.endpoint``)."""
+
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Relay:
+    """Claude Code's own OTLP telemetry (``POST /v1/metrics|logs|traces``), forwarded to ``otlp.endpoint``."""
+
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Metrics (OTLP push and Prometheus pull), traces and the client telemetry relay."""
+
+    service_name: str = "claude-gateway"
+    otlp: Otlp = field(default_factory=Otlp)
+    prometheus: PrometheusEndpoint = field(default_factory=PrometheusEndpoint)
+    traces: Traces = field(default_factory=Traces)
+    relay: Relay = field(default_factory=Relay)
+    per_user_attributes: bool = False
+
+    @property
+    def tracing(self) -> bool:
+        """Whether inference requests are traced (an OTLP endpoint and a positive sample ratio)."""
+        return bool(self.otlp.endpoint) and self.traces.sample_ratio > 0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     """The whole gateway configuration."""
 
@@ -251,6 +307,7 @@ class GatewayConfig:
     limits: Limits = field(default_factory=Limits)
     service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
     retention: Retention = field(default_factory=Retention)
+    telemetry: Telemetry = field(default_factory=Telemetry)
     spend: Spend = field(default_factory=Spend)
 
     def upstream(self, name: str) -> Upstream:

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_exit
 from pathlib import Path
@@ -44,7 +44,6 @@ from authz.gateway.servicer import (
     ExternalProcessorServicer,
     add_servicers,
 )
-from authz.identity import Caller
 from authz.ops.health import Readiness, WorkerHealth
 from authz.ops.retention import Pruner
 from authz.signin.backchannel import BackchannelLogouts
@@ -57,10 +56,16 @@ from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
+from authz.telemetry.relay import Relay
+from authz.telemetry.runtime import Telemetry, start_telemetry
 from backends.base import Upstream
+from backends.credentials import ReportsRefreshFailures
 from backends.kinds import KINDS
 
 log = logging.getLogger("authz.service")
+
+# The access log's reason for a request ext_authz refused (Envoy's response code details).
+_EXT_AUTHZ_REFUSAL = "envoy: ext_authz_denied"
 
 # How long a draining worker keeps serving after it reports NOT_SERVING: until Envoy's health
 # check has certainly noticed (authz.envoy.clusters), so no new request arrives after it stops.
@@ -82,6 +87,8 @@ class Worker:
     grpc_server: grpc.aio.Server
     grpc_port: int
     health: WorkerHealth = field(default_factory=WorkerHealth)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    relay: Relay | None = None
     watcher: RevocationWatcher | None = None
     logouts: BackchannelLogouts | None = None
     portal: web.AppRunner | None = None
@@ -111,6 +118,8 @@ class Worker:
             await self.pruner.aclose()
         if self.portal is not None:
             await self.portal.cleanup()
+        if self.relay is not None:
+            await self.relay.aclose()
         if self.portal_pool is not None:
             await self.portal_pool.close()
         if self.oidc is not None:
@@ -122,6 +131,8 @@ class Worker:
             await self.watcher.aclose()
         for upstream in self.upstreams.values():
             await upstream.aclose()
+        # The last export is a blocking network call.
+        await asyncio.to_thread(self.telemetry.close)
         self.stopped.set()
 
 
@@ -165,9 +176,13 @@ def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
 
 
 async def _start_portal(
-    worker: Worker, keyset: KeySet, identify: Callable[[Mapping[str, str], float], Caller | None]
+    worker: Worker, keyset: KeySet, verifier: TokenVerifier, revocations: RevocationSet
 ) -> None:
     config = worker.config
+    # Claude Code's own telemetry, forwarded with the verified user added (POST /v1/metrics|logs|traces).
+    relay = Relay(config.telemetry, worker.telemetry)
+    await relay.start()
+    worker.relay = relay
     # min_size=0: the portal must start (and serve /healthz) even while PostgreSQL is down.
     pool = await connect_pool(config.store.url, min_size=0, max_size=4, timeout=config.store.connect_timeout)
     oidc = OidcClient(config.oidc) if config.oidc is not None else None
@@ -181,7 +196,9 @@ async def _start_portal(
             healthy=lambda: worker.healthy,
             logouts=worker.logouts,
             readiness=readiness.report,
-            identify=identify,
+            verifier=verifier,
+            is_revoked=revocations.blocks,
+            relay=relay,
         )
     )
     runner = web.AppRunner(app, access_log=None)
@@ -226,10 +243,13 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     await logouts.start()
     upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
     prices = PriceBook(config.pricing)
+    telemetry = start_telemetry(config, index)
+    _observe(telemetry, ledger, watcher, upstreams.values())
+    record = telemetry.recorder(ledger.record)
     deps = Deps(
         upstreams=upstreams,
         prices=prices,
-        record=ledger.record,
+        record=record,
     )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
     max_message = config.limits.max_request_body_bytes + 1024 * 1024
@@ -253,15 +273,29 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
 
     def count_refusal(reason: str) -> None:
         refusals[reason] += 1
+        telemetry.refusal(reason)
 
-    access_log = AccessLog(
-        identify=authorizer.identify, record=ledger.record, prices=prices, count_refusal=count_refusal
-    )
+    def count_envoy_refusal(reason: str) -> None:
+        refusals[reason] += 1
+        # The access log also reports the anonymous refusals ext_authz made, which ext_authz has
+        # counted already, with their precise reason (token_expired, ...).
+        if reason != _EXT_AUTHZ_REFUSAL:
+            telemetry.refusal(reason)
+
     add_servicers(
         server,
-        AuthorizationServicer(authorizer, ledger.record, count_refusal=count_refusal, gate=gate),
-        ExternalProcessorServicer(deps),
-        AccessLogServicer(access_log),
+        AuthorizationServicer(
+            authorizer, record, count_refusal=count_refusal, telemetry=telemetry, gate=gate
+        ),
+        ExternalProcessorServicer(deps, telemetry=telemetry),
+        AccessLogServicer(
+            AccessLog(
+                identify=authorizer.identify,
+                record=record,
+                prices=prices,
+                count_refusal=count_envoy_refusal,
+            )
+        ),
     )
     health = WorkerHealth()
     health.add_to(server)
@@ -278,16 +312,57 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         server,
         port,
         health=health,
+        telemetry=telemetry,
         watcher=watcher,
         logouts=logouts,
         gate=gate,
         gate_pool=gate_pool,
     )
     if index == 0:
-        await _start_portal(worker, keyset, authorizer.identify)
+        await _start_portal(worker, keyset, verifier, revocations)
     await health.serving()
     log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker
+
+
+def _observe(
+    telemetry: Telemetry, ledger: Ledger, watcher: RevocationWatcher, upstreams: Iterable[Upstream]
+) -> None:
+    """Gauges and counters read at collection time (off the event loop), and the credential
+    refresh failures the upstreams report."""
+    telemetry.gauge(
+        "gateway.ledger.queue",
+        "{row}",
+        "Usage rows queued in memory, not yet written.",
+        lambda: ledger.pending,
+    )
+    telemetry.gauge(
+        "gateway.ledger.spool",
+        "By",
+        "Bytes of usage rows in the local spool, waiting for PostgreSQL.",
+        lambda: float(ledger.spooled_bytes()),
+    )
+    telemetry.counter(
+        "gateway.ledger.rows",
+        "{row}",
+        "Usage rows by where they went: written, spooled, replayed from the spool, rejected.",
+        "gateway.ledger.disposition",
+        lambda: {
+            "written": ledger.rows_written,
+            "spooled": ledger.rows_spooled,
+            "replayed": ledger.rows_replayed,
+            "rejected": ledger.rows_rejected,
+        },
+    )
+    telemetry.gauge(
+        "gateway.revocation.lag",
+        "s",
+        "Seconds the revocation set may trail PostgreSQL (0 while its LISTEN connection is up).",
+        lambda: watcher.lag,
+    )
+    for upstream in upstreams:
+        if isinstance(upstream, ReportsRefreshFailures):
+            upstream.on_credential_refresh_failure(telemetry.credential_refresh_failed)
 
 
 async def run_worker(config: GatewayConfig, index: int) -> None:

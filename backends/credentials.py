@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from cachetools import LRUCache
 
@@ -49,6 +49,14 @@ class _Entry(Generic[V]):
     retry_at: float = 0.0
 
 
+@runtime_checkable
+class ReportsRefreshFailures(Protocol):
+    """An upstream whose credential refreshes can fail, and that says so (for the gateway's metrics)."""
+
+    def on_credential_refresh_failure(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(upstream name)`` on the event loop after each failed refresh."""
+
+
 class RefreshingCache(Generic[K, V]):
     """Caches expiring values per key; ``await cache.get(key, fetch)`` returns a usable value.
 
@@ -75,6 +83,11 @@ class RefreshingCache(Generic[K, V]):
         self._clock = clock
         self._entries: LRUCache[K, _Entry[V]] = LRUCache(maxsize=maxsize)
         self._inflight: dict[K, asyncio.Task[V]] = {}
+        self._on_failure: Callable[[], None] | None = None
+
+    def on_refresh_failure(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after each failed fetch (whether or not a cached value is served)."""
+        self._on_failure = callback
 
     async def get(self, key: K, fetch: Callable[[], Expiring[V]]) -> V:
         """Return the value for ``key``, fetching or refreshing it first when due.
@@ -120,6 +133,8 @@ class RefreshingCache(Generic[K, V]):
         try:
             fresh = await asyncio.to_thread(fetch)
         except Exception as exc:
+            if self._on_failure is not None:
+                self._on_failure()
             old = self._entries.get(key)
             now = self._clock()
             if old is None or now >= old.expires_at:

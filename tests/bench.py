@@ -95,6 +95,7 @@ from tests.bench_report import (
     scenario_checks,
     versus_check,
 )
+from tests.bench_sink import OtlpSink
 from tests.bench_upstream import (
     CANNED_USAGE,
     STREAM_DELTAS,
@@ -158,8 +159,11 @@ def stack_overlay(canned_url: str, stack: Stack) -> dict[str, Any]:
     }
 
 
-def make_stack(root: Path, dsn: str, variant: Variant, workers: int, canned_url: str) -> Stack:
-    """A development stack for ``variant``, its upstreams on the canned upstream (not started)."""
+def make_stack(
+    root: Path, dsn: str, variant: Variant, workers: int, canned_url: str, otlp_sink: str | None = None
+) -> Stack:
+    """A development stack for ``variant``, its upstreams on the canned upstream (not started);
+    ``otlp_sink`` is the collector for a variant that exports telemetry."""
     workers = variant.workers or workers
     stack = Stack(
         root=root / variant.key,
@@ -172,6 +176,10 @@ def make_stack(root: Path, dsn: str, variant: Variant, workers: int, canned_url:
     if variant.policy_overlay:
         config["policies"] = [merge(policy, variant.policy_overlay) for policy in config["policies"]]
     stack.extra_config = config
+    if variant.otlp_sink:
+        if otlp_sink is None:
+            raise ValueError(f"variant {variant.key} needs the OTLP sink")
+        stack.extra_config = merge(stack.extra_config, {"telemetry": {"otlp": {"endpoint": otlp_sink}}})
     return stack
 
 
@@ -189,6 +197,7 @@ class Bench:
     canned_port: int = 0
     alone: Proc | None = None
     alone_port: int = 0
+    sink: OtlpSink | None = None
     stacks: dict[str, Stack] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     loadgen: LoadGenerator | None = None
@@ -215,9 +224,16 @@ class Bench:
         self.bodies = {s.key: s.body() for s in self.scenarios}
         self.canned, self.canned_port = start_canned_upstream(self.root)
         self.alone, self.alone_port = start_envoy_alone(self.root, self.canned_port)
+        if any(v.otlp_sink for v in self.variants):
+            self.sink = OtlpSink()
         for variant in self.variants:
             stack = make_stack(
-                self.root, self.dsn, variant, self.args.workers, f"http://127.0.0.1:{self.canned_port}"
+                self.root,
+                self.dsn,
+                variant,
+                self.args.workers,
+                f"http://127.0.0.1:{self.canned_port}",
+                self.sink.url if self.sink is not None else None,
             )
             self.stacks[variant.key] = stack
             progress(f"starting the {variant.label} stack ({stack.workers} worker(s))")
@@ -249,6 +265,8 @@ class Bench:
             stack.stop()
         if self.canned is not None:
             self.canned.stop()
+        if self.sink is not None:
+            self.sink.close()
 
     # --- helpers ----------------------------------------------------------------------------------
 

@@ -120,6 +120,7 @@ class Variant:
     label: str
     overlay: Mapping[str, Any] = field(default_factory=dict)
     workers: int | None = None  # None: the --workers option
+    otlp_sink: bool = False  # telemetry.otlp.endpoint set to the bench's discarding collector
     policy_overlay: Mapping[str, Any] = field(default_factory=dict)
     versus: str | None = None
     max_added_p50_ms: float | None = None
@@ -153,6 +154,33 @@ VARIANTS: dict[str, Variant] = {
         Variant("gateway", "gateway"),
         Variant("gateway_2w", "gateway, 2 workers", workers=2),
         SPEND_CAPS,
+        # Metrics alone: the Prometheus endpoint and OTLP every 10 s, no traces.
+        Variant(
+            "telemetry_metrics",
+            "gateway, metrics on",
+            overlay={
+                "telemetry": {
+                    "prometheus": {"enabled": True, "port": 0},
+                    "otlp": {"interval": 10},
+                    "traces": {"sample_ratio": 0.0},
+                }
+            },
+            otlp_sink=True,
+        ),
+        # Metrics on both readers (Prometheus endpoint, OTLP every 10 s) and every request traced
+        # through Envoy, ext_authz and ext_proc, exported to a local collector that discards.
+        Variant(
+            "telemetry",
+            "gateway, telemetry on",
+            overlay={
+                "telemetry": {
+                    "prometheus": {"enabled": True, "port": 0},
+                    "otlp": {"interval": 10},
+                    "traces": {"sample_ratio": 1.0},
+                }
+            },
+            otlp_sink=True,
+        ),
     )
 }
 

@@ -60,6 +60,7 @@ from authz.envoy.filters import (
     _strip_internal_headers,
 )
 from authz.envoy.routes import _route_config
+from authz.envoy.tracing import collector_cluster, runtime, tracing
 from authz.errors import ConfigError
 
 __all__ = [
@@ -100,14 +101,17 @@ def render(
     if not ports:
         raise ConfigError("listen.grpc", "at least one gRPC port is needed")
     _check_ports(config, ports)
+    collector = collector_cluster(config.telemetry, ca_bundle)
     bootstrap = Bootstrap(
         admin=Admin(address=_address(config.listen.envoy_admin.address, config.listen.envoy_admin.port)),
+        layered_runtime=runtime(config.telemetry),
         static_resources=BootstrapStaticResources(
             listeners=[_listener(config, access_log)],
             clusters=[
                 _grpc_cluster(config, ports),
                 _portal_cluster(config),
                 *_upstream_clusters(config, ca_bundle),
+                *([collector] if collector is not None else []),
             ],
         ),
     )
@@ -198,6 +202,8 @@ def _listener(config: GatewayConfig, access_log: bool) -> Listener:
         early_header_mutation_extensions=[_strip_internal_headers()],
         local_reply_config=_local_reply_config(),
         access_log=[_service_access_log(), *([_stdout_access_log()] if access_log else [])],
+        # A span per request when telemetry traces (authz/envoy/tracing.py).
+        tracing=tracing(config.telemetry),
     )
     return Listener(
         name="gateway",

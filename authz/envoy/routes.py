@@ -92,7 +92,20 @@ def _route_config(limits: Limits) -> RouteConfiguration:
                 route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
                 typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
             )
-            for name, prefix in (("well_known", "/.well-known"), ("oauth", "/oauth"), ("device", "/device"))
+            for name, prefix in (
+                ("well_known", "/.well-known"),
+                ("oauth", "/oauth"),
+                ("device", "/device"),
+                ("admin", "/admin"),
+            )
+        ),
+        # Claude Code's own OTLP/HTTP telemetry: the portal checks the gateway token itself (as
+        # ext_authz would) and relays it; the buffer filter still caps the body.
+        Route(
+            name="portal_telemetry",
+            match=_match("POST", regex=r"/v1/(metrics|logs|traces)"),
+            route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
+            typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
         ),
         # The caller's spend and caps (GET /api/oauth/usage): the portal checks the gateway token.
         Route(

@@ -48,6 +48,19 @@ _CLIENT_FLAGS = frozenset({"downstream_connection_termination", "downstream_remo
 BYTES_PER_OUTPUT_TOKEN = 4
 
 
+# The paths Envoy routes to the portal (authz/envoy/routes.py): sign-in, discovery, the admin page
+# and relayed client telemetry. Envoy logs them like any request nothing recorded; they are neither
+# usage nor refusals.
+_PORTAL_EXACT = frozenset({"/healthz", "/device", "/admin", "/v1/metrics", "/v1/logs", "/v1/traces"})
+_PORTAL_PREFIXES = ("/.well-known/", "/oauth/", "/device/", "/admin/")
+
+
+def is_portal_path(path: str) -> bool:
+    """Whether Envoy routes ``path`` (query string ignored) to the portal."""
+    bare = path.split("?", 1)[0]
+    return bare in _PORTAL_EXACT or bare.startswith(_PORTAL_PREFIXES)
+
+
 @dataclass(frozen=True, slots=True)
 class AccessRecord:
     """One access-log entry: what Envoy saw of a request, and the identity ext_authz gave it."""
@@ -84,6 +97,8 @@ class AccessLog:
 
     def handle(self, rec: AccessRecord) -> None:
         """Write the row a record stands for, or count it."""
+        if rec.identity is None and is_portal_path(rec.path):
+            return  # the portal's own pages and endpoints: no inference request to account for
         if rec.identity is not None:
             self._record(self._unfinished(rec, rec.identity))
             return

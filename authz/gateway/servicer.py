@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -27,12 +28,14 @@ from google.rpc import code_pb2, status_pb2
 
 from authz.envoy.common import RECORDED_NAMESPACE
 from authz.gateway.accesslog import AccessLog, AccessRecord
-from authz.gateway.authorize import Allow, Authorizer, CheckInput
+from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
 from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
 from authz.gateway.limits import LimitGate
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
+from authz.telemetry.runtime import NO_TELEMETRY, Telemetry
+from authz.telemetry.tracing import RequestSpan, row_attributes
 from authz.translate.envelope import ErrorReply
 
 log = logging.getLogger("authz.grpc")
@@ -97,18 +100,34 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         record: Callable[[UsageRow], None],
         clock: Callable[[], float] = time.time,
         count_refusal: Callable[[str], None] = lambda _reason: None,
+        telemetry: Telemetry = NO_TELEMETRY,
         gate: LimitGate | None = None,
     ) -> None:
         self._authorizer = authorizer
         self._record = record
         self._clock = clock
         self._count_refusal = count_refusal
+        self._telemetry = telemetry
         self._gate = gate
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
         """Decide one request."""
+        # --- telemetry: handling time, and for a refusal a span when Envoy traces the request ---
+        telemetry = self._telemetry
+        if not telemetry.enabled:
+            return await self._check(request, None)
+        started = time.perf_counter()
+        span = telemetry.span("ext_authz Check", context.invocation_metadata()) if telemetry.tracing else None
+        try:
+            return await self._check(request, span)
+        finally:
+            telemetry.check_seconds(time.perf_counter() - started)
+
+    async def _check(
+        self, request: external_auth_pb2.CheckRequest, span: RequestSpan | None
+    ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         if http.header_map.headers:
             headers, repeated, problem = check_headers(http.header_map.headers)
@@ -129,6 +148,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             # Spend caps and rate limits; the body (its first part: ExtAuthz.with_request_body)
             # gives max_tokens for the reservation.
             decision = await self._gate.admit(decision, http.raw_body or http.body.encode())
+        if span is not None:
+            _finish_check_span(span, decision)
         if isinstance(decision, Allow):
             return _allow_response(decision)
         if decision.row is not None:
@@ -136,6 +157,18 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             return _deny_response(decision.reply, recorded=True)
         self._count_refusal(decision.reason)
         return _deny_response(decision.reply, recorded=False)
+
+
+def _finish_check_span(span: RequestSpan, decision: Allow | Deny) -> None:
+    # An allowed request's story (who, model, tokens, outcome) is told by its ext_proc span, and
+    # Envoy's own egress span times this call; a span here would only double the export cost of
+    # every traced request. A refusal has no ext_proc span, so it gets one here.
+    if isinstance(decision, Allow):
+        span.discard()
+    elif decision.row is not None:
+        span.finish({**row_attributes(decision.row), "gateway.decision": "deny"})
+    else:
+        span.finish({"gateway.decision": "deny", "gateway.denial_reason": decision.reason})
 
 
 def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
@@ -251,8 +284,9 @@ def _to_response(kind: str, action: Action) -> ep.ProcessingResponse:
 class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     """ext_proc: one bidirectional stream per request."""
 
-    def __init__(self, deps: Deps) -> None:
+    def __init__(self, deps: Deps, telemetry: Telemetry = NO_TELEMETRY) -> None:
         self._deps = deps
+        self._telemetry = telemetry
 
     async def Process(
         self,
@@ -260,9 +294,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
         """Serve one request's messages."""
-        exchange = Exchange(self._deps)
+        # --- telemetry: streams in flight, time per message, a span ended by the usage row ---
+        telemetry = self._telemetry
+        timed = telemetry.enabled
+        span = (
+            telemetry.span("ext_proc Process", context.invocation_metadata()) if telemetry.tracing else None
+        )
+        deps = self._deps if span is None else replace(self._deps, record=span.recording(self._deps.record))
+        telemetry.stream_opened()
+        exchange = Exchange(deps)
         try:
             async for request in request_iterator:
+                started = time.perf_counter() if timed else 0.0
                 kind = request.WhichOneof("request")
                 action: Action
                 if kind == "response_body":
@@ -280,9 +323,17 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = exchange.on_response_headers(int(headers.get(":status") or 0), headers)
                 else:
                     action = Continue()
-                yield _to_response(kind or "", action)
+                response = _to_response(kind or "", action)
+                if timed:
+                    telemetry.exchange_seconds(kind or "", time.perf_counter() - started)
+                yield response
         finally:
             exchange.on_close()
+            telemetry.stream_closed()
+            if span is not None:
+                # Ended by the usage row; a stream with no row (only a local reply's response
+                # headers, ext_authz having refused) exports nothing.
+                span.discard()
 
 
 # Response flags (envoy.data.accesslog.v3.ResponseFlags) that say who ended a request.

@@ -190,6 +190,8 @@ class RevocationWatcher:
         self._connected = False
         self._outage_logged = False
         self._resyncs = 0
+        # When the set was last known current (monotonic): the revocation feed's lag starts there.
+        self._current_at = time.monotonic()
 
     @property
     def revocations(self) -> RevocationSet:
@@ -200,6 +202,14 @@ class RevocationWatcher:
     def connected(self) -> bool:
         """True while the LISTEN connection is up and has been resynced."""
         return self._connected
+
+    @property
+    def lag(self) -> float:
+        """Seconds by which the set may trail PostgreSQL: 0 while LISTEN is up (revocations arrive
+        as they commit), else the time since it last was."""
+        if self._connected:
+            return 0.0
+        return max(0.0, time.monotonic() - self._current_at)
 
     @property
     def resyncs(self) -> int:
@@ -281,6 +291,8 @@ class RevocationWatcher:
                 log.exception("revocations: unexpected error while listening")
                 self._report_down(exc)
             finally:
+                if self._connected:
+                    self._current_at = time.monotonic()
                 self._connected = False
                 await listener.close(self._timeout)
             if not self._stopping:

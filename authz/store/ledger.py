@@ -205,6 +205,10 @@ class Ledger:
         """Rows queued in memory, not yet written or spooled."""
         return len(self._queue)
 
+    def spooled_bytes(self) -> int:
+        """Bytes of rows in the spool waiting for PostgreSQL (blocking file I/O: a metrics thread)."""
+        return self._spool.pending_bytes()
+
     @property
     def database_ok(self) -> bool:
         """False while the ledger believes PostgreSQL is unreachable and spools every batch."""

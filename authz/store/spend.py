@@ -1,7 +1,7 @@
 """SQL behind spend caps and rate limits: the caps set at run time, the spend counters, the workers'
 leases, the per-minute rate counters, and settlement inside the ledger's insert.
 
-Tables (migration ``0008_spend``):
+Tables (migration ``0009_spend``):
 
 * ``spend_limits``: caps set with ``authz spend-limits`` (changes audited in ``audit_events``).
 * ``spend_counters``: settled spend per (scope, name, period, period start). The ledger adds each

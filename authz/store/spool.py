@@ -105,6 +105,18 @@ class Spool:
         _fsync_dir(self.directory)
         return path
 
+    def pending_bytes(self) -> int:
+        """Bytes of rows waiting in segments (open or sealed) for PostgreSQL; a metric, so a file
+        that vanishes mid-scan (replayed by another worker) is simply not counted."""
+        total = 0
+        for entry in os.scandir(self.directory):
+            if _SEGMENT.match(entry.name) or _OPEN_SEGMENT.match(entry.name):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
     # --- reading -----------------------------------------------------------------------------
 
     def segments(self) -> list[Path]:

@@ -255,6 +255,10 @@ class BedrockUpstream:
             return await self._cache.get(("", ""), self._fetch_default_chain)
         return await self._cache.get((caller.sub, caller.email), lambda: self._assume_role(creds, caller))
 
+    def on_credential_refresh_failure(self, callback: Callable[[str], None]) -> None:
+        """Report each failed credential refresh to ``callback`` with this upstream's name."""
+        self._cache.on_refresh_failure(lambda: callback(self.name))
+
     async def aclose(self) -> None:
         """Stop in-flight credential fetches and close the STS client this upstream created."""
         await self._cache.aclose()

@@ -182,6 +182,10 @@ class VertexUpstream:
             out["x-goog-user-project"] = token.quota_project_id
         return SignedRequest(authority=self.authority, path=path, headers=out)
 
+    def on_credential_refresh_failure(self, callback: Callable[[str], None]) -> None:
+        """Report each failed credential refresh to ``callback`` with this upstream's name."""
+        self._cache.on_refresh_failure(lambda: callback(self.name))
+
     async def aclose(self) -> None:
         """Stop an in-flight token refresh and close the token endpoint's connection pool."""
         await self._cache.aclose()

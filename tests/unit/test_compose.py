@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -95,3 +96,27 @@ def test_production_entry_points_never_import_test_or_development_code() -> None
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_compose_provisions_prometheus_and_grafana_with_the_dashboards() -> None:
+    """Prometheus mounts the shipped scrape config and Grafana the shipped data source and dashboards."""
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    mounts = {
+        name: {v.split(":")[0]: v.split(":")[1] for v in services[name]["volumes"]}
+        for name in ("prometheus", "grafana")
+    }
+    assert mounts["prometheus"]["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert mounts["grafana"]["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/claude-gateway.yaml").read_text()
+    )
+    assert provider["providers"][0]["options"]["path"] == mounts["grafana"]["./deploy/grafana/dashboards"]
+    datasource = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )
+    uid = datasource["datasources"][0]["uid"]
+    for path in (ROOT / "deploy/grafana/dashboards").glob("*.json"):
+        for panel in json.loads(path.read_text())["panels"]:
+            assert panel["datasource"]["uid"] == uid, f"{path.name}: {panel['title']}"
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["gateway:9464"]

@@ -17,8 +17,10 @@ from aiohttp import web
 from authz.errors import StoreError
 from authz.signin.portal import oauth, usage
 from authz.signin.portal import web as pages_web
+from authz.signin.portal.admin import AdminPages
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
 from authz.signin.portal.http import oauth_error
+from authz.signin.portal.telemetry import TelemetryEndpoints
 
 log = logging.getLogger("authz.signin.portal")
 
@@ -54,7 +56,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 
 
 def build_portal(deps: PortalDeps) -> web.Application:
-    """The portal application: health, RFC 8414 discovery, JWKS, the device flow and revocation."""
+    """The portal application: health, RFC 8414 discovery, JWKS, the device flow, revocation, the
+    admin page and the client telemetry relay."""
     context = PortalContext(deps)
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[_errors])
     app[PORTAL] = context
@@ -92,5 +95,11 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_post("/device", browser.device_submit)
     app.router.add_post("/device/approve", browser.approve)
     app.router.add_get("/oauth/callback", browser.callback)
+    admin = AdminPages(context)
+    app.router.add_get("/admin", admin.dashboard)
+    app.router.add_get("/admin/login", admin.login)
+    app.router.add_get("/admin/usage.csv", admin.export)
+    relayed = TelemetryEndpoints(context)
+    app.router.add_post("/v1/{signal:metrics|logs|traces}", relayed.export)
     app.router.add_get("/api/oauth/usage", usage.UsageEndpoint(context).get)
     return app

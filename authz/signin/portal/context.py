@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from aiohttp import web
+
 from authz.configtypes import GatewayConfig
-from authz.identity import Caller
+from authz.errors import TokenError
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, TokenSet
 from authz.signin.portal.device import RateLimiter
-from authz.signin.portal.http import cookie_names, origin_of
+from authz.signin.portal.http import bearer_token, cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
-from authz.signin.tokens import KeySet, TokenVerifier
+from authz.signin.tokens import Claims, KeySet, TokenVerifier
 from authz.store import sessions as store
 from authz.store.db import Pool
+from authz.telemetry.relay import Relay
 
 
 class IdentityProvider(Protocol):
@@ -83,6 +87,10 @@ class ReadinessCheck(Protocol):
     def detail(self) -> str: ...
 
 
+def _never_revoked(_claims: Claims) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class PortalDeps:
     """What the portal needs from the process that runs it.
@@ -92,9 +100,9 @@ class PortalDeps:
     ``clock`` returns an aware datetime (tests move it); ``healthy`` is False while the worker
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
-    they need PostgreSQL (503 otherwise). ``identify`` names the verified, unrevoked caller of a
-    request's gateway token (ext_authz's own check), for ``GET /api/oauth/usage``; without it that
-    endpoint answers 401.
+    they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
+    on the client telemetry endpoints and ``GET /api/oauth/usage`` exactly as ext_authz does, and
+    ``relay`` forwards what the telemetry endpoints accept; without a relay they drop everything.
     """
 
     config: GatewayConfig
@@ -105,7 +113,9 @@ class PortalDeps:
     healthy: Callable[[], bool] = field(default=_always_healthy)
     logouts: BackchannelLogouts | None = None
     readiness: Callable[[], Awaitable[tuple[bool, Mapping[str, ReadinessCheck]]]] | None = None
-    identify: Callable[[Mapping[str, str], float], Caller | None] | None = None
+    verifier: TokenVerifier | None = None
+    is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
+    relay: Relay | None = None
 
 
 class PortalContext:
@@ -153,6 +163,19 @@ class PortalContext:
     def now(self) -> datetime:
         """The portal's clock."""
         return self.deps.clock()
+
+    def bearer_claims(self, request: web.Request) -> Claims | None:
+        """The claims of the request's one gateway token (``Authorization: Bearer`` or
+        ``x-api-key``) when it verifies and is not revoked, as ext_authz would judge it; else None."""
+        token = bearer_token(request)
+        if token is None or self.deps.verifier is None:
+            return None
+        try:
+            # The wall clock, as ext_authz's (the portal's clock is the sign-in flows' and tests').
+            claims = self.deps.verifier.verify(token, time.time())
+        except TokenError:
+            return None
+        return None if self.deps.is_revoked(claims) else claims
 
     async def audit(
         self,

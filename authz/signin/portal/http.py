@@ -110,3 +110,21 @@ def idp_token_binding(sub: str) -> bytes:
     """Associated data that binds a sealed IdP refresh token to its user, so a sealed value copied
     to another session row does not open there."""
     return b"idp_refresh_token\x00" + sub.encode("utf-8")
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The one gateway token sent as ``Authorization: Bearer`` or ``x-api-key``; None when
+    missing or ambiguous (two different tokens, a repeated header, another scheme)."""
+    tokens = set()
+    authorization = request.headers.getall("Authorization", [])
+    api_keys = request.headers.getall("x-api-key", [])
+    if len(authorization) > 1 or len(api_keys) > 1:
+        return None
+    if authorization:
+        scheme, _, value = authorization[0].strip().partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            return None
+        tokens.add(value.strip())
+    if api_keys and api_keys[0].strip():
+        tokens.add(api_keys[0].strip())
+    return tokens.pop() if len(tokens) == 1 else None

@@ -1,8 +1,9 @@
 """``GET /api/oauth/usage``: the bearer's spend and spend caps, as Claude Code reads them.
 
 The bearer is a gateway access token, checked as ext_authz checks it (signature, expiry,
-revocation). The answer comes straight from PostgreSQL (the spend counters and the caps set at run
-time) and the configuration, so every replica and ``authz spend show`` agree on it; its
+revocation: :meth:`PortalContext.bearer_claims`). The answer comes straight from PostgreSQL (the
+spend counters and the caps set at run time) and the configuration, so every replica and
+``authz spend show`` agree on it; its
 ``resets_at`` are the ``-reset`` instants of the standing headers (authz.billing.standing).
 """
 
@@ -33,12 +34,8 @@ class UsageEndpoint:
 
     async def get(self, request: web.Request) -> web.Response:
         """Answer for the caller the bearer token names; 401 without a valid one."""
-        context = self._context
-        identify = context.deps.identify
-        now = context.now()
-        headers = {name.lower(): value for name, value in request.headers.items()}
-        caller = identify(headers, now.timestamp()) if identify is not None else None
-        if caller is None:
+        claims = self._context.bearer_claims(request)
+        if claims is None:
             # The Anthropic error envelope, as on the inference routes.
             error = {
                 "type": "authentication_error",
@@ -47,6 +44,7 @@ class UsageEndpoint:
             return web.json_response(
                 {"type": "error", "error": error}, status=401, headers={"Cache-Control": "no-store"}
             )
+        caller = Caller(sub=claims.sub, email=claims.email, groups=claims.groups, session_id=claims.sid)
         document = await self._document(caller)
         return web.json_response(document, headers={"Cache-Control": "no-store"})
 

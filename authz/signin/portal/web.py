@@ -34,6 +34,8 @@ from aiohttp import web
 
 from authz.signin.oidc import IdpRefused, IdpUnavailable, OidcError
 from authz.signin.portal import pages
+from authz.signin.portal.admin import PURPOSE as ADMIN_PURPOSE
+from authz.signin.portal.admin import AdminPages
 from authz.signin.portal.device import (
     format_user_code,
     generate_secret,
@@ -86,6 +88,11 @@ def _harden(ctx: PortalContext, response: web.StreamResponse) -> None:
     response.headers["Referrer-Policy"] = "same-origin"
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
+
+
+def harden(ctx: PortalContext, response: web.StreamResponse) -> None:
+    """The portal's security headers (CSP without scripts, no framing, no caching), for other pages."""
+    _harden(ctx, response)
 
 
 def html(
@@ -142,6 +149,26 @@ def _new_browser(ctx: PortalContext, response: web.StreamResponse) -> str:
     return browser
 
 
+def new_browser_cookie(ctx: PortalContext, response: web.StreamResponse) -> str:
+    """Mint a browser-binding value for a sign-in that starts elsewhere (the admin page's)."""
+    return _new_browser(ctx, response)
+
+
+async def start_authorization(ctx: PortalContext) -> AuthorizationStart:
+    """A fresh authentication request, reading the IdP's metadata first if not yet done."""
+    oidc = ctx.oidc
+    assert oidc is not None  # checked by the callers
+    try:
+        start = oidc.start_authorization(ctx.callback_url)
+    except OidcError as exc:
+        if exc.reason != "not_discovered":
+            raise
+        await oidc.discover()
+        start = oidc.start_authorization(ctx.callback_url)
+    ctx.learn_idp_origin(start.url)
+    return start
+
+
 def _end_cookies(ctx: PortalContext, response: web.StreamResponse) -> None:
     """Expire both cookies: the sign-in they bound is over. Secure is repeated, since a browser
     ignores a __Host- Set-Cookie without it, the expiring one included."""
@@ -154,6 +181,7 @@ class BrowserPages:
 
     def __init__(self, ctx: PortalContext) -> None:
         self._ctx = ctx
+        self._admin = AdminPages(ctx)
 
     async def _audit(
         self,
@@ -229,18 +257,7 @@ class BrowserPages:
 
     async def _start(self) -> AuthorizationStart:
         """A fresh authentication request, reading the IdP's metadata first if not yet done."""
-        ctx = self._ctx
-        oidc = ctx.oidc
-        assert oidc is not None  # checked by the callers
-        try:
-            start = oidc.start_authorization(ctx.callback_url)
-        except OidcError as exc:
-            if exc.reason != "not_discovered":
-                raise
-            await oidc.discover()
-            start = oidc.start_authorization(ctx.callback_url)
-        ctx.learn_idp_origin(start.url)
-        return start
+        return await start_authorization(self._ctx)
 
     # --- GET /device ------------------------------------------------------------------------------
 
@@ -409,6 +426,9 @@ class BrowserPages:
                 400, "Sign-in failed", "The sign-in response could not be verified. Start again."
             )
         refused = oidc.admit(identity)
+        if auth.purpose == ADMIN_PURPOSE:
+            # The admin page's sign-in (authz/signin/portal/admin.py): no device to approve.
+            return await self._admin.signed_in(request, identity, refused)
         if refused is not None:
             await store.deny_device(ctx.pool, auth.user_code, now, email=identity.email)
             await self._audit(

@@ -36,6 +36,7 @@ from authz.store.sessions._common import (
 )
 from authz.store.sessions.audit_log import (
     audit,
+    audit_since,
     prune_expired,
     recent_audit,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "VerifiedIdentity",
     "approve_device",
     "audit",
+    "audit_since",
     "consume_auth_request",
     "create_auth_request",
     "create_device_code",

@@ -98,6 +98,8 @@ class AuthRequest:
     created_at: datetime
     expires_at: datetime
     used_at: datetime | None
+    purpose: str = "device"
+    """``device`` (the device flow's sign-in) or ``admin`` (the admin page's)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +232,7 @@ def _auth_request(r: Any) -> AuthRequest:
         created_at=r["created_at"],
         expires_at=r["expires_at"],
         used_at=r["used_at"],
+        purpose=r["purpose"],
     )
 
 

@@ -54,21 +54,37 @@ async def recent_audit(db: Pool | Connection, limit: int = 50, kind: str | None 
             records = await db.fetch(
                 "SELECT * FROM audit_events WHERE kind = $2 ORDER BY id DESC LIMIT $1", limit, kind
             )
-    return [
-        AuditEvent(
-            id=r["id"],
-            at=r["at"],
-            kind=r["kind"],
-            outcome=r["outcome"],
-            reason=r["reason"],
-            email=r["email"],
-            session_id=r["session_id"],
-            client_ip=r["client_ip"],
-            user_agent=r["user_agent"],
-            detail=None if r["detail"] is None else json.loads(r["detail"]),
+    return [_event(r) for r in records]
+
+
+def _event(r: Any) -> AuditEvent:
+    return AuditEvent(
+        id=r["id"],
+        at=r["at"],
+        kind=r["kind"],
+        outcome=r["outcome"],
+        reason=r["reason"],
+        email=r["email"],
+        session_id=r["session_id"],
+        client_ip=r["client_ip"],
+        user_agent=r["user_agent"],
+        detail=None if r["detail"] is None else json.loads(r["detail"]),
+    )
+
+
+async def audit_since(
+    db: Pool | Connection, since: datetime | None, *, kind: str | None = None, limit: int = 1000
+) -> list[AuditEvent]:
+    """Audit rows at or after ``since`` (all when None), of one ``kind`` or all, oldest first."""
+    with _failing("read audit events"):
+        records = await db.fetch(
+            "SELECT * FROM (SELECT * FROM audit_events WHERE ($1::timestamptz IS NULL OR at >= $1)"
+            " AND ($2::text IS NULL OR kind = $2) ORDER BY id DESC LIMIT $3) newest ORDER BY id",
+            since,
+            kind,
+            limit,
         )
-        for r in records
-    ]
+    return [_event(r) for r in records]
 
 
 async def prune_expired(db: Pool | Connection, now: datetime, *, keep_sessions: timedelta) -> int:

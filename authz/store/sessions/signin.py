@@ -33,12 +33,14 @@ async def create_auth_request(
     code_verifier: str,
     ttl: timedelta,
     now: datetime,
+    purpose: str = "device",
 ) -> AuthRequest:
-    """Record one redirect to the IdP, bound to the browser whose cookie hashes to ``browser_hash``."""
+    """Record one redirect to the IdP, bound to the browser whose cookie hashes to ``browser_hash``;
+    ``purpose`` says which sign-in the callback finishes (``device`` or ``admin``)."""
     with _failing("create an auth request"):
         record = await db.fetchrow(
             "INSERT INTO auth_requests (state, browser_hash, user_code, nonce, code_verifier, created_at,"
-            " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+            " expires_at, purpose) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
             state,
             browser_hash,
             user_code,
@@ -46,6 +48,7 @@ async def create_auth_request(
             code_verifier,
             now,
             now + ttl,
+            purpose,
         )
     return _auth_request(record)
 

@@ -44,7 +44,10 @@ ACCOUNTS: dict[str, dict[str, Any]] = {
     "heidi": _account("heidi@example.com", ["developers"]),
     "ivan": _account("ivan@example.com", ["developers"]),
     "judy": _account("judy@example.com", ["developers"]),
+    # The admin page's administrator (portal.admin_groups below).
+    "olivia": _account("olivia@example.com", ["developers", "gateway-admins"]),
 }
+ADMIN_GROUP = "gateway-admins"
 
 
 def password(account: str) -> str:
@@ -105,7 +108,11 @@ def signin(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Si
             "allowed_email_domains": ["example.com"],
             "allowed_groups": ["developers", "badkey"],
         },
-        "portal": {"public_url": url, "user_code_attempts_per_minute": USER_CODE_ATTEMPTS},
+        "portal": {
+            "public_url": url,
+            "user_code_attempts_per_minute": USER_CODE_ATTEMPTS,
+            "admin_groups": [ADMIN_GROUP],
+        },
         "sessions": {"encryption_key": generate_key()},
     }
     try:
