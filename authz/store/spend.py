@@ -50,11 +50,9 @@ _CENTS_OF_CENTS = Decimal("0.00000001")  # numeric(18, 8), as the amounts are st
 # Rows that ended longer ago than this no longer count against tokens-per-minute (a spool replay
 # after an outage must not block anyone now).
 _RATE_HORIZON = timedelta(minutes=2)
-# How each cap period truncates a timestamp, in PostgreSQL's date_trunc units (UTC; ISO weeks
-# start on Monday). The same periods as authz.billing.periods.
-# SQL below spells these out: each period truncates a timestamp with PostgreSQL's date_trunc unit
-# (UTC; ISO weeks start on Monday), the same periods as authz.billing.periods; counters are locked in
-# key order with the "C" collation (byte order), whatever the database's collation.
+# In the SQL below each cap period truncates a timestamp with PostgreSQL's date_trunc unit (in UTC;
+# ISO weeks start on Monday), the same periods as authz.billing.periods, and counters are locked in
+# key order with the "C" collation (byte order), whatever the database's own collation.
 
 
 @contextlib.contextmanager
@@ -149,16 +147,16 @@ async def top_up(db: Pool | Connection, holder: str, wants: Sequence[TopUp], lea
         async with _connection(db) as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO spend_counters (scope, name, period, period_start) "
-                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS k(scope, "
-                "name, period, period_start) "
-                'ORDER BY scope COLLATE "C", name COLLATE "C", period COLLATE "C", period_start ON CONFLICT '
-                "DO NOTHING",
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) "
+                "  AS k(scope, name, period, period_start) "
+                'ORDER BY scope COLLATE "C", name COLLATE "C", period COLLATE "C", period_start '
+                "ON CONFLICT DO NOTHING",
                 *_bucket_arrays(buckets),
             )
             counters = await conn.fetch(
                 "SELECT scope, name, period, period_start, spent FROM spend_counters "
-                "WHERE (scope, name, period, period_start) IN (SELECT * FROM unnest($1::text[], $2::text[], "
-                "$3::text[], $4::timestamptz[])) "
+                "WHERE (scope, name, period, period_start) IN "
+                "  (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])) "
                 'ORDER BY scope COLLATE "C", name COLLATE "C", period COLLATE "C", period_start FOR UPDATE',
                 *_bucket_arrays(buckets),
             )
@@ -177,8 +175,8 @@ async def top_up(db: Pool | Connection, holder: str, wants: Sequence[TopUp], lea
                 Bucket(r["scope"], r["name"], r["period"], r["period_start"]): r["held"]
                 for r in await conn.fetch(
                     "SELECT scope, name, period, period_start, sum(amount) AS held FROM spend_leases "
-                    "WHERE (scope, name, period, period_start) IN (SELECT * FROM unnest($1::text[], "
-                    "$2::text[], $3::text[], $4::timestamptz[])) "
+                    "WHERE (scope, name, period, period_start) IN "
+                    "  (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[])) "
                     "AND expires_at > now() AND NOT (id = ANY($5::text[])) GROUP BY 1, 2, 3, 4",
                     *_bucket_arrays(buckets),
                     ids,
@@ -270,8 +268,8 @@ async def spent_in(db: Pool | Connection, buckets: Sequence[Bucket]) -> dict[Buc
     with failing("read spend counters"):
         rows = await db.fetch(
             "SELECT scope, name, period, period_start, spent FROM spend_counters "
-            "WHERE (scope, name, period, period_start) IN (SELECT * FROM unnest($1::text[], $2::text[], "
-            "$3::text[], $4::timestamptz[]))",
+            "WHERE (scope, name, period, period_start) IN "
+            "  (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]))",
             *_bucket_arrays(buckets),
         )
     found = {Bucket(r["scope"], r["name"], r["period"], r["period_start"]): r["spent"] for r in rows}
@@ -328,18 +326,20 @@ async def settle(
     if costs:
         await conn.execute(
             "WITH r AS (SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::numeric[]) "
-            "  AS r(user_key, groups, started_at, cost)), "
-            "k AS (SELECT 'user' AS scope, user_key AS name, started_at, cost FROM r WHERE user_key IS NOT "
-            "NULL "
-            "  UNION ALL SELECT 'org', '*', started_at, cost FROM r "
-            "  UNION ALL SELECT 'group_pool', g.name, r.started_at, r.cost "
-            "    FROM r, jsonb_array_elements_text(r.groups::jsonb) AS g(name) "
-            "    WHERE g.name IN (SELECT name FROM spend_groups)) "
+            "    AS r(user_key, groups, started_at, cost)), "
+            "  k AS (SELECT 'user' AS scope, user_key AS name, started_at, cost FROM r "
+            "      WHERE user_key IS NOT NULL "
+            "    UNION ALL SELECT 'org', '*', started_at, cost FROM r "
+            "    UNION ALL SELECT 'group_pool', g.name, r.started_at, r.cost "
+            "      FROM r, jsonb_array_elements_text(r.groups::jsonb) AS g(name) "
+            "      WHERE g.name IN (SELECT name FROM spend_groups)) "
             "INSERT INTO spend_counters (scope, name, period, period_start, spent) "
             "SELECT k.scope, k.name, p.period, "
             "  date_trunc(p.unit, k.started_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS period_start, "
-            "  sum(k.cost) FROM k CROSS JOIN (VALUES ('daily', 'day'), ('weekly', 'week'), ('monthly', "
-            "'month')) AS p(period, unit) GROUP BY 1, 2, 3, 4 "
+            "  sum(k.cost) "
+            "FROM k CROSS JOIN "
+            "  (VALUES ('daily', 'day'), ('weekly', 'week'), ('monthly', 'month')) AS p(period, unit) "
+            "GROUP BY 1, 2, 3, 4 "
             'ORDER BY scope COLLATE "C", name COLLATE "C", period COLLATE "C", period_start '
             "ON CONFLICT (scope, name, period, period_start) "
             "DO UPDATE SET spent = spend_counters.spent + EXCLUDED.spent",
@@ -539,7 +539,8 @@ async def user_groups(db: Pool | Connection, user: str) -> tuple[str, ...] | Non
     """The groups a user last signed in (or was seen in a usage row) with, or None if unknown."""
     with failing("read the user's groups"):
         groups = await db.fetchval(
-            "SELECT groups FROM sessions WHERE lower(email) = $1 OR sub = $1 ORDER BY last_refresh_at DESC "
+            "SELECT groups FROM sessions WHERE lower(email) = $1 OR sub = $1 "
+            "ORDER BY last_refresh_at DESC "
             "LIMIT 1",
             user,
         )
