@@ -8,7 +8,8 @@ mint`` signs a short-lived token for development.
 For developers: ``authz login`` signs in to a gateway (device flow), ``authz token`` prints a fresh
 access token (Claude Code's ``apiKeyHelper``), ``authz logout`` ends the session, and ``authz setup
 claude-code`` prints or writes the Claude Code settings. For admins: ``authz sessions list|revoke``
-and ``authz service-tokens create|list|revoke`` (tokens for CI jobs and other service identities).
+``authz service-tokens create|list|revoke`` (tokens for CI jobs and other service identities),
+``authz spend-limits set|list|delete`` (spend caps at run time) and ``authz spend show``.
 """
 
 from __future__ import annotations
@@ -469,6 +470,60 @@ def cmd_service_tokens_revoke(args: argparse.Namespace) -> int:
     )
 
 
+# --- admin: spend limits -----------------------------------------------------------------------
+
+
+def _limit_scope(args: argparse.Namespace) -> tuple[Any, str]:
+    from authz.billing.admin import scope_of
+
+    if args.pooled and args.group is None:
+        raise GatewayError("--pooled goes with --group")
+    return scope_of(user=args.user, group=args.group, pooled=args.pooled, org=args.org)
+
+
+def cmd_spend_limits_set(args: argparse.Namespace) -> int:
+    """Create or replace a spend cap (applied by every worker at its next sync)."""
+    from authz.billing.admin import parse_usd, set_command
+
+    scope, name = _limit_scope(args)
+    return asyncio.run(set_command(_config(args), scope, name, args.period, parse_usd(args.usd)))
+
+
+def cmd_spend_limits_delete(args: argparse.Namespace) -> int:
+    """Delete a spend cap set with `spend-limits set`."""
+    from authz.billing.admin import delete_command
+
+    scope, name = _limit_scope(args)
+    return asyncio.run(delete_command(_config(args), scope, name, args.period))
+
+
+def cmd_spend_limits_list(args: argparse.Namespace) -> int:
+    """List the spend caps set with `spend-limits set`."""
+    from authz.billing.admin import list_command
+
+    return asyncio.run(list_command(_config(args), as_json=args.json))
+
+
+def cmd_spend_show(args: argparse.Namespace) -> int:
+    """Show a user's spend per period and what remains of each cap."""
+    from authz.billing.admin import show_command
+
+    groups = None if args.groups is None else tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    return asyncio.run(show_command(_config(args), args.user, groups, as_json=args.json))
+
+
+def _add_limit_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--user", metavar="EMAIL", help="one user (or a service identity, service:NAME)")
+    which.add_argument(
+        "--group", metavar="G", help="each member of group G (with --pooled: their spend together)"
+    )
+    which.add_argument("--org", action="store_true", help="everyone's spend together")
+    p.add_argument("--pooled", action="store_true", help="with --group: a budget the members share")
+    p.add_argument("--period", required=True, choices=["daily", "weekly", "monthly"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(prog="authz", description=__doc__)
@@ -605,6 +660,36 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--token", help="revoke this token (the token string itself)")
     v.add_argument("--reason", default="revoked by an administrator", help="recorded with the revocation")
     v.set_defaults(func=cmd_service_tokens_revoke)
+
+    p = sub.add_parser(
+        "spend-limits",
+        help="set, list or delete spend caps at run time (admin)",
+        description="Caps set here apply on top of the file's (every cap applies; the tightest "
+        "blocks); every worker picks a change up within spend.sync_interval seconds. Audited.",
+    )
+    lsub = p.add_subparsers(dest="spend_limits_command", required=True)
+    lset = lsub.add_parser("set", help="create or replace a cap")
+    _add_limit_target(lset)
+    lset.add_argument("--usd", required=True, help="the cap in dollars (0 blocks every billable request)")
+    lset.set_defaults(func=cmd_spend_limits_set)
+    ldel = lsub.add_parser("delete", help="delete a cap")
+    _add_limit_target(ldel)
+    ldel.set_defaults(func=cmd_spend_limits_delete)
+    llist = lsub.add_parser("list", help="list the caps set at run time")
+    llist.add_argument("--config", required=True)
+    llist.add_argument("--json", action="store_true", help="one JSON object per line")
+    llist.set_defaults(func=cmd_spend_limits_list)
+
+    p = sub.add_parser("spend", help="where a user stands against the spend caps (admin)")
+    psub = p.add_subparsers(dest="spend_command", required=True)
+    show = psub.add_parser("show", help="a user's spend per period and what remains of each cap")
+    show.add_argument("--config", required=True)
+    show.add_argument("--user", required=True, metavar="EMAIL", help="the user (or service:NAME)")
+    show.add_argument(
+        "--groups", help="comma-separated groups (default: the groups of the user's latest session)"
+    )
+    show.add_argument("--json", action="store_true", help="the figures as JSON (exact amounts)")
+    show.set_defaults(func=cmd_spend_show)
 
     from authz.store.reports import GROUPINGS
 

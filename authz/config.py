@@ -275,6 +275,13 @@ def validate(config: GatewayConfig) -> None:
                 raise ConfigError(f"{where}.upstreams", f"no upstream named {up!r}")
         if not policy.groups and not policy.email_domains:
             raise ConfigError(where, "set groups or email_domains (or both)")
+        for j, cap in enumerate(policy.spend_caps):
+            _validate_usd(f"{where}.spend_caps[{j}].usd", cap.usd)
+        for name in ("requests_per_minute", "tokens_per_minute"):
+            value = getattr(policy.rate_limits, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{where}.rate_limits.{name}", "must be at least 1 (or null for no limit)")
+    _validate_spend(config)
     for model, price in config.pricing.models:
         _validate_price(f"pricing.models.{model}", price)
     _validate_price("pricing.fallback", config.pricing.fallback)
@@ -362,6 +369,32 @@ def _validate_login_notice(notice: str | None) -> None:
         )
     if any((ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) < 0xA0 for c in notice):
         raise ConfigError("portal.login_notice", "must be plain text (no control characters but newlines)")
+
+
+def _validate_usd(where: str, usd: float) -> None:
+    if usd < 0:
+        raise ConfigError(where, "must not be negative (0 blocks every billable request)")
+
+
+def _validate_spend(config: GatewayConfig) -> None:
+    spend = config.spend
+    for i, budget in enumerate(spend.group_budgets):
+        if not budget.group:
+            raise ConfigError(f"spend.group_budgets[{i}].group", "name a group")
+        _validate_usd(f"spend.group_budgets[{i}].usd", budget.usd)
+    for i, cap in enumerate(spend.org_caps):
+        _validate_usd(f"spend.org_caps[{i}].usd", cap.usd)
+    if spend.increase_url is not None:
+        url = urlsplit(spend.increase_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ConfigError("spend.increase_url", "must be an http(s) URL")
+    for name in ("open_grace", "sync_interval", "lease_ttl"):
+        if getattr(spend, name) <= 0:
+            raise ConfigError(f"spend.{name}", "must be positive (seconds)")
+    if spend.lease_ttl < 3 * spend.sync_interval:
+        raise ConfigError("spend.lease_ttl", "must be at least three times spend.sync_interval")
+    if not 0 <= spend.lease_fraction <= 1:
+        raise ConfigError("spend.lease_fraction", "must be between 0 and 1")
 
 
 def _validate_telemetry(config: GatewayConfig) -> None:

@@ -144,6 +144,41 @@ class Upstream:
     settings: UpstreamSettings
 
 
+Period = Literal["daily", "weekly", "monthly"]
+
+
+@dataclass(frozen=True, slots=True)
+class SpendCap:
+    """At most ``usd`` dollars per ``period`` (the UTC day, the week from Monday 00:00 UTC, the UTC
+    month)."""
+
+    period: Period
+    usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBudget:
+    """A budget the members of ``group`` share: their spend together is capped."""
+
+    group: str
+    period: Period
+    usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Per-user request and token rates (tokens: input, cache and output, counted when the usage row
+    is written). Null: no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+    @property
+    def any(self) -> bool:
+        """Whether either limit is set."""
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Who may use which models through which upstreams.
@@ -159,6 +194,8 @@ class Policy:
     email_domains: tuple[str, ...] = ()
     models: tuple[str, ...] = ("claude-*",)
     upstreams: tuple[str, ...] = ()
+    spend_caps: tuple[SpendCap, ...] = ()
+    rate_limits: RateLimits = field(default_factory=RateLimits)
     managed_settings: JsonObject | None = None
 
     def admits(self, email: str, groups: Iterable[str]) -> bool:
@@ -225,6 +262,21 @@ class Retention:
     interval: float = 3600.0
     batch_size: int = 5000
     expired_session_days: int = 7
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Spend caps beyond the policies' own, and how admission leases budget (docs/architecture.md,
+    "Money and limits")."""
+
+    group_budgets: tuple[GroupBudget, ...] = ()
+    org_caps: tuple[SpendCap, ...] = ()
+    increase_url: str | None = None
+    on_store_error: Literal["closed", "open"] = "closed"
+    open_grace: float = 300.0
+    lease_fraction: float = 0.1
+    sync_interval: float = 2.0
+    lease_ttl: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +351,7 @@ class GatewayConfig:
     service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
     retention: Retention = field(default_factory=Retention)
     telemetry: Telemetry = field(default_factory=Telemetry)
+    spend: Spend = field(default_factory=Spend)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""

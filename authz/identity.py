@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 
 # Bounds on client-supplied strings kept in rows (the header limit bounds them already; these
 # keep one request from making a row several kilobytes wide).
@@ -55,6 +56,15 @@ class ClientFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """What admission reserved for a request: ``usd`` (its estimate) on each of ``leases``, one per
+    capped spend (authz.billing.leases). Settled when the request's usage row is written."""
+
+    usd: Decimal
+    leases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RequestIdentity:
     """Identity and decisions for one request (``protos/claude_gateway/v1/context.proto``).
 
@@ -79,3 +89,4 @@ class RequestIdentity:
     regional: bool = False
     upstream_query: str = ""
     request_bytes: int = 0
+    reservation: Reservation | None = None

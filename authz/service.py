@@ -37,6 +37,7 @@ from authz.errors import StoreError
 from authz.gateway.accesslog import AccessLog
 from authz.gateway.authorize import Authorizer
 from authz.gateway.exchange import Deps
+from authz.gateway.limits import LimitGate
 from authz.gateway.servicer import (
     AccessLogServicer,
     AuthorizationServicer,
@@ -96,6 +97,8 @@ class Worker:
     portal_pool: Pool | None = None
     oidc: OidcClient | None = None
     pruner: Pruner | None = None
+    gate: LimitGate | None = None
+    gate_pool: Pool | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -109,6 +112,10 @@ class Worker:
         if drain:
             await asyncio.sleep(drain)
         await self.grpc_server.stop(grace)
+        if self.gate is not None:
+            await self.gate.aclose()
+        if self.gate_pool is not None:
+            await self.gate_pool.close()
         if self.pruner is not None:
             await self.pruner.aclose()
         if self.portal is not None:
@@ -260,6 +267,14 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         ]
     )
     authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
+    # Spend caps and rate limits: leases and counters in PostgreSQL, synced in the background.
+    # min_size=0: the worker starts (and fails closed or open per spend.on_store_error) while
+    # PostgreSQL is down.
+    gate_pool = await connect_pool(
+        config.store.url, min_size=0, max_size=2, timeout=config.store.connect_timeout
+    )
+    gate = LimitGate(config, prices, gate_pool)
+    await gate.start()
     refusals: Counter[str] = Counter()
 
     def count_refusal(reason: str) -> None:
@@ -275,7 +290,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
 
     add_servicers(
         server,
-        AuthorizationServicer(authorizer, record, count_refusal=count_refusal, telemetry=telemetry),
+        AuthorizationServicer(
+            authorizer, record, count_refusal=count_refusal, telemetry=telemetry, gate=gate
+        ),
         ExternalProcessorServicer(deps, telemetry=telemetry),
         AccessLogServicer(
             AccessLog(
@@ -304,6 +321,8 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         telemetry=telemetry,
         watcher=watcher,
         logouts=logouts,
+        gate=gate,
+        gate_pool=gate_pool,
     )
     if index == 0:
         await _start_portal(worker, keyset, verifier, revocations)

@@ -6,6 +6,7 @@ How to run::
     .venv/bin/python -m tests.bench --smoke        # one short round of two scenarios (under a minute)
     .venv/bin/python -m tests.bench --only 'bedrock_*' --rounds 6 --json /tmp/bench.json
     .venv/bin/python -m tests.bench --variants gateway,gateway_2w --profile 10
+    .venv/bin/python -m tests.bench --variants gateway_caps  # spend caps and rate limits vs none
     .venv/bin/python -m tests.bench --help
 
 What runs (all on loopback, all sharing the machine's cores):
@@ -93,6 +94,7 @@ from tests.bench_report import (
     percentile,
     render,
     scenario_checks,
+    versus_check,
 )
 from tests.bench_sink import OtlpSink
 from tests.bench_upstream import (
@@ -178,7 +180,10 @@ def make_stack(
         ports=Ports.pick(workers),
         emulator_args=("--no-verify",),
     )
-    stack.extra_config = merge(stack_overlay(canned_url, stack), variant.overlay)
+    config = merge(stack_overlay(canned_url, stack), variant.overlay)
+    if variant.policy_overlay:
+        config["policies"] = [merge(policy, variant.policy_overlay) for policy in config["policies"]]
+    stack.extra_config = config
     if variant.otlp_sink:
         if otlp_sink is None:
             raise ValueError(f"variant {variant.key} needs the OTLP sink")
@@ -524,6 +529,7 @@ class Bench:
             f"{v.key} = the development stack: Envoy (2 worker threads) with ext_authz and the ext_proc, "
             f"{self.stacks[v.key].workers} services worker(s), ledger to PostgreSQL ({database_kind})"
             + (f", overlay {json.dumps(v.overlay)}" if v.overlay else "")
+            + (f", every policy with {json.dumps(v.policy_overlay)}" if v.policy_overlay else "")
             for v in self.variants
         )
         return [
@@ -566,6 +572,12 @@ class Bench:
                 )
                 # Envoy alone's errors once per scenario, however many variants.
                 checks += [c for c in found if c.arm != ENVOY or variant is self.variants[0]]
+                if variant.versus in by_arm and variant.max_added_p50_ms is not None:
+                    checks.append(
+                        versus_check(
+                            scenario.key, variant.key, variant.versus, by_arm, variant.max_added_p50_ms
+                        )
+                    )
         for key, rss in self.results.get("rss", {}).items():
             checks += memory_checks(key, rss)
         if "ledger" in self.results:

@@ -173,20 +173,51 @@ def select_scenarios(spec: str | None, default: Sequence[str] | None = None) -> 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way of running the gateway: the development stack plus a config overlay."""
+    """One way of running the gateway: the development stack plus a config overlay.
+
+    ``policy_overlay`` is merged into every policy of the stack's config (the policy list itself is
+    the bench's). A variant with ``versus`` is measured against that variant in the same run (it is
+    selected along with it): its p50 may exceed the other's by at most ``max_added_p50_ms``.
+    """
 
     key: str
     label: str
     overlay: Mapping[str, Any] = field(default_factory=dict)
     workers: int | None = None  # None: the --workers option
     otlp_sink: bool = False  # telemetry.otlp.endpoint set to the bench's discarding collector
+    policy_overlay: Mapping[str, Any] = field(default_factory=dict)
+    versus: str | None = None
+    max_added_p50_ms: float | None = None
 
+
+# Spend caps and rate limits on every request, far from any limit (what admission costs in the
+# common case: every bucket admitted from the worker's lease, no PostgreSQL round trip). The caller
+# has five capped spends: their own day, week and month, the developers' shared budget and the
+# organisation's; the rates count every request.
+HUGE = 10**9
+SPEND_CAPS = Variant(
+    "gateway_caps",
+    "gateway, spend caps and rate limits",
+    overlay={
+        "spend": {
+            "group_budgets": [{"group": "developers", "period": "monthly", "usd": HUGE}],
+            "org_caps": [{"period": "monthly", "usd": HUGE}],
+        }
+    },
+    policy_overlay={
+        "spend_caps": [{"period": p, "usd": HUGE} for p in ("daily", "weekly", "monthly")],
+        "rate_limits": {"requests_per_minute": HUGE, "tokens_per_minute": HUGE},
+    },
+    versus="gateway",
+    max_added_p50_ms=0.3,
+)
 
 VARIANTS: dict[str, Variant] = {
     v.key: v
     for v in (
         Variant("gateway", "gateway"),
         Variant("gateway_2w", "gateway, 2 workers", workers=2),
+        SPEND_CAPS,
         # Metrics alone: the Prometheus endpoint and OTLP every 10 s, no traces.
         Variant(
             "telemetry_metrics",
@@ -222,12 +253,20 @@ VARIANTS: dict[str, Variant] = {
 
 
 def select_variants(spec: str) -> tuple[Variant, ...]:
-    """The variants named in a comma-separated list, in the order given."""
+    """The variants named in a comma-separated list, in the order given; a variant measured
+    ``versus`` another brings that one along (before it), so the two are reported side by side."""
     keys = [k.strip() for k in spec.split(",") if k.strip()]
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown or not keys:
         raise ValueError(f"unknown gateway variant {', '.join(unknown)!r} (known: {', '.join(VARIANTS)})")
-    return tuple(VARIANTS[k] for k in dict.fromkeys(keys))
+    ordered: list[str] = []
+    for key in keys:
+        versus = VARIANTS[key].versus
+        if versus is not None and versus not in ordered:
+            ordered.append(versus)
+        if key not in ordered:
+            ordered.append(key)
+    return tuple(VARIANTS[k] for k in ordered)
 
 
 def merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

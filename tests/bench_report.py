@@ -148,6 +148,21 @@ def scenario_checks(
     return checks
 
 
+def versus_check(
+    scenario: str, arm: str, versus: str, by_arm: Mapping[str, Mapping[str, Any]], max_added_ms: float
+) -> Check:
+    """One variant's p50 against another's in the same run (spend caps and rate limits against none)."""
+    added = by_arm[arm]["p50_ms"] - by_arm[versus]["p50_ms"]
+    return Check(
+        scenario,
+        arm,
+        f"added p50 vs {versus}",
+        f"{added:+.2f} ms",
+        f"<= {max_added_ms:g} ms",
+        added <= max_added_ms,
+    )
+
+
 def ledger_checks(ledger: Mapping[str, Any]) -> list[Check]:
     """Per arm and phase: one row per gateway request, every row with the canned counts."""
     checks = []

@@ -20,6 +20,7 @@ from backends.usage import MeterResult, Usage
 # 3.5-4 characters per token; JSON framing adds a little). An estimate is used only when the
 # upstream received a prompt but its usage report never came back; the row says so.
 BYTES_PER_INPUT_TOKEN = 4
+_NONE = Decimal(0)
 
 
 def estimate_input_tokens(request_bytes: int) -> int:
@@ -94,6 +95,8 @@ def usage_row(
         ttfb_ms=round((first_byte_at - identity.started_at) * 1000.0, 3) if first_byte_at else None,
         recorded_by=recorded_by,
         service_identity=service_identity(caller.sub, caller.session_id) if caller else None,
+        reserved_usd=identity.reservation.usd if identity.reservation else _NONE,
+        leases=identity.reservation.leases if identity.reservation else (),
     )
 
 

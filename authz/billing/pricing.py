@@ -66,7 +66,7 @@ def regional_premium_applies(canonical: str) -> bool:
 class PriceBook:
     """Built-in list prices, overridden and extended by ``pricing.models``, with a fallback."""
 
-    __slots__ = ("_fallback", "_premium", "_prices")
+    __slots__ = ("_fallback", "_premium", "_prices", "_rates")
 
     def __init__(self, pricing: Pricing | None = None) -> None:
         pricing = pricing if pricing is not None else Pricing()
@@ -77,6 +77,7 @@ class PriceBook:
         self._prices = sorted(table.items(), key=lambda item: len(item[0]), reverse=True)
         self._fallback = pricing.fallback
         self._premium = _decimal(pricing.regional_premium)
+        self._rates: dict[tuple[str, bool], tuple[Decimal, Decimal]] = {}
 
     def price_for(self, canonical: str) -> tuple[Price, bool]:
         """The price of a canonical model id and whether it was known (False: the fallback)."""
@@ -85,6 +86,24 @@ class PriceBook:
             if parts[: len(prefix)] == prefix:
                 return price, True
         return self._fallback, False
+
+    def ceiling_rates(self, canonical: str, *, regional: bool) -> tuple[Decimal, Decimal]:
+        """USD per token of ``canonical``'s dearest input (plain or a 5-minute or 1-hour cache write)
+        and of its output, the regional premium included: what a spend reservation is priced at.
+        Cached per model: admission asks for every capped request."""
+        key = (canonical, regional)
+        rates = self._rates.get(key)
+        if rates is None:
+            price, _ = self.price_for(canonical)
+            scale = (
+                1 + self._premium if regional and regional_premium_applies(canonical.lower()) else Decimal(1)
+            )
+            dearest = max(price.input, price.cache_write_5m, price.cache_write_1h)
+            rates = (_decimal(dearest) * scale / _PER_MILLION, _decimal(price.output) * scale / _PER_MILLION)
+            if len(self._rates) > 1024:
+                self._rates.clear()  # model ids come from clients: keep the cache bounded
+            self._rates[key] = rates
+        return rates
 
     def cost_usd(self, canonical: str, usage: Usage, *, regional: bool) -> Decimal:
         """The USD cost of ``usage`` on ``canonical``, quantized to 8 decimal places.

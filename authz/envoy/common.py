@@ -22,6 +22,8 @@ EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 """Filter name, and so the dynamic-metadata namespace ext_authz's ``dynamic_metadata`` lands in."""
 EXT_PROC_FILTER = "gateway.ext_proc"
 """The ext_proc filter that translates, signs and meters each inference request."""
+STRIP_RATELIMIT_FILTER = "gateway.strip_upstream_ratelimit"
+"""Removes the upstream's ``anthropic-ratelimit-*`` response headers (the gateway sends its own)."""
 RECORDED_NAMESPACE = "gateway.recorded"
 """Dynamic metadata the exchange sets once it wrote a request's usage row (the access log's filter)."""
 

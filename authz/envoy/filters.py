@@ -36,7 +36,7 @@ from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import BufferSettings, ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     ExternalProcessorRouteCacheAction,
@@ -47,7 +47,12 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
 )
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import (
+    HeaderMutation as HeaderMutationFilter,
+)
+from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import Mutations
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.http.upstream_codec.v3 import UpstreamCodec
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpFilter,
     LocalReplyConfig,
@@ -67,6 +72,7 @@ from authz.envoy.common import (
     EXT_PROC_FILTER,
     GRPC_CLUSTER,
     RECORDED_NAMESPACE,
+    STRIP_RATELIMIT_FILTER,
     _envelope,
     _pack,
     _seconds,
@@ -135,9 +141,42 @@ def _ext_authz(limits: Limits) -> HttpFilter:
         # or a value that is not UTF-8 can be refused rather than joined or mangled
         # (ExtAuthz.encode_raw_headers).
         encode_raw_headers=True,
-        # with_request_body unset: the token and the path are all ext_authz needs.
+        # The start of the body, for the max_tokens a spend reservation prices (authz.billing.estimate).
+        # The buffer filter already holds the whole body; past this many bytes ext_authz gets a
+        # prefix (allow_partial_message) and a missing max_tokens is estimated at its maximum. As raw
+        # bytes (pack_as_bytes): no UTF-8 string is built for it.
+        with_request_body=BufferSettings(
+            max_request_bytes=min(AUTHZ_BODY_BYTES, limits.max_request_body_bytes),
+            allow_partial_message=True,
+            pack_as_bytes=True,
+        ),
     )
     return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=_pack(authz))
+
+
+# How much of a request body ext_authz receives: Claude Code's requests (50-80 KB) whole.
+AUTHZ_BODY_BYTES = 128 * 1024
+
+
+def _strip_upstream_ratelimit() -> HttpFilter:
+    # The upstream's own rate-limit headers describe the gateway's cloud account, not the caller, and
+    # would contradict the gateway's anthropic-ratelimit-unified-* standing headers: removed by
+    # prefix (config.common.mutation_rules.v3.HeaderMutation.remove_on_match). An upstream filter of
+    # the router (Router.upstream_http_filters), so it sees only what an upstream answered: the
+    # gateway's own refusals (ext_authz local replies) keep their unified headers, and on the way
+    # to the client ext_authz adds the caller's standing after this ran.
+    mutation = HeaderMutationFilter(
+        mutations=Mutations(
+            response_mutations=[
+                HeaderMutation(
+                    remove_on_match=HeaderMutationRemoveOnMatch(
+                        key_matcher=StringMatcher(prefix="anthropic-ratelimit-")
+                    )
+                )
+            ]
+        )
+    )
+    return HttpFilter(name=STRIP_RATELIMIT_FILTER, typed_config=_pack(mutation))
 
 
 # Processing modes as (request headers, request body, response headers, response body); trailers
@@ -245,9 +284,10 @@ def _ext_proc(limits: Limits) -> HttpFilter:
 
 def _router() -> HttpFilter:
     # No x-envoy-upstream-service-time and friends on responses (Router.suppress_envoy_headers).
-    return HttpFilter(
-        name="envoy.filters.http.router", typed_config=_pack(Router(suppress_envoy_headers=True))
-    )
+    # Upstream filters end with the codec filter (Router.upstream_http_filters).
+    codec = HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_pack(UpstreamCodec()))
+    router = Router(suppress_envoy_headers=True, upstream_http_filters=[_strip_upstream_ratelimit(), codec])
+    return HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router))
 
 
 # --- local replies ------------------------------------------------------------------------------

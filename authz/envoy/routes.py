@@ -120,6 +120,13 @@ def _route_config(limits: Limits) -> RouteConfiguration:
             route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
             typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
         ),
+        # The caller's spend and caps (GET /api/oauth/usage): the portal checks the gateway token.
+        Route(
+            name="portal_usage",
+            match=RouteMatch(path="/api/oauth/usage"),
+            route=RouteAction(cluster=PORTAL_CLUSTER, timeout=datetime.timedelta(seconds=30)),
+            typed_per_filter_config=_filters_off(EXT_AUTHZ_FILTER, EXT_PROC_FILTER),
+        ),
         # A declared length over the limit is refused before a byte of the body is read.
         _direct(
             "too_large",

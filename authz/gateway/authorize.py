@@ -59,11 +59,13 @@ class CheckInput:
 
 @dataclass(frozen=True, slots=True)
 class Allow:
-    """Let the request through with these header changes and this identity for ext_proc."""
+    """Let the request through with these header changes and this identity for ext_proc;
+    ``response_headers`` go on the response to the client (a capped caller's standing)."""
 
     set_headers: tuple[tuple[str, str], ...]
     remove_headers: tuple[str, ...]
     identity: RequestIdentity
+    response_headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

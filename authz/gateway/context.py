@@ -11,15 +11,19 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from authz._generated.claude_gateway.v1 import context_pb2
-from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.identity import Caller, ClientFacts, RequestIdentity, Reservation
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 CONTEXT_KEY = "gateway"
+# A spend reservation, when admission made one: "<usd> <lease id> <lease id> ...". Kept out of the
+# protobuf so that requests without caps carry nothing more.
+RESERVATION_KEY = "reservation"
 
 _OPTIONAL = ("policy", "upstream", "upstream_kind", "requested_model", "model", "upstream_model")
 _CLIENT = ("cc_session_id", "agent_id", "parent_agent_id", "user_agent")
@@ -48,7 +52,21 @@ def to_metadata(identity: RequestIdentity) -> dict[str, str]:
             message.session_id = caller.session_id
         if caller.models is not None:
             message.models.patterns.extend(caller.models)
-    return {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii")}
+    fields = {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii")}
+    if identity.reservation is not None:
+        fields[RESERVATION_KEY] = " ".join((str(identity.reservation.usd), *identity.reservation.leases))
+    return fields
+
+
+def _reservation(value: Any) -> Reservation | None:
+    if not isinstance(value, str):
+        return None
+    usd, *leases = value.split(" ")
+    try:
+        amount = Decimal(usd)
+    except InvalidOperation:
+        return None
+    return Reservation(amount, tuple(leases)) if amount.is_finite() and amount >= 0 else None
 
 
 def from_metadata(fields: Mapping[str, Any]) -> RequestIdentity | None:
@@ -83,5 +101,6 @@ def from_metadata(fields: Mapping[str, Any]) -> RequestIdentity | None:
         regional=m.regional,
         upstream_query=m.upstream_query,
         request_bytes=m.request_bytes,
+        reservation=_reservation(fields.get(RESERVATION_KEY)),
         **{n: getattr(m, n) if m.HasField(n) else None for n in _OPTIONAL},
     )

@@ -32,6 +32,7 @@ from authz.gateway.accesslog import AccessLog, AccessRecord
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
 from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
+from authz.gateway.limits import LimitGate
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
 from authz.telemetry.runtime import NO_TELEMETRY, Telemetry
@@ -101,12 +102,14 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         clock: Callable[[], float] = time.time,
         count_refusal: Callable[[str], None] = lambda _reason: None,
         telemetry: Telemetry = NO_TELEMETRY,
+        gate: LimitGate | None = None,
     ) -> None:
         self._authorizer = authorizer
         self._record = record
         self._clock = clock
         self._count_refusal = count_refusal
         self._telemetry = telemetry
+        self._gate = gate
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -115,15 +118,15 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         # --- telemetry: handling time, and for a refusal a span when Envoy traces the request ---
         telemetry = self._telemetry
         if not telemetry.enabled:
-            return self._check(request, None)
+            return await self._check(request, None)
         started = time.perf_counter()
         span = telemetry.span("ext_authz Check", context.invocation_metadata()) if telemetry.tracing else None
         try:
-            return self._check(request, span)
+            return await self._check(request, span)
         finally:
             telemetry.check_seconds(time.perf_counter() - started)
 
-    def _check(
+    async def _check(
         self, request: external_auth_pb2.CheckRequest, span: RequestSpan | None
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
@@ -142,6 +145,10 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
                 malformed=problem,
             )
         )
+        if isinstance(decision, Allow) and self._gate is not None:
+            # Spend caps and rate limits; the body (its first part: ExtAuthz.with_request_body)
+            # gives max_tokens for the reservation.
+            decision = await self._gate.admit(decision, http.raw_body or http.body.encode())
         if span is not None:
             _finish_check_span(span, decision)
         if isinstance(decision, Allow):
@@ -173,6 +180,9 @@ def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
         ok_response=external_auth_pb2.OkHttpResponse(
             headers=[_authz_header_option(k, v) for k, v in decision.set_headers],
             headers_to_remove=list(decision.remove_headers),
+            # Added to the response the client gets (OkHttpResponse.response_headers_to_add), after
+            # the upstream's own anthropic-ratelimit-* were stripped (authz.envoy.filters).
+            response_headers_to_add=[_authz_header_option(k, v) for k, v in decision.response_headers],
         ),
         dynamic_metadata=metadata,
     )

@@ -11,6 +11,7 @@ import asyncpg
 
 from authz.errors import StoreError
 from authz.store.db import Connection, Pool
+from authz.store.spend import settle
 from authz.store.usagerow import UsageRow, merge_rows
 
 # PostgreSQL type of each UsageRow field as sent in the insert. groups travels as jsonb because
@@ -48,7 +49,11 @@ _SEND_TYPES = {
     "ttfb_ms": "float8",
     "recorded_by": "text",
     "service_identity": "text",
+    "reserved_usd": "numeric",
+    "leases": "jsonb",
 }
+# Tuple fields travel as JSON arrays (see _SEND_TYPES) and are stored as text[].
+_ARRAYS = frozenset({"groups", "leases"})
 
 # Column names are the field names; a field without a type above fails at import, not at 3 a.m.
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(UsageRow))
@@ -56,8 +61,8 @@ _TYPES = tuple(_SEND_TYPES[name] for name in COLUMNS)
 
 
 def _select_expr(name: str) -> str:
-    if name == "groups":
-        return 'ARRAY(SELECT jsonb_array_elements_text(u."groups"))'
+    if name in _ARRAYS:
+        return f'ARRAY(SELECT jsonb_array_elements_text(u."{name}"))'
     return f'u."{name}"'
 
 
@@ -80,7 +85,7 @@ _UPDATE_SQL = (
     "UPDATE usage_events SET "  # noqa: S608 - field names only, as above
     + ", ".join(
         f'"{name}" = ARRAY(SELECT jsonb_array_elements_text(${i}::jsonb))'
-        if name == "groups"
+        if name in _ARRAYS
         else f'"{name}" = ${i}'
         for i, name in enumerate(_UPDATE_COLUMNS, 2)
     )
@@ -96,7 +101,7 @@ def _columns_of(rows: Sequence[UsageRow]) -> list[list[Any]]:
     for row in rows:
         for i, name in enumerate(COLUMNS):
             value = getattr(row, name)
-            columns[i].append(json.dumps(list(value)) if name == "groups" else value)
+            columns[i].append(json.dumps(list(value)) if name in _ARRAYS else value)
     return columns
 
 
@@ -110,8 +115,9 @@ def _merged(rows: Sequence[UsageRow]) -> list[UsageRow]:
 
 
 async def insert_rows(conn: Connection, rows: Sequence[UsageRow]) -> int:
-    """Insert ``rows`` in one statement and merge the ones whose request id is already stored;
-    return how many were new.
+    """Insert ``rows`` in one statement, merge the ones whose request id is already stored, and
+    settle them (spend counters, leases, rate counters: :func:`authz.store.spend.settle`), all in
+    one transaction; return how many were new.
 
     asyncpg's exceptions propagate unchanged: the ledger tells a refused row from an unreachable
     server by their type.
@@ -119,39 +125,44 @@ async def insert_rows(conn: Connection, rows: Sequence[UsageRow]) -> int:
     if not rows:
         return 0
     batch = _merged(rows)
-    inserted = {record["request_id"] for record in await conn.fetch(INSERT_SQL, *_columns_of(batch))}
-    stored = [row for row in batch if row.request_id not in inserted]
-    if stored:
-        await _merge_stored(conn, stored)
+    async with conn.transaction():
+        inserted = {record["request_id"] for record in await conn.fetch(INSERT_SQL, *_columns_of(batch))}
+        stored = [row for row in batch if row.request_id not in inserted]
+        changed = await _merge_stored(conn, stored) if stored else []
+        await settle(conn, [row for row in batch if row.request_id in inserted], changed)
     return len(inserted)
 
 
-async def _merge_stored(conn: Connection, rows: Sequence[UsageRow]) -> None:
+async def _merge_stored(conn: Connection, rows: Sequence[UsageRow]) -> list[tuple[UsageRow, UsageRow]]:
     # Replays of a spooled segment land here too: merge_rows leaves an identical row alone, so only
     # the rare second report of one request (a cut stream and Envoy's access log) is written.
-    async with conn.transaction():
-        records = await conn.fetch(_STORED_SQL, [row.request_id for row in rows])
-        current = {record["request_id"]: row_from_record(record) for record in records}
-        updates = []
-        for row in rows:
-            before = current.get(row.request_id)
-            if before is None:
-                continue
-            after = merge_rows(before, row)
-            if after != before:
-                values = [
-                    json.dumps(list(after.groups)) if n == "groups" else getattr(after, n)
-                    for n in _UPDATE_COLUMNS
-                ]
-                updates.append((after.request_id, *values))
-        if updates:
-            await conn.executemany(_UPDATE_SQL, updates)
+    # Returns (stored, merged) for each row that changed.
+    records = await conn.fetch(_STORED_SQL, [row.request_id for row in rows])
+    current = {record["request_id"]: row_from_record(record) for record in records}
+    updates = []
+    changed = []
+    for row in rows:
+        before = current.get(row.request_id)
+        if before is None:
+            continue
+        after = merge_rows(before, row)
+        if after != before:
+            values = [
+                json.dumps(list(getattr(after, n))) if n in _ARRAYS else getattr(after, n)
+                for n in _UPDATE_COLUMNS
+            ]
+            updates.append((after.request_id, *values))
+            changed.append((before, after))
+    if updates:
+        await conn.executemany(_UPDATE_SQL, updates)
+    return changed
 
 
 def row_from_record(record: Any) -> UsageRow:
     """Build a :class:`UsageRow` from a fetched ``usage_events`` record."""
     values = {name: record[name] for name in COLUMNS}
-    values["groups"] = tuple(values["groups"] or ())
+    for name in _ARRAYS:
+        values[name] = tuple(values[name] or ())
     return UsageRow(**values)
 
 

@@ -19,6 +19,8 @@ _ADDED_FIELDS: dict[str, Any] = {
     "input_tokens_estimated": False,
     "recorded_by": "ext_proc",
     "service_identity": None,
+    "reserved_usd": "0",
+    "leases": [],
 }
 
 # Who wrote a row. A refusal (ext_authz) or an exchange that saw its request end (ext_proc) is final;
@@ -73,6 +75,10 @@ class UsageRow:
     """``ext_authz``, ``ext_proc``, ``ext_proc_cut`` or ``access_log`` (see :func:`merge_rows`)."""
     service_identity: str | None = None
     """The service identity whose token made the request (``authz service-tokens``), else None."""
+    reserved_usd: Decimal = Decimal(0)
+    """What admission reserved for the request (its estimate) on each lease in ``leases``; the ledger
+    takes it back off those leases when the row is written (authz.store.spend.settle)."""
+    leases: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # A naive datetime would be read as local time by some consumers and as UTC by others;
@@ -86,6 +92,8 @@ class UsageRow:
         data["started_at"] = self.started_at.isoformat()
         data["groups"] = list(self.groups)
         data["cost_usd"] = str(self.cost_usd)
+        data["reserved_usd"] = str(self.reserved_usd)
+        data["leases"] = list(self.leases)
         # ASCII output: a lone surrogate in a header value is escaped instead of failing to encode.
         return json.dumps(data, separators=(",", ":"))
 
@@ -139,6 +147,8 @@ class UsageRow:
             ttfb_ms=_opt_float(data, "ttfb_ms"),
             recorded_by=_str(data, "recorded_by"),
             service_identity=_opt_str(data, "service_identity"),
+            reserved_usd=_decimal(data, "reserved_usd"),
+            leases=_strings(data, "leases"),
         )
 
 
@@ -192,11 +202,15 @@ def _datetime(data: dict[str, Any], key: str) -> datetime:
         raise ValueError(f"usage row field {key} is not an ISO 8601 timestamp") from exc
 
 
-def _groups(data: dict[str, Any]) -> tuple[str, ...]:
-    value = data["groups"]
+def _strings(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data[key]
     if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
-        raise ValueError("usage row field groups must be a list of strings")
+        raise ValueError(f"usage row field {key} must be a list of strings")
     return tuple(value)
+
+
+def _groups(data: dict[str, Any]) -> tuple[str, ...]:
+    return _strings(data, "groups")
 
 
 def merge_rows(existing: UsageRow, incoming: UsageRow) -> UsageRow:

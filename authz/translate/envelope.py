@@ -7,6 +7,7 @@ parse on inference routes (DESIGN.md, "Client contracts"). Pure functions, deter
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The HTTP status each Anthropic error type travels with.
@@ -47,19 +48,23 @@ def error_reply(
     status: int | None = None,
     should_retry: bool | None = None,
     retry_after: int | None = None,
+    headers: Sequence[tuple[str, str]] = (),
 ) -> ErrorReply:
-    """An error response in the Anthropic envelope.
+    """An error response in the Anthropic envelope, the same for every client format (Bedrock,
+    Vertex and Messages clients all parse it).
 
     ``should_retry=False`` adds ``x-should-retry: false``, which tells Claude Code and the SDKs not to
-    retry (an expired or revoked token needs a new one, not another attempt).
+    retry (an expired or revoked token needs a new one, not another attempt). ``headers`` are added
+    after those (the ``anthropic-ratelimit-unified-*`` headers of a spend-cap refusal).
     """
-    headers: list[tuple[str, str]] = [("content-type", "application/json")]
+    out: list[tuple[str, str]] = [("content-type", "application/json")]
     if should_retry is not None:
-        headers.append(("x-should-retry", "true" if should_retry else "false"))
+        out.append(("x-should-retry", "true" if should_retry else "false"))
     if retry_after is not None:
-        headers.append(("retry-after", str(int(retry_after))))
+        out.append(("retry-after", str(int(retry_after))))
+    out.extend(headers)
     return ErrorReply(
         status=status if status is not None else STATUS_FOR_TYPE.get(error_type, 500),
-        headers=tuple(headers),
+        headers=tuple(out),
         body=error_body(error_type, message),
     )

@@ -754,7 +754,12 @@ def _prepared(
         cache.version, cache.entries = state.version, {}
     prepared = cache.entries.get((kind, model))
     if prepared is None:
-        prepared = cache.entries[(kind, model)] = build(state, model)
+        prepared = build(state, model)
+        if state.response_headers:
+            prepared = _Prepared(
+                prepared.parts, {**prepared.headers, **state.response_headers}, prepared.body
+            )
+        cache.entries[(kind, model)] = prepared
     return prepared
 
 

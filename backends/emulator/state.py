@@ -121,6 +121,9 @@ class EmulatorState:
     # Seconds before the response headers of an inference answer (a slow first byte).
     first_byte_delay: float = 0.0
     text: str = DEFAULT_TEXT
+    # Headers added to every inference answer, as a real upstream adds its own (the Anthropic API's
+    # anthropic-ratelimit-*, say), to check what the gateway lets through.
+    response_headers: dict[str, str] = field(default_factory=dict)
     verify: bool = True
     aws_region: str = DEFAULT_AWS_REGION
     aws_keys: dict[str, str] = field(default_factory=lambda: {TEST_ACCESS_KEY_ID: TEST_SECRET_ACCESS_KEY})
@@ -251,6 +254,7 @@ _BEHAVIOUR_FIELDS = (
     "delay",
     "first_byte_delay",
     "text",
+    "response_headers",
     "verify",
     "aws_region",
     "aws_keys",
@@ -300,7 +304,7 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         return _typed(value, bool, name)
     if name == "max_session_duration":
         return _typed(value, int, name)
-    if name == "aws_keys":
+    if name in ("aws_keys", "response_headers"):
         return {_typed(k, str, name): _typed(v, str, name) for k, v in _typed(value, dict, name).items()}
     if name == "allowed_roles":
         return {

@@ -620,6 +620,20 @@ async def test_control_state_patch_and_reset(emulator: Emulator) -> None:
     assert not emulator.state.requests
 
 
+async def test_response_headers_are_added_to_answers(emulator: Emulator) -> None:
+    """Patched response_headers (an upstream's own anthropic-ratelimit-*) come on every inference
+    answer, streamed or not, until a reset."""
+    limits = {"anthropic-ratelimit-requests-remaining": "7", "anthropic-ratelimit-unified-status": "allowed"}
+    async with emulator.http.post(f"{emulator.url}/_emulator/state", json={"response_headers": limits}) as r:
+        assert (await r.json())["response_headers"] == limits
+    for action in ("invoke", "invoke-with-response-stream"):
+        response = await invoke(emulator, action)
+        assert response.status == 200
+        assert {k: response.headers.get(k) for k in limits} == limits
+    emulator.state.apply_patch({"reset": True})
+    assert "anthropic-ratelimit-requests-remaining" not in (await invoke(emulator, "invoke")).headers
+
+
 async def test_client_disconnect_midstream_is_recorded(emulator: Emulator) -> None:
     """A client that leaves mid-stream stops the stream quietly and the record says it was cut."""
     emulator.state.apply_patch({"delay": 0.02, "deltas": 50})

@@ -108,19 +108,6 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture
-async def fresh_db(pg_dsn: str) -> AsyncIterator[str]:
-    """A brand-new, empty database on the session server (dropped afterwards)."""
-    name = f"t_{secrets.token_hex(6)}"
-    admin = await connect(pg_dsn, timeout=10)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield with_database(pg_dsn, name)
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
 @pytest.fixture(scope="module")
 def own_pg() -> Iterator[EmbeddedPostgres]:
     """A server of our own that the outage tests may stop and start again."""

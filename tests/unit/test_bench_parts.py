@@ -16,7 +16,7 @@ from backends.sse import SseMeter
 from backends.usage import Meter
 from tests.bench_arms import SCENARIOS, request_headers, request_path, select_scenarios, select_variants
 from tests.bench_load import ProtocolError, read_response
-from tests.bench_report import scenario_checks
+from tests.bench_report import scenario_checks, versus_check
 from tests.bench_upstream import (
     CANNED_USAGE,
     STREAM_DELTAS,
@@ -141,6 +141,21 @@ def test_scenario_and_variant_selection() -> None:
     assert [v.key for v in select_variants("gateway")] == ["gateway"]
     with pytest.raises(ValueError, match="unknown gateway variant"):
         select_variants("gateway,nope")
+
+
+def test_the_spend_caps_variant_runs_beside_the_plain_gateway() -> None:
+    """Selecting the caps variant brings the plain gateway along, so its added p50 is measured in the
+    same run, where its p50 may exceed the plain gateway's by 0.3 ms at most."""
+    assert [v.key for v in select_variants("gateway_caps")] == ["gateway", "gateway_caps"]
+    assert [v.key for v in select_variants("gateway_caps,gateway")] == ["gateway", "gateway_caps"]
+    caps = select_variants("gateway_caps")[1]
+    assert (caps.versus, caps.max_added_p50_ms) == ("gateway", 0.3)
+    by_arm = {"gateway": {"p50_ms": 2.0}, "gateway_caps": {"p50_ms": 2.25}}
+    check = versus_check("bedrock_invoke", "gateway_caps", "gateway", by_arm, 0.3)
+    assert check.met and check.value == "+0.25 ms"
+    assert not versus_check(
+        "x", "gateway_caps", "gateway", {**by_arm, "gateway_caps": {"p50_ms": 2.4}}, 0.3
+    ).met
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:

@@ -693,3 +693,77 @@ def test_development_fixture_loads_with_an_empty_environment() -> None:
     assert [name for name, _ in config.upstreams] == ["bedrock", "vertex"]
     assert {up.settings.base_url for _, up in config.upstreams} == {"http://127.0.0.1:18081"}
     assert config.store.url == ""
+
+
+# --- spend caps and rate limits -----------------------------------------------------------------
+
+SPEND = """
+policies:
+  - name: eng
+    groups: [eng]
+    upstreams: [main]
+    spend_caps: [{period: daily, usd: 50}, {period: monthly, usd: "600.5"}]
+    rate_limits: {requests_per_minute: 120}
+spend:
+  group_budgets: [{group: platform, period: weekly, usd: 5000}]
+  org_caps: [{period: monthly, usd: 40000}]
+  on_store_error: open
+"""
+
+
+def _spend(text: str) -> str:
+    return BASE.split("policies:")[0] + textwrap.dedent(text)
+
+
+def test_spend_caps_and_rate_limits_load() -> None:
+    """Caps per policy, shared group budgets, organisation caps and rate limits load into the schema;
+    unset rates stay null."""
+    config = loads(_spend(SPEND), {})
+    (policy,) = config.policies
+    assert [(c.period, c.usd) for c in policy.spend_caps] == [("daily", 50.0), ("monthly", 600.5)]
+    assert (policy.rate_limits.requests_per_minute, policy.rate_limits.tokens_per_minute) == (120, None)
+    assert [(b.group, b.period, b.usd) for b in config.spend.group_budgets] == [
+        ("platform", "weekly", 5000.0)
+    ]
+    assert config.spend.on_store_error == "open" and config.spend.open_grace == 300.0
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "problem"),
+    [
+        (
+            ("period: daily, usd: 50", "period: hourly, usd: 50"),
+            "policies[0].spend_caps[0].period",
+            "must be one of",
+        ),
+        (("period: daily, usd: 50", "period: daily, usd: -1"), "policies[0].spend_caps[0].usd", "negative"),
+        (
+            ("period: daily, usd: 50", "period: daily, dollars: 50"),
+            "policies[0].spend_caps[0].dollars",
+            "unknown key",
+        ),
+        (
+            ("requests_per_minute: 120", "requests_per_minute: 0"),
+            "policies[0].rate_limits.requests_per_minute",
+            "at least 1",
+        ),
+        (
+            ("requests_per_minute: 120", "requests_per_hour: 9"),
+            "policies[0].rate_limits.requests_per_hour",
+            "unknown key",
+        ),
+        (("group: platform", "group: ''"), "spend.group_budgets[0].group", "name a group"),
+        (("usd: 40000", "usd: -5"), "spend.org_caps[0].usd", "negative"),
+        (("on_store_error: open", "on_store_error: maybe"), "spend.on_store_error", "must be one of"),
+        (("on_store_error: open", "open_grace: 0"), "spend.open_grace", "positive"),
+        (("on_store_error: open", "lease_fraction: 1.5"), "spend.lease_fraction", "between 0 and 1"),
+        (("on_store_error: open", "sync_interval: 30\n  lease_ttl: 60"), "spend.lease_ttl", "three times"),
+        (("on_store_error: open", "increase_url: ftp://x"), "spend.increase_url", "http(s) URL"),
+        (("on_store_error: open", "budget: 5"), "spend.budget", "unknown key"),
+    ],
+)
+def test_bad_spend_settings_are_refused_by_field(change: tuple[str, str], field: str, problem: str) -> None:
+    """Each bad cap, rate or spend setting stops loading with the field named."""
+    err = _error(_spend(SPEND.replace(*change)))
+    assert err.field == field, str(err)
+    assert problem in err.problem

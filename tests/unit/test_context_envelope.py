@@ -6,14 +6,15 @@ import base64
 import dataclasses
 import json
 from dataclasses import replace
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
 
 from authz._generated.claude_gateway.v1 import context_pb2
-from authz.gateway.context import CONTEXT_KEY, from_metadata, to_metadata
-from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.gateway.context import CONTEXT_KEY, RESERVATION_KEY, from_metadata, to_metadata
+from authz.identity import Caller, ClientFacts, RequestIdentity, Reservation
 from authz.translate.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
 
 CTX = RequestIdentity(
@@ -97,6 +98,27 @@ def test_metadata_is_one_field() -> None:
     assert isinstance(metadata[CONTEXT_KEY], str)
 
 
+def test_a_spend_reservation_travels_as_a_second_field() -> None:
+    """A reservation (estimate and lease ids) rides in its own field and comes back equal, through
+    Envoy's Struct too; without one, nothing more travels."""
+    reserved = replace(CTX, reservation=Reservation(Decimal("0.81250000"), ("a1b2", "c3d4")))
+    metadata = to_metadata(reserved)
+    assert set(metadata) == {CONTEXT_KEY, RESERVATION_KEY}
+    assert metadata[RESERVATION_KEY] == "0.81250000 a1b2 c3d4"
+    struct = struct_pb2.Struct()
+    struct.update(metadata)
+    assert from_metadata({k: v.string_value for k, v in struct.fields.items()}) == reserved
+    unleased = replace(CTX, reservation=Reservation(Decimal("0.5")))
+    assert from_metadata(to_metadata(unleased)) == unleased
+
+
+@pytest.mark.parametrize("value", ["", "abc lease", "-1 lease", "NaN x"])
+def test_a_garbled_reservation_is_dropped(value: str) -> None:
+    """A reservation field that is not a finite non-negative amount is ignored (the identity stands)."""
+    fields = {**to_metadata(CTX), RESERVATION_KEY: value}
+    assert from_metadata(fields) == CTX
+
+
 def _encoded(message: context_pb2.RequestContext) -> dict[str, str]:
     return {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode()}
 
@@ -156,7 +178,8 @@ def test_a_context_without_email_round_trips() -> None:
 def test_context_fields_match_the_proto() -> None:
     """The identity's dataclasses and protos/claude_gateway/v1/context.proto name the same fields."""
     proto_fields = {f.name for f in context_pb2.RequestContext.DESCRIPTOR.fields}
-    flat = {f.name for f in dataclasses.fields(RequestIdentity)} - {"caller", "client"}
+    # A spend reservation travels as a metadata field of its own (authz.gateway.context.RESERVATION_KEY).
+    flat = {f.name for f in dataclasses.fields(RequestIdentity)} - {"caller", "client", "reservation"}
     flat |= {f.name for f in dataclasses.fields(ClientFacts)}
     flat |= {f.name for f in dataclasses.fields(Caller)}
     assert proto_fields == flat
@@ -215,6 +238,14 @@ def test_should_retry_header(should_retry: bool | None, header: list[tuple[str, 
     """should_retry adds x-should-retry true/false; left unset, no header is sent."""
     reply = error_reply("authentication_error", "m", should_retry=should_retry)
     assert list(reply.headers) == [("content-type", "application/json"), *header]
+
+
+def test_extra_headers_follow_the_standard_ones() -> None:
+    """headers (a spend refusal's unified headers) come after content-type, x-should-retry and
+    retry-after, in the order given."""
+    extra = (("anthropic-ratelimit-unified-status", "rejected"), ("anthropic-ratelimit-unified-reset", "9"))
+    reply = error_reply("billing_error", "cap", should_retry=False, retry_after=5, headers=extra)
+    assert reply.headers[3:] == extra and reply.status == 429
 
 
 def test_retry_after_is_an_integer_header() -> None:

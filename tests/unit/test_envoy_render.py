@@ -113,10 +113,37 @@ def test_filters_in_order_and_fail_closed(example: dict[str, Any]) -> None:
     assert authz["transport_api_version"] == "V3"
     assert authz["grpc_service"]["timeout"] == "2s"
     assert authz["clear_route_cache"] is True
-    assert "with_request_body" not in authz
+    # The start of the body, for max_tokens (spend reservations), as raw bytes and never a 413.
+    assert authz["with_request_body"] == {
+        "max_request_bytes": 128 * 1024,
+        "allow_partial_message": True,
+        "pack_as_bytes": True,
+    }
     # Raw header bytes, one entry per line: repeated credentials and bad UTF-8 are refused.
     assert authz["encode_raw_headers"] is True
     assert http_filter(example, "envoy.filters.http.router")["suppress_envoy_headers"] is True
+
+
+def test_upstream_ratelimit_headers_are_stripped_from_upstream_answers_only(example: dict[str, Any]) -> None:
+    """Headers starting anthropic-ratelimit- are removed by an upstream filter of the router: from
+    what upstreams answer, never from the gateway's own refusals; the codec filter ends the chain."""
+    router = http_filter(example, "envoy.filters.http.router")
+    strip, codec = router["upstream_http_filters"]
+    assert codec["name"] == "envoy.filters.http.upstream_codec"
+    assert strip["name"] == "gateway.strip_upstream_ratelimit"
+    assert strip["typed_config"]["mutations"] == {
+        "response_mutations": [{"remove_on_match": {"key_matcher": {"prefix": "anthropic-ratelimit-"}}}]
+    }
+
+
+def test_usage_endpoint_goes_to_the_portal(example: dict[str, Any]) -> None:
+    """GET /api/oauth/usage is routed to the portal with ext_authz and the ext_proc off (the portal
+    verifies the gateway token itself)."""
+    routes = hcm(example)["route_config"]["virtual_hosts"][0]["routes"]
+    (route,) = [r for r in routes if r["name"] == "portal_usage"]
+    assert route["match"] == {"path": "/api/oauth/usage"}
+    assert route["route"]["cluster"] == "gateway_portal"
+    assert set(route["typed_per_filter_config"]) == {EXT_AUTHZ, PROC}
 
 
 def test_whole_body_held_before_ext_authz(example: dict[str, Any]) -> None:

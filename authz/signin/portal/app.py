@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from aiohttp import web
 
 from authz.errors import StoreError
-from authz.signin.portal import oauth
+from authz.signin.portal import oauth, usage
 from authz.signin.portal import web as pages_web
 from authz.signin.portal.admin import AdminPages
 from authz.signin.portal.context import PortalContext, PortalDeps, ReadinessCheck
@@ -119,4 +119,5 @@ def build_portal(deps: PortalDeps) -> web.Application:
     app.router.add_post("/v1/{signal:metrics|logs|traces}", relayed.export)
     managed = ManagedSettingsEndpoint(context)
     app.router.add_get(MANAGED_SETTINGS_PATH, managed.get)
+    app.router.add_get("/api/oauth/usage", usage.UsageEndpoint(context).get)
     return app

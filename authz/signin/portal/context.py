@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
+from aiohttp import web
+
 from authz.configtypes import GatewayConfig
+from authz.errors import TokenError
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import AuthorizationStart, IdpIdentity, OidcClient, TokenSet
 from authz.signin.portal.device import RateLimiter
 from authz.signin.portal.http import cookie_names, origin_of
 from authz.signin.secretbox import SecretBox
-from authz.signin.tokens import Claims, KeySet, TokenVerifier
+from authz.signin.tokens import Claims, KeySet, TokenVerifier, bearer_token
 from authz.store import sessions as store
 from authz.store.db import Pool
 from authz.telemetry.relay import Relay
@@ -97,10 +101,11 @@ class PortalDeps:
     drains; ``readiness`` builds the ``/readyz`` report (None: ready unless draining).
     ``logouts`` lets back-channel logouts be accepted while PostgreSQL is unreachable; without it
     they need PostgreSQL (503 otherwise). ``verifier`` and ``is_revoked`` judge the gateway tokens
-    on the bearer-authenticated endpoints (the client telemetry relay, ``/managed/settings``) exactly
-    as ext_authz does: the worker passes its own verifier and revocation set (without a verifier the
-    telemetry endpoints drop everything, and ``/managed/settings`` builds one from ``keyset`` and
-    ``sessions``); ``relay`` forwards the telemetry they accept (none: dropped).
+    on the bearer-authenticated endpoints (the client telemetry relay, ``/managed/settings``,
+    ``GET /api/oauth/usage``) exactly as ext_authz does: the worker passes its own verifier and
+    revocation set (without a verifier the telemetry endpoints drop everything, and
+    ``/managed/settings`` builds one from ``keyset`` and ``sessions``); ``relay`` forwards the
+    telemetry they accept (none: dropped).
     """
 
     config: GatewayConfig
@@ -165,6 +170,32 @@ class PortalContext:
     def now(self) -> datetime:
         """The portal's clock."""
         return self.deps.clock()
+
+    def bearer_claims(self, request: web.Request) -> Claims | None:
+        """The claims of the request's one gateway token when it verifies and is not revoked, by
+        the worker's own verifier (none given: None); the wall clock, as ext_authz's (the portal's
+        clock is the sign-in flows' and the tests')."""
+        if self.deps.verifier is None:
+            return None
+        try:
+            return self.token_claims(request, time.time())
+        except TokenError:
+            return None
+
+    def token_claims(self, request: web.Request, now: float) -> Claims:
+        """The claims of the request's one gateway token (``Authorization: Bearer`` or
+        ``x-api-key``, read by ext_authz's rules: :func:`authz.signin.tokens.bearer_token`);
+        :class:`TokenError` when it is missing, ambiguous, does not verify or is revoked."""
+        names = ("authorization", "x-api-key")
+        headers = {name: request.headers[name] for name in names if name in request.headers}
+        repeated = frozenset(name for name in names if len(request.headers.getall(name, [])) > 1)
+        token = bearer_token(headers, repeated)
+        if token is None:
+            raise TokenError("missing")
+        claims = self.verifier.verify(token, now)
+        if self.deps.is_revoked(claims):
+            raise TokenError("revoked")
+        return claims
 
     async def audit(
         self,

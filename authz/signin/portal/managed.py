@@ -30,7 +30,7 @@ from aiohttp import web
 from authz.configtypes import Policy
 from authz.errors import TokenError
 from authz.signin.portal.http import anthropic_error
-from authz.signin.tokens import Claims, bearer_token
+from authz.signin.tokens import Claims
 
 if TYPE_CHECKING:
     from authz.signin.portal.context import PortalContext
@@ -124,14 +124,4 @@ class ManagedSettingsEndpoint:
 
     def _claims(self, request: web.Request) -> Claims:
         """The verified, unrevoked token's claims; TokenError otherwise (the rules of ext_authz)."""
-        ctx = self._ctx
-        names = ("authorization", "x-api-key")
-        headers = {name: request.headers[name] for name in names if name in request.headers}
-        repeated = frozenset(name for name in names if len(request.headers.getall(name, [])) > 1)
-        token = bearer_token(headers, repeated)
-        if token is None:
-            raise TokenError("missing")
-        claims = ctx.verifier.verify(token, ctx.now().timestamp())
-        if ctx.deps.is_revoked(claims):
-            raise TokenError("revoked")
-        return claims
+        return self._ctx.token_claims(request, self._ctx.now().timestamp())

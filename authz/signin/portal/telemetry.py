@@ -13,35 +13,14 @@ errors on anything else, and there is nothing it could do about a drop. Drops ar
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
-from authz.errors import TokenError
 from authz.signin.portal.context import PortalContext
 from authz.telemetry.otlp_payload import Sender, is_json
 
 # An empty Export*ServiceResponse, in each encoding (OTLP/HTTP "Full Success").
 _EMPTY_PROTOBUF = b""
 _EMPTY_JSON = b"{}"
-
-
-def _bearer(request: web.Request) -> str | None:
-    """The one gateway token sent as ``Authorization: Bearer`` or ``x-api-key``; None when
-    missing or ambiguous (two different tokens, a repeated header, another scheme)."""
-    tokens = set()
-    authorization = request.headers.getall("Authorization", [])
-    api_keys = request.headers.getall("x-api-key", [])
-    if len(authorization) > 1 or len(api_keys) > 1:
-        return None
-    if authorization:
-        scheme, _, value = authorization[0].strip().partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            return None
-        tokens.add(value.strip())
-    if api_keys and api_keys[0].strip():
-        tokens.add(api_keys[0].strip())
-    return tokens.pop() if len(tokens) == 1 else None
 
 
 async def _read(request: web.Request, limit: int) -> bytes | None:
@@ -91,14 +70,7 @@ class TelemetryEndpoints:
         return answer
 
     def _sender(self, request: web.Request) -> Sender | None:
-        deps = self._ctx.deps
-        token = _bearer(request)
-        if token is None or deps.verifier is None:
-            return None
-        try:
-            claims = deps.verifier.verify(token, time.time())
-        except TokenError:
-            return None
-        if deps.is_revoked(claims):
+        claims = self._ctx.bearer_claims(request)
+        if claims is None:
             return None
         return Sender(user=claims.email or claims.sub, groups=claims.groups, session_id=claims.sid)
