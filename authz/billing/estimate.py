@@ -23,6 +23,9 @@ FALLBACK_MAX_TOKENS = 128_000
 # ones, in a tool's schema or input, can only raise the maximum taken below, never lower it).
 _MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d{1,12})')
 _QUANTUM = Decimal("0.00000001")
+# Every string value of a "model" key: a Messages body names its model there (nested ones, in a
+# tool's input say, can only make the dearest model taken below dearer, never cheaper).
+_MODEL = re.compile(rb'"model"\s*:\s*"([A-Za-z0-9._:@/-]{1,200})"')
 
 
 def max_tokens_of(body: bytes) -> int | None:
@@ -34,6 +37,16 @@ def max_tokens_of(body: bytes) -> int | None:
     # The literal prefix makes the regex engine skip ahead at memory speed (about 20 us for 60 KB).
     found = [int(m) for m in _MAX_TOKENS.findall(body)]
     return max(found) if found else None
+
+
+def dearest_model(prices: PriceBook, body: bytes, *, regional: bool) -> str | None:
+    """The dearest model a JSON body names in a ``"model"`` key (the Messages API puts the model in
+    the body, where ext_authz sees only a prefix), or None if it names none: the estimate then takes
+    the fallback price. A scan, like :func:`max_tokens_of`."""
+    named = {m.decode("ascii") for m in _MODEL.findall(body)}
+    if not named:
+        return None
+    return max(sorted(named), key=lambda model: sum(prices.ceiling_rates(model, regional=regional)))
 
 
 def estimate_usd(

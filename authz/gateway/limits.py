@@ -36,7 +36,7 @@ from decimal import Decimal
 
 from authz.billing.accounting import usage_row
 from authz.billing.caps import Cap, CapIndex, StoredLimit, stored_limits, user_key
-from authz.billing.estimate import estimate_usd, max_tokens_of
+from authz.billing.estimate import dearest_model, estimate_usd, max_tokens_of
 from authz.billing.leases import Admitted, LeaseBook, Short
 from authz.billing.periods import PeriodClock
 from authz.billing.pricing import PriceBook
@@ -203,9 +203,13 @@ class LimitGate:
         identity = allow.identity
         caps = plan.caps
         whole = identity.request_bytes <= len(body) < AUTHZ_BODY_BYTES
+        model = identity.model
+        if model is None:
+            # A Messages request names its model in the body (the exchange checks it there).
+            model = dearest_model(self._prices, body, regional=identity.regional)
         usd = estimate_usd(
             self._prices,
-            identity.model,
+            model,
             regional=identity.regional,
             request_bytes=max(identity.request_bytes, len(body)),
             # Only a whole body says what max_tokens is: past ext_authz's share of a large body the

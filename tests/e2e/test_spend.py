@@ -141,6 +141,17 @@ def vertex_call(stack: Stack, token: str) -> httpx.Response:
     )
 
 
+def messages_call(stack: Stack, token: str) -> httpx.Response:
+    """Claude Code's native format (``POST /v1/messages``), served by the policy's first upstream."""
+    body = {"model": "claude-sonnet-4-5-20250929", "max_tokens": OUTPUT, "messages": BEDROCK_BODY["messages"]}
+    return httpx.post(
+        f"{stack.envoy_url}/v1/messages?beta=true",
+        headers={"authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"},
+        json=body,
+        timeout=30,
+    )
+
+
 def written(dsn: str, email: str, n: int) -> list[dict[str, Any]]:
     """Wait until ``email`` has ``n`` answered rows; all of its rows."""
     wait_for(lambda: len(fetch_rows(dsn, "user_email = $1 AND status = 200", email)) >= n, timeout=20)
@@ -195,9 +206,10 @@ def assert_cap_refusal(response: httpx.Response, *, period: str = "daily", pool:
     assert not [k for k in headers if k.startswith("anthropic-ratelimit-") and not k.startswith(U)]
 
 
-def test_ten_answers_then_the_exact_refusal_in_both_formats(replicas: tuple[Stack, Stack]) -> None:
-    """A user capped at $3.35 gets ten $0.33 answers across both replicas, then the 429 billing_error
-    shape from either replica in Bedrock and Vertex formats (the SDK sees a RateLimitError it is
+def test_ten_answers_then_the_exact_refusal_in_every_format(replicas: tuple[Stack, Stack]) -> None:
+    """A user capped at $3.35 gets ten $0.33 answers across both replicas (the last through the
+    Messages API), then the 429 billing_error shape from either replica in Bedrock, Vertex and
+    Messages formats (the SDK sees a RateLimitError it is
     told not to retry); the denied rows name the cap; `authz spend show` and /api/oauth/usage agree
     with the sum of the rows to the cent."""
     a, b = replicas
@@ -205,7 +217,9 @@ def test_ten_answers_then_the_exact_refusal_in_both_formats(replicas: tuple[Stac
     token = a.mint(email, groups=("capped",))
     answered = 0
     for i in range(10):
-        response = bedrock(a if i % 2 == 0 else b, token)
+        stack = a if i % 2 == 0 else b
+        # The Messages body names the model; its estimate is priced at that model, as the others.
+        response = messages_call(stack, token) if i == 9 else bedrock(stack, token)
         assert response.status_code == 200, response.text
         answered += 1
         # Each answer is written (and its reservation settled) before the next request.
@@ -214,6 +228,7 @@ def test_ten_answers_then_the_exact_refusal_in_both_formats(replicas: tuple[Stac
     for stack in (a, b):
         assert_cap_refusal(bedrock(stack, token))
         assert_cap_refusal(vertex_call(stack, token))
+        assert_cap_refusal(messages_call(stack, token))
     client = AnthropicBedrock(api_key=token, base_url=a.envoy_url, aws_region="us-east-1", max_retries=2)
     with pytest.raises(anthropic.RateLimitError) as caught:
         client.messages.create(model=SONNET, max_tokens=OUTPUT, messages=[{"role": "user", "content": "hi"}])
@@ -222,9 +237,9 @@ def test_ten_answers_then_the_exact_refusal_in_both_formats(replicas: tuple[Stac
     # Refused before any upstream.
     assert [len(stack.emulator("GET", "/_emulator/requests")) for stack in (a, b)] == reached
 
-    rows = wait_for(lambda: len(r := fetch_rows(a.database_url, "user_email = $1", email)) == 15 and r)
+    rows = wait_for(lambda: len(r := fetch_rows(a.database_url, "user_email = $1", email)) == 17 and r)
     denied = [r for r in rows if r["outcome"] == "denied"]
-    assert len(denied) == 5 and {r["reason"] for r in denied} == {"spend_cap: user daily 3.35 USD"}
+    assert len(denied) == 7 and {r["reason"] for r in denied} == {"spend_cap: user daily 3.35 USD"}
     spent = day_spend(rows)
     assert spent <= CAP
     print(f"\nten answers: spent ${spent} of a ${CAP} cap")
@@ -334,21 +349,23 @@ def test_standing_headers_and_no_upstream_limits(replicas: tuple[Stack, Stack]) 
 
         asyncio.run(go())
 
-    for share, threshold in (("0.76", "0.75"), ("0.955", "0.95")):
-        email = user("standing")
-        prior_spend(email, ROOMY * Decimal(share))
-        response = bedrock(a, a.mint(email, groups=("roomy",)))
-        assert response.status_code == 200, response.text
-        reset = str(int(period_end("daily", datetime.now(UTC)).timestamp()))
-        assert {k: v for k, v in response.headers.items() if k.startswith("anthropic-ratelimit-")} == {
-            f"{U}status": "allowed_warning",
-            f"{U}reset": reset,
-            f"{U}representative-claim": "overage",
-            f"{U}overage-status": "allowed_warning",
-            f"{U}overage-utilization": share[:4],
-            f"{U}overage-surpassed-threshold": threshold,
-            f"{U}overage-reset": reset,
-        }
+    # Claude Code's native format reads these headers; the cloud formats carry them too.
+    for call in (messages_call, bedrock):
+        for share, threshold in (("0.76", "0.75"), ("0.955", "0.95")):
+            email = user("standing")
+            prior_spend(email, ROOMY * Decimal(share))
+            response = call(a, a.mint(email, groups=("roomy",)))
+            assert response.status_code == 200, response.text
+            reset = str(int(period_end("daily", datetime.now(UTC)).timestamp()))
+            assert {k: v for k, v in response.headers.items() if k.startswith("anthropic-ratelimit-")} == {
+                f"{U}status": "allowed_warning",
+                f"{U}reset": reset,
+                f"{U}representative-claim": "overage",
+                f"{U}overage-status": "allowed_warning",
+                f"{U}overage-utilization": share[:4],
+                f"{U}overage-surpassed-threshold": threshold,
+                f"{U}overage-reset": reset,
+            }
     free = bedrock(a, a.mint(user("free"), groups=("developers",)))
     assert free.status_code == 200
     assert [k for k in free.headers if k.startswith("anthropic-ratelimit-")] == []

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from authz.billing.caps import Cap, CapIndex, StoredLimit, dollars, user_key
-from authz.billing.estimate import FALLBACK_MAX_TOKENS, estimate_usd, max_tokens_of
+from authz.billing.estimate import FALLBACK_MAX_TOKENS, dearest_model, estimate_usd, max_tokens_of
 from authz.billing.periods import PeriodClock, period_end, period_start
 from authz.billing.pricing import PriceBook
 from authz.billing.ratelimit import RateLimiter, retry_after, window
@@ -165,6 +165,23 @@ def test_estimate_without_max_tokens_assumes_the_largest_output() -> None:
     prices = PriceBook()
     unknown = estimate_usd(prices, "claude-haiku-4-5", regional=False, request_bytes=0, max_tokens=None)
     assert unknown == Decimal(FALLBACK_MAX_TOKENS) * 5 / 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model":"claude-haiku-4-5","max_tokens":10}', "claude-haiku-4-5"),
+        (b'{"model" : "claude-haiku-4-5-20251001","messages":[]}', "claude-haiku-4-5-20251001"),
+        # A nested "model" (in a tool's input) can only make the estimate dearer.
+        (b'{"model":"claude-haiku-4-5","tools":[{"input":{"model":"claude-opus-4-5"}}]}', "claude-opus-4-5"),
+        (b'{"messages":[]}', None),
+        (b'{"model":42}', None),
+    ],
+)
+def test_a_messages_body_is_priced_at_the_dearest_model_it_names(body: bytes, expected: str | None) -> None:
+    """The Messages API names the model in the body: the estimate takes the dearest one named
+    there (a nested key never makes it cheaper), else the fallback price."""
+    assert dearest_model(PriceBook(), body, regional=False) == expected
 
 
 # --- standing and refusal headers ----------------------------------------------------------------
