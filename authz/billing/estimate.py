@@ -46,7 +46,8 @@ def dearest_model(prices: PriceBook, body: bytes, *, regional: bool) -> str | No
     named = {m.decode("ascii") for m in _MODEL.findall(body)}
     if not named:
         return None
-    return max(sorted(named), key=lambda model: sum(prices.ceiling_rates(model, regional=regional)))
+    dearest: str = max(sorted(named), key=lambda model: sum(prices.ceiling_rates(model, regional=regional)))
+    return dearest
 
 
 def estimate_usd(
