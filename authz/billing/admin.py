@@ -21,8 +21,8 @@ from authz.billing.periods import PERIODS, period_end, period_start
 from authz.billing.standing import Standing
 from authz.configtypes import GatewayConfig, Period
 from authz.errors import GatewayError
-from authz.store.db import Pool, connect_pool
-from authz.store.migrate import migrate
+from authz.store.db import Pool
+from authz.store.migrate import open_migrated_pool
 from authz.store.spend import Bucket, delete_limit, load_limits, set_limit, spent_in, user_groups
 
 
@@ -38,19 +38,6 @@ def _operator() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
-
-
-async def _open(config: GatewayConfig) -> Pool:
-    if not config.store.url:
-        raise GatewayError("store.url is not configured: spend limits live in PostgreSQL")
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
 
 
 def scope_of(*, user: str | None, group: str | None, pooled: bool, org: bool) -> tuple[LimitScope, str]:
@@ -79,7 +66,7 @@ async def set_command(
     config: GatewayConfig, scope: LimitScope, name: str, period: Period, usd: Decimal
 ) -> int:
     """Create or replace one cap; print the change."""
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "spend limits")
     try:
         old = await set_limit(pool, scope=scope, name=name, period=period, usd=usd, by=_operator())
     finally:
@@ -94,7 +81,7 @@ async def set_command(
 
 async def delete_command(config: GatewayConfig, scope: LimitScope, name: str, period: Period) -> int:
     """Delete one cap; exit status 1 when there was none."""
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "spend limits")
     try:
         old = await delete_limit(pool, scope=scope, name=name, period=period, by=_operator())
     finally:
@@ -108,7 +95,7 @@ async def delete_command(config: GatewayConfig, scope: LimitScope, name: str, pe
 
 async def list_command(config: GatewayConfig, *, as_json: bool) -> int:
     """Print every cap set at run time (the file's caps are in the file)."""
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "spend limits")
     try:
         limits = await load_limits(pool)
     finally:
@@ -193,7 +180,7 @@ async def show_command(
     now: datetime | None = None,
 ) -> int:
     """Print a user's spend per period and what remains of each cap."""
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "spend limits")
     try:
         report = await standing_of(pool, config, user, groups, now or datetime.now(UTC))
     finally:

@@ -12,8 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from authz.configtypes import GatewayConfig
 from authz.errors import GatewayError
-from authz.store.db import connect_pool
-from authz.store.migrate import migrate
+from authz.store.migrate import open_migrated_pool
 from authz.store.queries import recent_usage
 from authz.store.reports import UsageSummary, usage_summary
 
@@ -89,10 +88,8 @@ async def print_summary(
     config: GatewayConfig, *, by: str, since: datetime | None, until: datetime | None, fmt: str
 ) -> int:
     """Print the sums of the usage rows in ``[since, until)`` grouped ``by``."""
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
+    pool = await open_migrated_pool(config.store, "usage rows")
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
         rows = await usage_summary(pool, by, since=since, until=until)
     finally:
         await pool.close()
@@ -102,10 +99,8 @@ async def print_summary(
 
 async def print_recent(config: GatewayConfig, *, limit: int, as_json: bool) -> int:
     """Print the ``limit`` most recent rows, newest first."""
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
+    pool = await open_migrated_pool(config.store, "usage rows")
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
         rows = await recent_usage(pool, limit=limit)
     finally:
         await pool.close()

@@ -14,8 +14,7 @@ from datetime import UTC, datetime
 
 from authz.configtypes import GatewayConfig
 from authz.errors import GatewayError
-from authz.store.db import Pool, connect_pool
-from authz.store.migrate import migrate
+from authz.store.migrate import open_migrated_pool
 from authz.store.sessions import (
     Session,
     audit,
@@ -26,19 +25,6 @@ from authz.store.sessions import (
 )
 
 AUDIT_KIND = "admin_revoke"
-
-
-async def _open(config: GatewayConfig) -> Pool:
-    if not config.store.url:
-        raise GatewayError("store.url is not configured: the sessions live in PostgreSQL")
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
 
 
 def _when(value: datetime) -> str:
@@ -74,7 +60,7 @@ def format_sessions(sessions: Sequence[Session], now: datetime) -> str:
 async def list_sessions_command(config: GatewayConfig, *, email: str | None, include_inactive: bool) -> int:
     """Print the sessions (active ones unless ``include_inactive``), of ``email`` or everyone."""
     now = datetime.now(UTC)
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "the sessions")
     try:
         sessions = await list_sessions(pool, email=email, active_only=not include_inactive, now=now)
     finally:
@@ -107,7 +93,7 @@ async def revoke_sessions_command(
         raise GatewayError("name either a user (--user) or a session (--session)")
     now = now or datetime.now(UTC)
     detail = {"by": _operator()}
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "the sessions")
     try:
         if session_id is not None:
             session = await get_session(pool, session_id)

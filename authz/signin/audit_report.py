@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 
 from authz.configtypes import GatewayConfig
 from authz.store import sessions as store
-from authz.store.db import connect_pool
-from authz.store.migrate import migrate
+from authz.store.migrate import open_migrated_pool
 from authz.store.sessions import AuditEvent
 
 
@@ -50,10 +49,8 @@ async def print_audit(
     config: GatewayConfig, *, since: datetime | None, kind: str | None, limit: int, fmt: str
 ) -> int:
     """Print the audit events at or after ``since`` (at most the newest ``limit``)."""
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
+    pool = await open_migrated_pool(config.store, "audit events")
     try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
         events = await store.audit_since(pool, since, kind=kind, limit=limit)
     finally:
         await pool.close()

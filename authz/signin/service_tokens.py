@@ -25,8 +25,8 @@ from authz.configtypes import GatewayConfig
 from authz.errors import GatewayError
 from authz.serviceid import service_sid, service_sub
 from authz.signin.tokens import KeySet, mint
-from authz.store.db import Pool, connect_pool
-from authz.store.migrate import migrate
+from authz.store.db import Pool
+from authz.store.migrate import open_migrated_pool
 from authz.store.service_tokens import (
     ServiceToken,
     find_service_token,
@@ -162,19 +162,6 @@ async def revoke(
 # --- the commands --------------------------------------------------------------------------------
 
 
-async def _open(config: GatewayConfig) -> Pool:
-    if not config.store.url:
-        raise GatewayError("store.url is not configured: service tokens live in PostgreSQL")
-    pool = await connect_pool(config.store.url, timeout=config.store.connect_timeout)
-    try:
-        async with pool.acquire() as conn:
-            await migrate(conn)
-    except BaseException:
-        await pool.close()
-        raise
-    return pool
-
-
 def _split(value: str | None) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -195,7 +182,7 @@ async def create_command(
     if config.sessions.signing_key is None:
         raise GatewayError("sessions.signing_key is not configured: cannot issue service tokens")
     keyset = KeySet.from_config(config.sessions)
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "service tokens")
     try:
         created = await create_service_token(
             pool,
@@ -241,7 +228,7 @@ def format_tokens(rows: Sequence[ServiceToken], now: datetime) -> str:
 async def list_command(config: GatewayConfig, *, name: str | None, include_inactive: bool) -> int:
     """Print the service tokens (active ones unless ``include_inactive``)."""
     now = datetime.now(UTC)
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "service tokens")
     try:
         rows = await list_service_tokens(pool, name=name, active_only=not include_inactive, now=now)
     finally:
@@ -257,7 +244,7 @@ async def revoke_command(
     if sum(x is not None for x in (token_id, name, token)) != 1:
         raise GatewayError("name exactly one of --id, --name and --token")
     now = datetime.now(UTC)
-    pool = await _open(config)
+    pool = await open_migrated_pool(config.store, "service tokens")
     try:
         if token is not None:
             found = await find_service_token(

@@ -13,8 +13,9 @@ from importlib.resources import files
 
 import asyncpg
 
-from authz.errors import StoreError
-from authz.store.db import Connection
+from authz.configtypes import Store
+from authz.errors import GatewayError, StoreError
+from authz.store.db import Connection, Pool, connect_pool
 
 log = logging.getLogger("authz.store.migrate")
 
@@ -82,3 +83,19 @@ async def migrate(conn: Connection) -> list[str]:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise StoreError(f"database migration failed: {exc}") from exc
+
+
+async def open_migrated_pool(store: Store, holds: str) -> Pool:
+    """A pool for a command-line tool, the schema migrated first (the tool may be the first thing to
+    touch a new database). ``holds`` says what lives there, for the error when no database is
+    configured."""
+    if not store.url:
+        raise GatewayError(f"store.url is not configured: {holds} live in PostgreSQL")
+    pool = await connect_pool(store.url, timeout=store.connect_timeout)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
