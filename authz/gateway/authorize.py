@@ -79,6 +79,20 @@ class Deny:
     row: UsageRow | None = field(default=None)
 
 
+def deny_with_row(identity: RequestIdentity, reply: ErrorReply, reason: str, prices: PriceBook) -> Deny:
+    """Refuse a known caller's request, recording the refusal as a ``denied`` row."""
+    row = usage_row(
+        identity,
+        status=reply.status,
+        outcome="denied",
+        reason=reason,
+        prices=prices,
+        ended_at=identity.started_at,
+        recorded_by="ext_authz",
+    )
+    return Deny(reply, reason, row)
+
+
 def headers_to_strip(headers: Mapping[str, str]) -> tuple[str, ...]:
     """Names of client credential and internal headers present on the request, sorted."""
     return tuple(sorted(name for name in headers if name in _STRIP_EXACT or name.startswith(_STRIP_PREFIXES)))
@@ -207,16 +221,7 @@ class Authorizer:
         )
 
     def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
-        row = usage_row(
-            identity,
-            status=reply.status,
-            outcome="denied",
-            reason=reason,
-            prices=self._prices,
-            ended_at=identity.started_at,
-            recorded_by="ext_authz",
-        )
-        return Deny(reply, reason, row)
+        return deny_with_row(identity, reply, reason, self._prices)
 
     def identify(self, headers: Mapping[str, str], now: float) -> Caller | None:
         """The verified, unrevoked caller a set of request headers names, or None."""

@@ -34,7 +34,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 
-from authz.billing.accounting import usage_row
 from authz.billing.caps import Cap, CapIndex, StoredLimit, stored_limits, user_key
 from authz.billing.estimate import dearest_model, estimate_usd, max_tokens_of
 from authz.billing.leases import Admitted, LeaseBook, Short
@@ -52,7 +51,7 @@ from authz.billing.standing import (
 from authz.configtypes import GatewayConfig, Policy, RateLimits
 from authz.envoy.filters import AUTHZ_BODY_BYTES
 from authz.errors import StoreError
-from authz.gateway.authorize import Allow, Deny
+from authz.gateway.authorize import Allow, Deny, deny_with_row
 from authz.identity import RequestIdentity, Reservation
 from authz.store.db import Pool
 from authz.store.spend import Bucket, load_limits, prune, track_group, tracked_groups
@@ -295,16 +294,7 @@ class LimitGate:
         return self._deny(identity, reply, "spend_cap: the spend store is unreachable")
 
     def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
-        row = usage_row(
-            identity,
-            status=reply.status,
-            outcome="denied",
-            reason=reason,
-            prices=self._prices,
-            ended_at=identity.started_at,
-            recorded_by="ext_authz",
-        )
-        return Deny(reply, reason, row)
+        return deny_with_row(identity, reply, reason, self._prices)
 
     # --- store health and the sync task ------------------------------------------------------
 
