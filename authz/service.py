@@ -273,7 +273,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     gate_pool = await connect_pool(
         config.store.url, min_size=0, max_size=2, timeout=config.store.connect_timeout
     )
-    gate = LimitGate(config, prices, gate_pool)
+    gate = LimitGate(
+        config, prices, gate_pool, on_reserved=telemetry.spend_reserved, on_refused=telemetry.spend_refused
+    )
     await gate.start()
     refusals: Counter[str] = Counter()
 

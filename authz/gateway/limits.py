@@ -101,7 +101,13 @@ class LimitGate:
         *,
         holder: str | None = None,
         clock: Callable[[], float] = time.time,
+        on_reserved: Callable[[float, str], None] = lambda _usd, _scope: None,
+        on_refused: Callable[[str], None] = lambda _scope: None,
     ) -> None:
+        # Telemetry hooks: USD reserved per kind of cap it counts against; a refusal by the kind
+        # of cap that blocked ("store" when the spend store was unreachable).
+        self._on_reserved = on_reserved
+        self._on_refused = on_refused
         self._prices = prices
         self._db = db
         self._clock = clock
@@ -238,6 +244,8 @@ class LimitGate:
             Standing(cap, leases.spent(bucket) or _ZERO, reset)
             for cap, bucket, reset in zip(caps, buckets, plan.resets, strict=True)
         ]
+        for scope in {cap.scope for cap in caps}:
+            self._on_reserved(float(usd), scope)
         return Allow(
             allow.set_headers,
             allow.remove_headers,
@@ -249,6 +257,7 @@ class LimitGate:
         return self._periods.bounds(cap.period, now)[1]
 
     def _refuse(self, identity: RequestIdentity, cap: Cap, short: Short, now: float) -> Deny:
+        self._on_refused(cap.scope)
         reset = self._reset(cap, now)
         if not short.hard:
             reply = error_reply(
@@ -291,6 +300,7 @@ class LimitGate:
             retry_after=30,
             headers=refusal_headers(cap, reset, reason=FETCH_ERROR),
         )
+        self._on_refused("store")
         return self._deny(identity, reply, "spend_cap: the spend store is unreachable")
 
     def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:

@@ -100,6 +100,15 @@ class GatewayMetrics:
                 ),
             )
         )
+        self.estimated = Sum(
+            Instrument(
+                "gateway.usage.estimated",
+                "{request}",
+                "Requests whose token counts are partly estimated from the bytes sent (the answer "
+                "was cut short before the upstream reported usage), by outcome and which counts.",
+                (OUTCOME, "gateway.estimated"),
+            )
+        )
         self.cost = Sum(
             Instrument(
                 "gateway.cost",
@@ -167,6 +176,7 @@ class GatewayMetrics:
         """Every counter, for the exporters."""
         return (
             self.requests,
+            self.estimated,
             self.cost,
             self.credential_failures,
             self.spend_reserved,
@@ -202,6 +212,16 @@ class GatewayMetrics:
                 *user,
             )
         )
+        if row.input_tokens_estimated or row.output_tokens_estimated:
+            which = ",".join(
+                name
+                for name, flag in (
+                    ("input", row.input_tokens_estimated),
+                    ("output", row.output_tokens_estimated),
+                )
+                if flag
+            )
+            self.estimated.add((row.outcome, which))
         if row.cost_usd:
             self.cost.add((model, policy, upstream, *user), float(row.cost_usd))
         if denied or not upstream:

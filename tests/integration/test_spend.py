@@ -373,9 +373,16 @@ async def test_callers_without_caps_pass_untouched(db: Pool) -> None:
 
 async def test_a_shared_group_budget_blocks_every_member(db: Pool, tmp_path: Path) -> None:
     """When the group's budget is spent by one member, another member is refused with
-    -overage-scope: group_pool."""
+    -overage-scope: group_pool; the telemetry hooks hear the reservation and the refusal by scope."""
+    reserved: list[tuple[float, str]] = []
+    refused: list[str] = []
     gate = LimitGate(
-        config(group_budgets=(GroupBudget("pool", "monthly", 0.01),)), PriceBook(), db, holder="g1"
+        config(group_budgets=(GroupBudget("pool", "monthly", 0.01),)),
+        PriceBook(),
+        db,
+        holder="g1",
+        on_reserved=lambda usd, scope: reserved.append((usd, scope)),
+        on_refused=refused.append,
     )
     await gate.sync()
     t = DAY + timedelta(hours=1)
@@ -386,6 +393,8 @@ async def test_a_shared_group_budget_blocks_every_member(db: Pool, tmp_path: Pat
     b = await gate.admit(allow(t, email="b@example.com", groups=("free", "pool"), i=1), BODY)
     assert isinstance(b, Deny)
     assert dict(b.reply.headers)[f"{U}overage-scope"] == "group_pool"
+    assert a.identity.reservation is not None
+    assert reserved == [(float(a.identity.reservation.usd), "group_pool")] and refused == ["group_pool"]
     assert "pool group's shared monthly budget" in json.loads(b.reply.body)["error"]["message"]
 
 

@@ -60,6 +60,30 @@ def test_cost_and_requests_follow_the_rows() -> None:
     assert sum(v for _, v in metrics.requests.snapshot()) == 4
 
 
+def test_rows_with_estimated_counts_are_counted_by_outcome_and_which() -> None:
+    """A row whose tokens are partly estimated (cut short) shows in gateway.usage.estimated; an
+    exact row does not."""
+    metrics = GatewayMetrics(KINDS)
+    metrics.row(row(request_id="exact"))
+    metrics.row(row(request_id="cut", outcome="client_aborted", output_tokens_estimated=True))
+    metrics.row(
+        row(
+            request_id="early",
+            outcome="upstream_error",
+            input_tokens_estimated=True,
+            output_tokens_estimated=True,
+        )
+    )
+    assert sorted(
+        (
+            str(metrics.estimated.instrument.labels(k)["gateway.outcome"]),
+            str(metrics.estimated.instrument.labels(k)["gateway.estimated"]),
+            v,
+        )
+        for k, v in metrics.estimated.snapshot()
+    ) == [("client_aborted", "output", 1), ("upstream_error", "input,output", 1)]
+
+
 def test_a_denied_row_counts_as_a_request_with_a_bounded_reason_and_no_model_usage() -> None:
     """A refusal counts in gateway.requests with the reason's stable prefix, never in tokens or durations."""
     metrics = GatewayMetrics(KINDS)
