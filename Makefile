@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# xds-protos carries an old copy of OpenTelemetry's generated protos under the same package path;
+	@# installed after opentelemetry-proto it replaces them (no InstrumentationScope, no scope_spans),
+	@# so opentelemetry-proto's own files are put back, at the version the resolver chose.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps \
+	  "opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 .PHONY: install

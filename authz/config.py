@@ -301,6 +301,10 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("limits.max_request_body_bytes", "must be positive")
     if config.translate.ping_interval < 0:
         raise ConfigError("translate.ping_interval", "must be 0 (no keep-alives) or positive (seconds)")
+    if config.reload.watch_interval < 0:
+        raise ConfigError(
+            "reload.watch_interval", "must be 0 (no watching: SIGHUP only) or positive (seconds)"
+        )
     sessions = config.sessions
     kids = [k.kid for k in sessions.verify_keys]
     if sessions.signing_key is not None:

@@ -280,6 +280,13 @@ class Spend:
 
 
 @dataclass(frozen=True, slots=True)
+class Reload:
+    """How the running services notice a changed configuration file (SIGHUP always reloads)."""
+
+    watch_interval: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class Otlp:
     """Where metrics, traces and relayed client telemetry are pushed (OTLP). An empty ``endpoint``
     pushes nothing; the ``OTEL_EXPORTER_OTLP_*`` variables stand in for keys the file leaves out
@@ -352,6 +359,7 @@ class GatewayConfig:
     retention: Retention = field(default_factory=Retention)
     telemetry: Telemetry = field(default_factory=Telemetry)
     spend: Spend = field(default_factory=Spend)
+    reload: Reload = field(default_factory=Reload)
 
     def upstream(self, name: str) -> Upstream:
         """The upstream called ``name``; KeyError if none."""

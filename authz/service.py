@@ -6,8 +6,15 @@ balances between the healthy ones); worker 0 also serves the portal (with ``/hea
 ``/readyz``) and runs the retention pruner. On SIGTERM a worker reports NOT_SERVING, waits until
 Envoy has stopped sending it new requests, lets in-flight streams finish within the grace period,
 and flushes the ledger so their usage is recorded (STYLE.md, habit 12). SIGINT stops without the
-wait (still flushing). With several workers, the parent process stops them all and exits non-zero
-as soon as one dies, naming it.
+wait (still flushing). With several workers, the parent process restarts one that dies, and stops
+them all and exits non-zero when one keeps dying.
+
+Reloads (docs/architecture.md, "Live configuration"): the process that owns the replica's
+configuration (the parent with several workers, else the one worker) polls the file every
+``reload.watch_interval`` seconds and rereads it on SIGHUP (:class:`authz.reload.reloader.Reloader`);
+the parent hands every outcome to each worker over a queue, and a worker applies a changed
+configuration by building a new :class:`~authz.gateway.snapshot.Snapshot` and swapping it in
+(:meth:`Worker.apply`). A restarted worker starts from the configuration its siblings run.
 """
 
 from __future__ import annotations
@@ -19,24 +26,21 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as wait_for_exit
+from multiprocessing.queues import Queue
 from pathlib import Path
 
 import grpc
 from aiohttp import web
 
-from authz.billing.pricing import PriceBook
-from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
 from authz.errors import StoreError
-from authz.gateway.accesslog import AccessLog
-from authz.gateway.authorize import Authorizer
-from authz.gateway.exchange import Deps
 from authz.gateway.limits import LimitGate
 from authz.gateway.servicer import (
     AccessLogServicer,
@@ -44,22 +48,22 @@ from authz.gateway.servicer import (
     ExternalProcessorServicer,
     add_servicers,
 )
+from authz.gateway.snapshot import Shared, Snapshot, build_snapshot
 from authz.ops.health import Readiness, WorkerHealth
 from authz.ops.retention import Pruner
+from authz.reload.reloader import Outcome, Reloader, Status, log_outcome
 from authz.signin.backchannel import BackchannelLogouts
 from authz.signin.oidc import OidcClient
-from authz.signin.portal import PortalDeps, build_portal
+from authz.signin.portal import PORTAL, PortalContext, PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet, RevocationWatcher
 from authz.signin.tokens import KeySet, TokenVerifier
-from authz.statedir import state_dir, with_state_dir
+from authz.statedir import state_dir
 from authz.store.db import Pool, connect, connect_pool
 from authz.store.ledger import Ledger
 from authz.store.logout_spool import LogoutSpool, logout_spool_dir
 from authz.store.migrate import migrate
 from authz.telemetry.relay import Relay
 from authz.telemetry.runtime import Telemetry, start_telemetry
-from authz.translate.base import TranslateOptions
-from authz.translate.models import ModelResolver
 from backends.base import Upstream
 from backends.credentials import ReportsRefreshFailures
 from backends.kinds import KINDS
@@ -79,6 +83,15 @@ FAST_GRACE_SECONDS = 0.5
 
 
 @dataclass
+class Servicers:
+    """The worker's gRPC servicers, which a reload hands a new snapshot's parts."""
+
+    authorization: AuthorizationServicer
+    processor: ExternalProcessorServicer
+    access_log: AccessLogServicer
+
+
+@dataclass
 class Worker:
     """One running worker: its servers and the objects they share."""
 
@@ -88,6 +101,10 @@ class Worker:
     upstreams: dict[str, Upstream]
     grpc_server: grpc.aio.Server
     grpc_port: int
+    shared: Shared
+    snapshot: Snapshot
+    servicers: Servicers
+    status: Status
     health: WorkerHealth = field(default_factory=WorkerHealth)
     telemetry: Telemetry = field(default_factory=Telemetry)
     relay: Relay | None = None
@@ -99,12 +116,42 @@ class Worker:
     pruner: Pruner | None = None
     gate: LimitGate | None = None
     gate_pool: Pool | None = None
+    portal_context: PortalContext | None = None
+    reloads: Counter[str] = field(default_factory=Counter)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def healthy(self) -> bool:
         """False once the worker started draining."""
         return not self.health.draining
+
+    def apply(self, config: GatewayConfig) -> None:
+        """Serve the requests that start from now on under ``config`` (a reload's, whose
+        restart-only keys are this worker's own: authz.reload.scope).
+
+        The new snapshot is built first, then handed out in one synchronous step on the event
+        loop, so no request sees part of one configuration and part of another: each ``Check``,
+        ``Process`` stream and access-log entry reads its part once when it starts and keeps it to
+        its end (in-flight streams finish, and write their rows, under the old one). The spend gate
+        and the portal take the configuration in the same step.
+        """
+        snapshot = build_snapshot(config, self.shared)
+        self.config, self.snapshot = config, snapshot
+        self.servicers.authorization.use(snapshot.authorizer)
+        self.servicers.processor.use(snapshot.deps)
+        self.servicers.access_log.use(snapshot.access_log)
+        if self.gate is not None:
+            self.gate.configure(config, snapshot.prices)
+        if self.portal_context is not None:
+            self.portal_context.reconfigure(config)
+
+    def reloaded(self, outcome: Outcome) -> None:
+        """Take a reload's outcome: apply its configuration when live keys changed; count it and
+        keep its status for ``/readyz``."""
+        self.reloads[outcome.result] += 1
+        self.status = outcome.status
+        if outcome.config is not None:
+            self.apply(outcome.config)
 
     async def stop(self, drain: float = DRAIN_SECONDS, grace: float = GRACE_SECONDS) -> None:
         """Report NOT_SERVING, drain, stop the servers, then flush the ledger."""
@@ -202,8 +249,10 @@ async def _start_portal(
             verifier=verifier,
             is_revoked=revocations.blocks,
             relay=relay,
+            config_status=lambda: worker.status.report(),
         )
     )
+    worker.portal_context = app[PORTAL]
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.listen.portal.address, config.listen.portal.port)
@@ -216,8 +265,9 @@ async def _start_portal(
     worker.pruner.start()
 
 
-async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
-    """Start one worker's servers and return once they accept connections."""
+async def start_worker(config: GatewayConfig, index: int = 0, status: Status | None = None) -> Worker:
+    """Start one worker's servers and return once they accept connections. ``status`` says which
+    file version ``config`` came from (``/readyz``)."""
     await _migrate_if_reachable(config.store.url, config.store.connect_timeout)
     ledger = Ledger(config.store)
     await ledger.start()
@@ -245,18 +295,9 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     await logouts.start()
     upstreams = {name: KINDS[up.kind].build(name, up.settings) for name, up in config.upstreams}
-    prices = PriceBook(config.pricing)
     telemetry = start_telemetry(config, index)
     _observe(telemetry, ledger, watcher, upstreams.values())
     record = telemetry.recorder(ledger.record)
-    deps = Deps(
-        upstreams=upstreams,
-        prices=prices,
-        record=record,
-        policies={policy.name: policy for policy in config.policies},
-        models=ModelResolver(config.upstreams),
-        translate=TranslateOptions(ping_interval=config.translate.ping_interval),
-    )
     # The buffered request body arrives in one gRPC message: allow the configured body cap.
     max_message = config.limits.max_request_body_bytes + 1024 * 1024
     server = grpc.aio.server(
@@ -266,17 +307,12 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
             ("grpc.so_reuseport", 0),
         ]
     )
-    authorizer = Authorizer(config, verifier, is_revoked=revocations.blocks, prices=prices)
     # Spend caps and rate limits: leases and counters in PostgreSQL, synced in the background.
     # min_size=0: the worker starts (and fails closed or open per spend.on_store_error) while
     # PostgreSQL is down.
     gate_pool = await connect_pool(
         config.store.url, min_size=0, max_size=2, timeout=config.store.connect_timeout
     )
-    gate = LimitGate(
-        config, prices, gate_pool, on_reserved=telemetry.spend_reserved, on_refused=telemetry.spend_refused
-    )
-    await gate.start()
     refusals: Counter[str] = Counter()
 
     def count_refusal(reason: str) -> None:
@@ -290,21 +326,25 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         if reason != _EXT_AUTHZ_REFUSAL:
             telemetry.refusal(reason)
 
-    add_servicers(
-        server,
-        AuthorizationServicer(
-            authorizer, record, count_refusal=count_refusal, telemetry=telemetry, gate=gate
-        ),
-        ExternalProcessorServicer(deps, telemetry=telemetry),
-        AccessLogServicer(
-            AccessLog(
-                identify=authorizer.identify,
-                record=record,
-                prices=prices,
-                count_refusal=count_envoy_refusal,
-            )
-        ),
+    # What a reload rebuilds (the snapshot) around what it keeps (the process's long-lived objects).
+    shared = Shared(verifier, revocations, upstreams, record, count_envoy_refusal)
+    snapshot = build_snapshot(config, shared)
+    gate = LimitGate(
+        config,
+        snapshot.prices,
+        gate_pool,
+        on_reserved=telemetry.spend_reserved,
+        on_refused=telemetry.spend_refused,
     )
+    await gate.start()
+    servicers = Servicers(
+        AuthorizationServicer(
+            snapshot.authorizer, record, count_refusal=count_refusal, telemetry=telemetry, gate=gate
+        ),
+        ExternalProcessorServicer(snapshot.deps, telemetry=telemetry),
+        AccessLogServicer(snapshot.access_log),
+    )
+    add_servicers(server, servicers.authorization, servicers.processor, servicers.access_log)
     health = WorkerHealth()
     health.add_to(server)
     address = config.listen.grpc.address
@@ -319,6 +359,10 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
         upstreams,
         server,
         port,
+        shared,
+        snapshot,
+        servicers,
+        status or Status("", time.time()),
         health=health,
         telemetry=telemetry,
         watcher=watcher,
@@ -328,6 +372,14 @@ async def start_worker(config: GatewayConfig, index: int = 0) -> Worker:
     )
     if index == 0:
         await _start_portal(worker, keyset, verifier, revocations)
+    telemetry.counter(
+        "gateway.config.reloads",
+        "{reload}",
+        "Configuration reloads by result: applied, unchanged (nothing live changed), failed (the"
+        " running configuration kept).",
+        "gateway.config.reload.result",
+        lambda: dict(worker.reloads),
+    )
     await health.serving()
     log.info("worker %d (pid %d) serving gRPC on %s:%d", index, os.getpid(), address, port)
     return worker
@@ -373,9 +425,20 @@ def _observe(
             upstream.on_credential_refresh_failure(telemetry.credential_refresh_failed)
 
 
-async def run_worker(config: GatewayConfig, index: int) -> None:
-    """Run one worker until SIGTERM (drain) or SIGINT (stop now)."""
-    worker = await start_worker(config, index)
+async def run_worker(
+    config: GatewayConfig,
+    index: int,
+    *,
+    status: Status | None = None,
+    reloader: Reloader | None = None,
+    updates: Queue[Outcome | None] | None = None,
+) -> None:
+    """Run one worker until SIGTERM (drain) or SIGINT (stop now).
+
+    Alone in its replica it owns the ``reloader`` (polled here, SIGHUP rereads); one of several
+    takes the parent's reload outcomes from ``updates``.
+    """
+    worker = await start_worker(config, index, reloader.status if reloader is not None else status)
     received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -386,7 +449,16 @@ async def run_worker(config: GatewayConfig, index: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    watching: asyncio.Task[None] | None = None
+    if reloader is not None:
+        hup = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        watching = asyncio.create_task(_watch_config(worker, reloader, hup, stop), name="config-watch")
+    if updates is not None:
+        _receive_updates(updates, loop, worker)
     await stop.wait()
+    if watching is not None:
+        await asyncio.gather(watching, return_exceptions=True)
     if received[0] == signal.SIGINT:
         log.info("worker %d stopping now (SIGINT)", index)
         await worker.stop(drain=0, grace=FAST_GRACE_SECONDS)
@@ -401,10 +473,65 @@ async def run_worker(config: GatewayConfig, index: int) -> None:
     log.info("worker %d stopped; usage rows flushed", index)
 
 
-def _worker_main(config_path: str, environ: Mapping[str, str], index: int, root: str) -> None:
+async def _watch_config(worker: Worker, reloader: Reloader, hup: asyncio.Event, stop: asyncio.Event) -> None:
+    """Poll the configuration file every ``reload.watch_interval`` seconds (never when it is 0) and
+    reread it at once on SIGHUP; apply what changed. Runs until ``stop``."""
+    while not stop.is_set():
+        interval = reloader.interval or None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await _first(hup, stop)
+        if stop.is_set():
+            return
+        forced = hup.is_set()
+        hup.clear()
+        try:
+            # A stat per tick; reading and parsing (rarely) happen off the event loop.
+            outcome = await asyncio.to_thread(reloader.poll, force=forced)
+            if outcome is not None:
+                log_outcome(outcome, reloader.path)
+                worker.reloaded(outcome)
+        except Exception:
+            # The watch must outlive any bug in one reload, or the next file change would go unseen.
+            log.exception("configuration reload failed unexpectedly; the running configuration stays")
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Wait until one of ``events`` is set."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in waits:
+            task.cancel()
+
+
+def _receive_updates(updates: Queue[Outcome | None], loop: asyncio.AbstractEventLoop, worker: Worker) -> None:
+    """Hand the parent's reload outcomes to the worker's event loop, from a thread that waits on
+    the queue (a blocking read, kept off the loop)."""
+
+    def receive() -> None:
+        while True:
+            try:
+                outcome = updates.get()
+            except (EOFError, OSError):
+                return  # the parent is gone
+            if outcome is None:
+                return
+            try:
+                loop.call_soon_threadsafe(worker.reloaded, outcome)
+            except RuntimeError:
+                return  # the loop closed: the worker is stopping
+
+    threading.Thread(target=receive, name="config-updates", daemon=True).start()
+
+
+def _worker_main(config: GatewayConfig, status: Status, index: int, updates: Queue[Outcome | None]) -> None:
     configure_logging()
-    config = with_state_dir(load(config_path, environ), Path(root))
-    asyncio.run(run_worker(config, index))
+    # SIGHUP goes to the parent, which rereads the file once for all its workers; a worker ignores
+    # its own (a signal to the whole process group reaches the parent too).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    asyncio.run(run_worker(config, index, status=status, updates=updates))
 
 
 def configure_logging() -> None:
@@ -441,18 +568,37 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
     """Run ``workers`` worker processes (or one in this process) until a signal; return the exit
     status: 0 after a signal, 1 when a worker kept dying on its own."""
     configure_logging()
+    # SIGHUP means "reread the configuration"; until the process can do that, it must not end it
+    # (its default action). Workers inherit the disposition: the parent rereads for them.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     root = state_dir(config_path, explicit_state_dir, environ)
-    config = with_state_dir(load(config_path, environ), root)
-    log.info("state directory %s (usage spool %s)", root, config.store.spool_dir)
+    reloader = Reloader(config_path, environ, root)
+    config = reloader.config
+    log.info(
+        "state directory %s (usage spool %s); configuration %s (sha256 %s)",
+        root,
+        config.store.spool_dir,
+        config_path,
+        reloader.status.sha256[:12],
+    )
     if config.workers == 1:
-        asyncio.run(run_worker(config, 0))
+        asyncio.run(run_worker(config, 0, reloader=reloader))
         return 0
     ctx = multiprocessing.get_context("spawn")
+    queues: dict[int, Queue[Outcome | None]] = {}
 
     def spawn(i: int) -> multiprocessing.process.BaseProcess:
+        # A restarted worker starts from the configuration its siblings run, not the file's.
+        queue: Queue[Outcome | None] = ctx.Queue()
+        # The parent never waits for a dead worker's queue to drain (at a restart or at exit).
+        queue.cancel_join_thread()
+        old = queues.pop(i, None)
+        if old is not None:
+            old.close()
+        queues[i] = queue
         proc = ctx.Process(
             target=_worker_main,
-            args=(str(config_path), dict(environ), i, str(root)),
+            args=(reloader.config, reloader.status, i, queue),
             name=f"worker {i}",
             daemon=False,
         )
@@ -461,17 +607,34 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
 
     running = {i: spawn(i) for i in range(config.workers)}
     stopping: list[int] = []
+    # SIGHUP wakes the loop below through this pipe (a handler cannot call into multiprocessing).
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    hup: list[bool] = []
 
     def forward(signum: int, _frame: object) -> None:
         stopping.append(signum)
         _signal_all(list(running.values()), signum)
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        hup.append(True)
+        with contextlib.suppress(BlockingIOError):
+            os.write(wake_write, b"h")
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, on_hup)
     status = 0
     budget = RestartBudget()
     while running:
-        finished = wait_for_exit([p.sentinel for p in running.values()])
+        interval = None if stopping else (reloader.interval or None)
+        finished = wait_for_exit([wake_read, *(p.sentinel for p in running.values())], interval)
+        if wake_read in finished:
+            os.read(wake_read, 512)
+        if not stopping:
+            forced = bool(hup)
+            hup.clear()
+            _reload(reloader, forced, [queues[i] for i in running])
         for index, proc in [(i, p) for i, p in running.items() if p.sentinel in finished]:
             proc.join()
             del running[index]
@@ -487,7 +650,23 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
             status = 1
             stopping.append(signal.SIGINT)
             _signal_all(list(running.values()), signal.SIGINT)
+    os.close(wake_read)
+    os.close(wake_write)
     return status
+
+
+def _reload(reloader: Reloader, forced: bool, queues: Iterable[Queue[Outcome | None]]) -> None:
+    """One look at the configuration file; its outcome, if any, logged once and sent to every worker."""
+    try:
+        outcome = reloader.poll(force=forced)
+    except Exception:
+        log.exception("configuration reload failed unexpectedly; the running configuration stays")
+        return
+    if outcome is None:
+        return
+    log_outcome(outcome, reloader.path)
+    for queue in queues:
+        queue.put(outcome)
 
 
 def _exit_description(code: int | None) -> str:

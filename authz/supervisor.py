@@ -13,7 +13,9 @@ gateways (each with its own ports) share one host. Everything the run writes (th
 config, the logs, the usage spool) lives under the state directory (:mod:`authz.statedir`).
 
 Signals: SIGTERM drains (the services fail their health checks, let in-flight streams finish through
-Envoy, flush usage rows, then Envoy stops); SIGINT (Ctrl-C) stops at once, still flushing usage rows.
+Envoy, flush usage rows, then Envoy stops); SIGINT (Ctrl-C) stops at once, still flushing usage rows;
+SIGHUP is passed to ``authz serve``, which rereads the configuration (Envoy's bootstrap is rendered
+only from keys a reload does not change, so Envoy keeps running as it is).
 """
 
 from __future__ import annotations
@@ -262,6 +264,14 @@ class Supervisor:
             time.sleep(POLL_SECONDS)
         return None
 
+    def reload(self) -> None:
+        """Have the services reread the configuration: SIGHUP to ``authz serve`` alone (it rereads
+        the file once for all its workers)."""
+        gateway = self.gateway
+        if gateway is not None and gateway.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(gateway.pid, signal.SIGHUP)
+
     def stop(self, *, fast: bool) -> None:
         """Stop the services first (they drain through Envoy), then Envoy."""
         sig, timeout = (signal.SIGINT, FAST_STOP_SECONDS) if fast else (signal.SIGTERM, DRAIN_STOP_SECONDS)
@@ -284,12 +294,15 @@ def run(*, config_path: Path, root: Path, environ: Mapping[str, str], out: TextI
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # Not the default (ending the process) while starting; passed on once the services run.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     supervisor = Supervisor(config_path, root, environ, out)
     try:
         supervisor.start()
     except BaseException:
         supervisor.stop(fast=True)
         raise
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: supervisor.reload())
     supervisor.announce()
     died = supervisor.watch(lambda: bool(received))
     if died is None:

@@ -7,7 +7,9 @@ it into a :class:`~authz.gateway.authorize.Deny`: 429 ``billing_error`` over a s
 
 Caps and limits live in the configuration (the policies and the ``spend`` section) and in
 PostgreSQL (``spend_limits``, read at every sync), never in module state, so a new configuration or
-a changed cap takes effect without a restart.
+a changed cap takes effect without a restart: :meth:`LimitGate.configure` swaps the rules whole
+(:class:`_Rules`), and each admission reads them once when it starts, so one that waits on
+PostgreSQL finishes under the rules it started with.
 
 Each worker runs one sync task (every ``spend.sync_interval`` seconds): lease renewal and release
 (:class:`~authz.billing.leases.LeaseBook`), the caps set at run time, the groups whose shared spend
@@ -84,6 +86,35 @@ class _Plan:
     day: float
 
 
+@dataclass(slots=True)
+class _Rules:
+    """What admission reads from one configuration and one read of the caps set at run time,
+    replaced whole when either changes. ``plans`` is its cache of callers' plans."""
+
+    config: GatewayConfig
+    prices: PriceBook
+    policies: dict[str, Policy]
+    index: CapIndex
+    anything: bool
+    plans: dict[tuple[str | None, str | None, tuple[str, ...]], _Plan]
+
+
+def _rules(config: GatewayConfig, prices: PriceBook, stored: tuple[StoredLimit, ...]) -> _Rules:
+    return _Rules(
+        config=config,
+        prices=prices,
+        policies={p.name: p for p in config.policies},
+        index=CapIndex(config.policies, config.spend, stored),
+        anything=bool(
+            stored
+            or config.spend.org_caps
+            or config.spend.group_budgets
+            or any(p.spend_caps or p.rate_limits.any for p in config.policies)
+        ),
+        plans={},
+    )
+
+
 def holder_name() -> str:
     """How this worker is named on its leases: host, process and a random suffix (a restarted
     process never adopts a dead one's leases)."""
@@ -108,7 +139,6 @@ class LimitGate:
         # of cap that blocked ("store" when the spend store was unreachable).
         self._on_reserved = on_reserved
         self._on_refused = on_refused
-        self._prices = prices
         self._db = db
         self._clock = clock
         self._stored: tuple[StoredLimit, ...] = ()
@@ -133,26 +163,30 @@ class LimitGate:
         self._pruned_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
-        self.configure(config)
+        self._rules = _rules(config, prices, self._stored)
 
-    def configure(self, config: GatewayConfig) -> None:
-        """Apply a configuration (at start-up, and on a reload): its policies and ``spend`` section."""
-        self._config = config
-        self._policies: dict[str, Policy] = {p.name: p for p in config.policies}
-        self._index = CapIndex(config.policies, config.spend, self._stored)
-        self._plans: dict[tuple[str | None, str | None, tuple[str, ...]], _Plan] = {}
-        self._anything = bool(
-            self._stored
-            or config.spend.org_caps
-            or config.spend.group_budgets
-            or any(p.spend_caps or p.rate_limits.any for p in config.policies)
-        )
+    @property
+    def _config(self) -> GatewayConfig:
+        return self._rules.config
+
+    def configure(self, config: GatewayConfig, prices: PriceBook | None = None) -> None:
+        """Apply a reloaded configuration: its policies, ``spend`` section and prices (``None``:
+        the current ones). Admissions under way finish under the rules they started with; leases
+        already granted keep their budget and take the new ``spend.lease_ttl`` at their renewal."""
+        self._rules = _rules(config, prices or self._rules.prices, self._stored)
+        leases = self._leases
+        if leases is not None:
+            spend = config.spend
+            leases.fraction = Decimal(str(spend.lease_fraction))
+            leases.lease_ttl = spend.lease_ttl
+            leases.idle_release = 5 * spend.sync_interval
 
     # --- admission ---------------------------------------------------------------------------
 
     async def admit(self, allow: Allow, body: bytes) -> Allow | Deny:
         """Apply the caller's rate limits and spend caps to an allowed request."""
-        if not self._anything:
+        rules = self._rules
+        if not rules.anything:
             return allow
         identity = allow.identity
         caller = identity.caller
@@ -160,7 +194,7 @@ class LimitGate:
             return allow
         user = user_key(caller.email, caller.sub)
         now = identity.started_at
-        plan = self._plan(identity.policy, user, caller.groups, now)
+        plan = self._plan(rules, identity.policy, user, caller.groups, now)
         caps = plan.caps
         limits = plan.limits
         if not caps and (limits is None or not limits.any):
@@ -169,26 +203,28 @@ class LimitGate:
             refused = self._rates.admit(user, limits, now)
             if refused is not None:
                 return self._deny(
-                    identity, _rate_reply(refused), f"rate_limit: {refused.limit} {refused.value}"
+                    rules, identity, _rate_reply(refused), f"rate_limit: {refused.limit} {refused.value}"
                 )
         if not caps or identity.operation in FREE_OPERATIONS:
             return allow
-        decision = await self._spend(allow, plan, body, now)
+        decision = await self._spend(rules, allow, plan, body, now)
         if isinstance(decision, Deny) and user is not None and limits is not None and limits.any:
             self._rates.forget(user, now)
         return decision
 
-    def _plan(self, policy: str | None, user: str | None, groups: tuple[str, ...], now: float) -> _Plan:
+    def _plan(
+        self, rules: _Rules, policy: str | None, user: str | None, groups: tuple[str, ...], now: float
+    ) -> _Plan:
         """The caller's caps with their buckets for the day of ``now`` and rate limits, cached: the
         same caller asks again and again, and only a new UTC day (or a new configuration or set of
         caps, which empties the cache) changes the answer."""
         key = (policy, user, groups)
-        plan = self._plans.get(key)
+        plan = rules.plans.get(key)
         if plan is not None and plan.day <= now < plan.day + 86400.0:
             return plan
-        caps = self._index.caps(policy, user, groups)
+        caps = rules.index.caps(policy, user, groups)
         bounds = [self._periods.bounds(cap.period, now) for cap in caps]
-        found = self._policies.get(policy or "")
+        found = rules.policies.get(policy or "")
         plan = _Plan(
             caps=caps,
             needs=tuple(
@@ -199,21 +235,21 @@ class LimitGate:
             limits=found.rate_limits if found is not None and found.rate_limits.any else None,
             day=self._periods.bounds("daily", now)[0].timestamp(),
         )
-        if len(self._plans) >= _PLAN_CACHE:
-            self._plans.clear()
-        self._plans[key] = plan
+        if len(rules.plans) >= _PLAN_CACHE:
+            rules.plans.clear()
+        rules.plans[key] = plan
         return plan
 
-    async def _spend(self, allow: Allow, plan: _Plan, body: bytes, now: float) -> Allow | Deny:
+    async def _spend(self, rules: _Rules, allow: Allow, plan: _Plan, body: bytes, now: float) -> Allow | Deny:
         identity = allow.identity
         caps = plan.caps
         whole = identity.request_bytes <= len(body) < AUTHZ_BODY_BYTES
         model = identity.model
         if model is None:
             # A Messages request names its model in the body (the exchange checks it there).
-            model = dearest_model(self._prices, body, regional=identity.regional)
+            model = dearest_model(rules.prices, body, regional=identity.regional)
         usd = estimate_usd(
-            self._prices,
+            rules.prices,
             model,
             regional=identity.regional,
             request_bytes=max(identity.request_bytes, len(body)),
@@ -235,10 +271,10 @@ class LimitGate:
             # the sync task notices when it is back.
             result = leases.reserve_local(needs, usd, now)
         if result is None:
-            return self._store_down(allow, caps, buckets, usd, now)
+            return self._store_down(rules, allow, caps, buckets, usd, now)
         if isinstance(result, Short):
             cap = caps[buckets.index(result.bucket)]
-            return self._refuse(identity, cap, result, now)
+            return self._refuse(rules, identity, cap, result, now)
         assert leases is not None
         standings = [
             Standing(cap, leases.spent(bucket) or _ZERO, reset)
@@ -256,7 +292,7 @@ class LimitGate:
     def _reset(self, cap: Cap, now: float) -> datetime:
         return self._periods.bounds(cap.period, now)[1]
 
-    def _refuse(self, identity: RequestIdentity, cap: Cap, short: Short, now: float) -> Deny:
+    def _refuse(self, rules: _Rules, identity: RequestIdentity, cap: Cap, short: Short, now: float) -> Deny:
         self._on_refused(cap.scope)
         reset = self._reset(cap, now)
         if not short.hard:
@@ -265,28 +301,34 @@ class LimitGate:
                 f"The rest of {_describe(cap)} is held by requests still in flight; retry in a moment.",
                 retry_after=HELD_RETRY_AFTER,
             )
-            return self._deny(identity, reply, f"spend_cap_held: {cap.label}")
+            return self._deny(rules, identity, reply, f"spend_cap_held: {cap.label}")
         reply = error_reply(
             "billing_error",
-            refusal_message(cap, reset, self._config.spend.increase_url),
+            refusal_message(cap, reset, rules.config.spend.increase_url),
             should_retry=False,
             retry_after=max(1, int(reset.timestamp() - now + 0.999)),
             headers=refusal_headers(cap, reset),
         )
-        return self._deny(identity, reply, f"spend_cap: {cap.label}")
+        return self._deny(rules, identity, reply, f"spend_cap: {cap.label}")
 
     def _store_down(
-        self, allow: Allow, caps: tuple[Cap, ...], buckets: Sequence[Bucket], usd: Decimal, now: float
+        self,
+        rules: _Rules,
+        allow: Allow,
+        caps: tuple[Cap, ...],
+        buckets: Sequence[Bucket],
+        usd: Decimal,
+        now: float,
     ) -> Allow | Deny:
         identity = allow.identity
-        spend = self._config.spend
+        spend = rules.config.spend
         since = self._down_since if self._down_since is not None else now
         if spend.on_store_error == "open" and now - since <= spend.open_grace:
             for cap, bucket in zip(caps, buckets, strict=True):
                 known = self._leases.spent(bucket) if self._leases is not None else None
                 unleased = self._unleased.get(bucket, _ZERO)
                 if known is not None and known + unleased + usd > cap.usd:
-                    return self._refuse(identity, cap, Short(bucket, known + unleased, hard=True), now)
+                    return self._refuse(rules, identity, cap, Short(bucket, known + unleased, hard=True), now)
             for bucket in buckets:
                 self._unleased[bucket] = self._unleased.get(bucket, _ZERO) + usd
             # No lease: the row still adds its cost to the counters when it is written.
@@ -301,10 +343,10 @@ class LimitGate:
             headers=refusal_headers(cap, reset, reason=FETCH_ERROR),
         )
         self._on_refused("store")
-        return self._deny(identity, reply, "spend_cap: the spend store is unreachable")
+        return self._deny(rules, identity, reply, "spend_cap: the spend store is unreachable")
 
-    def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
-        return deny_with_row(identity, reply, reason, self._prices)
+    def _deny(self, rules: _Rules, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
+        return deny_with_row(identity, reply, reason, rules.prices)
 
     # --- store health and the sync task ------------------------------------------------------
 
@@ -334,7 +376,8 @@ class LimitGate:
             stored = stored_limits(await load_limits(db))
             if stored != self._stored:
                 self._stored = stored
-                self.configure(self._config)
+                rules = self._rules
+                self._rules = _rules(rules.config, rules.prices, stored)
             await self._track(db)
             await self._rates.sync(db, now)
             if now - self._pruned_at > _PRUNE_EVERY:
@@ -346,7 +389,7 @@ class LimitGate:
         self._store_back()
 
     async def _track(self, db: Pool) -> None:
-        pooled = self._index.pooled_groups - self._tracked
+        pooled = self._rules.index.pooled_groups - self._tracked
         if not pooled:
             return
         self._tracked = await tracked_groups(db)

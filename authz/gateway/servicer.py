@@ -111,6 +111,11 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._telemetry = telemetry
         self._gate = gate
 
+    def use(self, authorizer: Authorizer) -> None:
+        """Decide the requests that arrive from now on with ``authorizer`` (a reload): each
+        ``Check`` reads it once, so one being decided keeps the one it started with."""
+        self._authorizer = authorizer
+
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> external_auth_pb2.CheckResponse:
@@ -356,6 +361,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         self._deps = deps
         self._telemetry = telemetry
 
+    def use(self, deps: Deps) -> None:
+        """Serve the streams that open from now on with ``deps`` (a reload): each stream reads them
+        once when it opens and keeps them to its end, usage row included."""
+        self._deps = deps
+
     async def Process(
         self,
         request_iterator: AsyncIterator[ep.ProcessingRequest],
@@ -558,6 +568,10 @@ class AccessLogServicer(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[
     for (the access log's filter skips the rest)."""
 
     def __init__(self, handler: AccessLog) -> None:
+        self._handler = handler
+
+    def use(self, handler: AccessLog) -> None:
+        """Hand the entries that arrive from now on to ``handler`` (a reload)."""
         self._handler = handler
 
     async def StreamAccessLogs(

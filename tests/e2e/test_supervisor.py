@@ -1,5 +1,6 @@
 """``authz run`` as an operator uses it: several gateways on one host, a dead child stops the whole
-gateway loudly, and Envoy stops sending requests to a worker that fails its health checks."""
+gateway loudly, Envoy stops sending requests to a worker that fails its health checks, and SIGHUP
+rereads the configuration."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import IO, Any
 
 import httpx
 import pytest
+import yaml
 
 from authz.dev.devstack import Ports, Stack
 from tests.e2e.conftest import rows_for_user, wait_for
@@ -95,8 +97,8 @@ def make_run(pg_dsn: str, tmp_path: Path) -> Iterator[Any]:
     """Start ``authz run`` stacks (each with its own ports and emulator); stop them all afterwards."""
     started: list[Run] = []
 
-    def make(name: str, workers: int = 1) -> Run:
-        stack = Stack(root=tmp_path / name, database_url=pg_dsn, workers=workers)
+    def make(name: str, workers: int = 1, extra: dict[str, Any] | None = None) -> Run:
+        stack = Stack(root=tmp_path / name, database_url=pg_dsn, workers=workers, extra_config=extra or {})
         stack.ports = Ports.pick(workers)
         stack.root.mkdir(parents=True)
         stack.start_emulator()
@@ -239,3 +241,61 @@ def test_a_dead_worker_is_named_and_restarted_while_the_other_serves(make_run: A
     assert run.proc.poll() is None
     token = run.stack.mint(unique_user)
     assert all(call(run.stack.envoy_url, token).status_code == 200 for _ in range(4))
+
+
+HAIKU_PATH = "/model/us.anthropic.claude-haiku-4-5-20251001-v1:0/invoke"
+
+
+def test_sighup_rereads_the_configuration_and_a_restarted_worker_keeps_it(
+    make_run: Any, unique_user: str
+) -> None:
+    """SIGHUP to `authz run` reaches `authz serve`, whose two workers take the file's new models
+    (file watching is off); a file broken after that is refused, and a worker killed then starts
+    again with the configuration its sibling runs rather than the broken file, so the gateway
+    keeps running and answering under the reloaded policy."""
+    run = make_run("hup", workers=2, extra={"reload": {"watch_interval": 0}})
+    run.wait_ready()
+    stack = run.stack
+    assert stack.config_path is not None
+    log = run.state / "logs" / "gateway.log"
+    token = stack.mint(unique_user)
+
+    def haiku_only() -> bool:
+        return all(
+            call(stack.envoy_url, token).status_code == 400
+            and httpx.post(
+                f"{stack.envoy_url}{HAIKU_PATH}",
+                headers={"authorization": f"Bearer {token}"},
+                json=BODY,
+                timeout=30,
+            ).status_code
+            == 200
+            for _ in range(4)
+        )
+
+    assert call(stack.envoy_url, token).status_code == 200
+    raw = yaml.safe_load(stack.config_path.read_text())
+    raw["policies"][0]["models"] = ["claude-haiku-*"]
+    stack.config_path.write_text(yaml.safe_dump(raw))
+    run.proc.send_signal(signal.SIGHUP)
+    wait_for(haiku_only, timeout=10)
+    assert "configuration reloaded on SIGHUP" in log.read_text()
+
+    raw["policies"][0]["model"] = "claude-*"
+    stack.config_path.write_text(yaml.safe_dump(raw))
+    run.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "policies[0].model: unknown key" in log.read_text(), timeout=10)
+
+    pids = _worker_pids(log)
+    port = max(pids)
+    os.kill(pids[port], signal.SIGKILL)
+    wait_for(lambda: _worker_pids(log).get(port) not in (None, pids[port]), timeout=30)
+    assert stack.ports is not None
+    admin = f"http://127.0.0.1:{stack.ports.admin}"
+    healthy = json.dumps({"eds_health_status": "HEALTHY"})
+    wait_for(lambda: _host_stats(admin, port)["health"] == healthy, timeout=20)
+    before = int(_host_stats(admin, port)["rq_total"])
+    # The restarted worker answers its share of these, under the reloaded policy.
+    wait_for(lambda: haiku_only() and int(_host_stats(admin, port)["rq_total"]) > before, timeout=20)
+    assert run.proc.poll() is None
+    assert run.stop() == 0

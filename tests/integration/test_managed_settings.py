@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 
 from authz.configtypes import GatewayConfig, Policy, Portal, Sessions
 from authz.jsondoc import json_object
-from authz.signin.portal import PortalDeps, build_portal
+from authz.signin.portal import PORTAL, PortalDeps, build_portal
 from authz.signin.revocation import RevocationSet
 from authz.signin.tokens import KeySet, generate_signing_key, mint
 from authz.store.db import Pool, connect_pool
@@ -266,3 +266,29 @@ async def test_other_methods_are_refused_in_the_envelope(portal: Settings) -> No
     status, headers, body = await portal.get({"Authorization": f"Bearer {portal.token()}"}, method="POST")
     assert status == 405 and "GET" in headers["Allow"]
     assert envelope(body)[0] == "invalid_request_error"
+
+
+async def test_a_reload_serves_the_new_document_and_its_etag(portal: Settings) -> None:
+    """After the portal takes a reloaded configuration, a poll naming the old ETag gets the new
+    document (200, new checksum) and a poll naming the new one gets 304; a policy that lost its
+    settings answers 404."""
+    token = portal.token()
+    status, headers, _ = await portal.fetch(token)
+    assert status == 200
+    old_etag = headers["ETag"]
+
+    changed = {**ENG_SETTINGS, "cleanupPeriodDays": 30}
+    reloaded = replace(portal.config, policies=policies(changed))
+    portal.server.app[PORTAL].reconfigure(reloaded)
+
+    status, headers, body = await portal.fetch(token, **{"If-None-Match": old_etag})
+    assert status == 200
+    assert json.loads(body)["checksum"] == independent_checksum(changed)
+    assert headers["ETag"] == f'"{independent_checksum(changed)}"' != old_etag
+    status, _, _ = await portal.fetch(token, **{"If-None-Match": headers["ETag"]})
+    assert status == 304
+
+    without = tuple(replace(p, managed_settings=None) if p.name == "eng" else p for p in policies())
+    portal.server.app[PORTAL].reconfigure(replace(portal.config, policies=without))
+    status, _, body = await portal.fetch(token)
+    assert status == 404

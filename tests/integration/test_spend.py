@@ -19,7 +19,17 @@ from authz.billing.leases import Admitted, LeaseBook, Short
 from authz.billing.periods import period_start
 from authz.billing.pricing import PriceBook
 from authz.billing.ratelimit import RateLimiter
-from authz.configtypes import GatewayConfig, GroupBudget, Policy, RateLimits, Spend, SpendCap, Store
+from authz.configtypes import (
+    GatewayConfig,
+    GroupBudget,
+    Policy,
+    Price,
+    Pricing,
+    RateLimits,
+    Spend,
+    SpendCap,
+    Store,
+)
 from authz.gateway.authorize import Allow, Deny
 from authz.gateway.limits import LimitGate
 from authz.identity import Caller, RequestIdentity, Reservation
@@ -362,6 +372,32 @@ async def test_a_body_seen_in_part_is_reserved_at_the_largest_output(db: Pool) -
     assert seen.identity.reservation.usd == Decimal("0.00053600")
     # 125,018 input tokens at $2/M and 128,000 output tokens at $5/M.
     assert cut.identity.reservation.usd == Decimal("0.89003600")
+
+
+async def test_a_reloaded_configuration_applies_from_the_next_admission(db: Pool) -> None:
+    """configure() swaps the policies, the spend section and the prices whole: an organisation cap
+    a reload adds refuses the next request of a user who had no cap, doubled prices double the
+    next reservation, and a reload without caps lets requests pass untouched again."""
+    gate = LimitGate(config(), PriceBook(), db, holder="g1")
+    await gate.sync()
+    t = DAY + timedelta(hours=1)
+    free = allow(t, email="f@example.com", groups=("free",))
+    assert await gate.admit(free, BODY) is free
+
+    gate.configure(config(org_caps=(SpendCap("daily", 0.0),)))
+    refused = await gate.admit(allow(t, email="f@example.com", groups=("free",), i=1), BODY)
+    assert isinstance(refused, Deny) and refused.reason.startswith("spend_cap: org daily")
+
+    before = await gate.admit(allow(t, i=2, body=SMALL), SMALL)
+    assert isinstance(before, Deny)  # the organisation's cap binds the capped user too
+    doubled = Pricing(models=(("claude-haiku-4-5", Price(2.0, 10.0, 2.5, 4.0, 0.2)),))
+    gate.configure(config(), PriceBook(doubled))
+    admitted = await gate.admit(allow(t, i=3, body=SMALL), SMALL)
+    assert isinstance(admitted, Allow) and admitted.identity.reservation is not None
+    # Twice the 0.000536 USD the built-in haiku prices reserve for this body.
+    assert admitted.identity.reservation.usd == Decimal("0.00107200")
+    again = allow(t, email="f@example.com", groups=("free",), i=4)
+    assert await gate.admit(again, BODY) is again
 
 
 async def test_callers_without_caps_pass_untouched(db: Pool) -> None:

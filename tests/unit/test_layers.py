@@ -19,6 +19,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("authz.jsondoc",),
     ("authz.errors", "authz.identity", "authz.serviceid", "authz.configtypes"),
     ("authz.config", "authz.statedir"),
+    ("authz.reload",),
     ("authz.store",),
     ("authz.billing", "authz.telemetry"),
     ("authz.translate", "authz.signin"),

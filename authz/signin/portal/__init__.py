@@ -10,7 +10,7 @@
   hashes, the rate limiter; HTML builders).
 """
 
-from authz.signin.portal.app import build_portal
-from authz.signin.portal.context import IdentityProvider, PortalDeps
+from authz.signin.portal.app import PORTAL, build_portal
+from authz.signin.portal.context import IdentityProvider, PortalContext, PortalDeps
 
-__all__ = ["IdentityProvider", "PortalDeps", "build_portal"]
+__all__ = ["PORTAL", "IdentityProvider", "PortalContext", "PortalDeps", "build_portal"]

@@ -91,10 +91,13 @@ def build_portal(deps: PortalDeps) -> web.Application:
             ready, checks = await deps.readiness()
         if not deps.healthy():
             ready = False
-        body = {
+        body: dict[str, object] = {
             "status": "ready" if ready else ("draining" if not deps.healthy() else "not_ready"),
             "checks": {name: {"ok": c.ok, "detail": c.detail} for name, c in sorted(checks.items())},
         }
+        if deps.config_status is not None:
+            # The running configuration's file hash: which version each replica serves.
+            body["config"] = dict(deps.config_status())
         return web.json_response(body, status=200 if ready else 503)
 
     endpoints = oauth.OAuthEndpoints(context)

@@ -105,7 +105,8 @@ class PortalDeps:
     ``GET /api/oauth/usage``) exactly as ext_authz does: the worker passes its own verifier and
     revocation set (without a verifier the telemetry endpoints drop everything, and
     ``/managed/settings`` builds one from ``keyset`` and ``sessions``); ``relay`` forwards the
-    telemetry they accept (none: dropped).
+    telemetry they accept (none: dropped). ``config_status`` is what ``/readyz`` reports under
+    ``config`` (the running configuration's file hash, a reload's error; None: nothing).
     """
 
     config: GatewayConfig
@@ -119,6 +120,7 @@ class PortalDeps:
     verifier: TokenVerifier | None = None
     is_revoked: Callable[[Claims], bool] = field(default=_never_revoked)
     relay: Relay | None = None
+    config_status: Callable[[], Mapping[str, object]] | None = None
 
 
 class PortalContext:
@@ -166,6 +168,14 @@ class PortalContext:
         self.authorization_origin_known = False
         if config.oidc is not None and (issuer := origin_of(config.oidc.issuer)) is not None:
             self.idp_origins.add(issuer)
+
+    def reconfigure(self, config: GatewayConfig) -> None:
+        """Serve from now on with a reloaded ``config``: its policies (managed settings, the usage
+        document's caps), spend section and portal texts. Handlers read ``config`` once per
+        request. What was derived here at start-up (URLs, cookies, keys, the code-entry limiter)
+        comes from restart-only keys, which a reload keeps at their running values
+        (authz.reload.scope)."""
+        self.config = config
 
     def now(self) -> datetime:
         """The portal's clock."""

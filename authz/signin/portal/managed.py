@@ -14,8 +14,8 @@ hour with its gateway token (code.claude.com/docs/en/llm-gateway-protocol, "Mana
 * 304 only when ``If-None-Match`` names that ETag; ``If-None-Match: *`` is a probe from a Claude
   Desktop session that reads no body, answered as if the header were absent.
 
-The documents are derived once from the configuration; a request costs a token check and a hash
-lookup, no database round trip.
+The documents are derived once per configuration (again after a reload); a request costs a token
+check and a hash lookup, no database round trip.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from authz.configtypes import Policy
+from authz.configtypes import GatewayConfig, Policy
 from authz.errors import TokenError
 from authz.signin.portal.http import anthropic_error
 from authz.signin.tokens import Claims
@@ -98,7 +98,14 @@ class ManagedSettingsEndpoint:
 
     def __init__(self, ctx: PortalContext) -> None:
         self._ctx = ctx
-        self._documents = {p: managed_document(p) for p in ctx.config.policies}
+        self._documents: tuple[GatewayConfig, dict[Policy, ManagedDocument | None]] | None = None
+
+    def _documents_of(self, config: GatewayConfig) -> dict[Policy, ManagedDocument | None]:
+        """Each policy's document in ``config``, computed at the first request under it."""
+        cached = self._documents
+        if cached is None or cached[0] is not config:
+            cached = self._documents = (config, {p: managed_document(p) for p in config.policies})
+        return cached[1]
 
     async def get(self, request: web.Request) -> web.Response:
         """Answer one poll (module docstring)."""
@@ -108,8 +115,9 @@ class ManagedSettingsEndpoint:
             message = _TOKEN_MESSAGES.get(exc.reason, "The gateway access token is not valid.")
             # As ext_authz: retrying with the same token cannot help.
             return anthropic_error(401, "authentication_error", message, should_retry=False)
-        policy = self._ctx.config.policy_for(claims.email, claims.groups)
-        document = self._documents.get(policy) if policy is not None else None
+        config = self._ctx.config  # one configuration for the whole answer, whatever a reload does
+        policy = config.policy_for(claims.email, claims.groups)
+        document = self._documents_of(config).get(policy) if policy is not None else None
         if document is None:
             message = (
                 "No policy of this gateway admits your account."

@@ -1,0 +1,1 @@
+"""Live configuration: which keys a reload changes, how a changed file is noticed, the reload itself."""
