@@ -12,7 +12,11 @@ WORKDIR /opt/claude-gateway
 COPY pyproject.toml README.md ./
 COPY authz authz
 COPY backends backends
+# xds-protos ships an old copy of OpenTelemetry's generated protos under the same package path, so
+# opentelemetry-proto's own files are put back (at the version the resolver chose) for the exporters.
 RUN pip install . \
+    && pip install --force-reinstall --no-deps \
+       "opentelemetry-proto==$(python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')" \
     && rm -rf /opt/claude-gateway/authz /opt/claude-gateway/backends \
     && groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/claude-gateway --shell /usr/sbin/nologin gateway \

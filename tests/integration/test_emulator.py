@@ -7,7 +7,7 @@ import base64
 import json
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,14 @@ class Emulator:
     url: str
     state: EmulatorState
     http: aiohttp.ClientSession
+    clients: list[Any] = field(default_factory=list)
+
+    def boto(self, service: str, **kwargs: Any) -> Any:
+        """A boto3 client for ``service`` aimed at the emulator, closed when the test ends (an
+        unclosed one leaves sockets for the garbage collector to warn about during a later test)."""
+        client = boto3.client(service, endpoint_url=self.url, region_name=REGION, **kwargs)
+        self.clients.append(client)
+        return client
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         # encoded=True keeps %2F and %3A in ARN model ids exactly as signed.
@@ -77,7 +85,10 @@ async def emulator() -> AsyncIterator[Emulator]:
     state = EmulatorState()
     runner, url = await start_emulator("127.0.0.1", 0, state)
     async with aiohttp.ClientSession() as http:
-        yield Emulator(url, state, http)
+        made = Emulator(url, state, http)
+        yield made
+    for client in made.clients:
+        client.close()
     await runner.cleanup()
 
 
@@ -174,10 +185,8 @@ async def test_signed_stream_decodes_with_botocore(emulator: Emulator) -> None:
 
 async def test_boto3_bedrock_runtime_client_works(emulator: Emulator) -> None:
     """boto3's bedrock-runtime client invokes, streams and counts tokens, with an ARN model id."""
-    client = boto3.client(
+    client = emulator.boto(
         "bedrock-runtime",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
         config=Config(retries={"max_attempts": 1}),
@@ -258,10 +267,8 @@ async def test_bad_signatures_are_rejected(
 async def test_boto3_sts_assume_role_credentials_sign_bedrock(emulator: Emulator) -> None:
     """boto3's STS client assumes a role; its temporary keys then sign accepted Bedrock calls."""
     emulator.state.allowed_roles[DEFAULT_ROLE_ARN] = "ext-1234"
-    sts = boto3.client(
+    sts = emulator.boto(
         "sts",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
     )
@@ -287,10 +294,8 @@ async def test_boto3_sts_assume_role_credentials_sign_bedrock(emulator: Emulator
     assert call.tags == (("user", "dev@example.com"),) and call.granted
 
     temporary = {"access_key": creds["AccessKeyId"], "secret_key": creds["SecretAccessKey"]}
-    assumed = boto3.client(
+    assumed = emulator.boto(
         "sts",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=creds["AccessKeyId"],
         aws_secret_access_key=creds["SecretAccessKey"],
         aws_session_token=creds["SessionToken"],
@@ -320,10 +325,8 @@ async def test_assume_role_refuses_unknown_role_or_external_id(
 ) -> None:
     """AssumeRole on a role not allowed, or with the wrong ExternalId, fails with AccessDenied."""
     emulator.state.allowed_roles[DEFAULT_ROLE_ARN] = "ext-1234"
-    sts = boto3.client(
+    sts = emulator.boto(
         "sts",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
     )
@@ -337,10 +340,8 @@ async def test_assume_role_refuses_unknown_role_or_external_id(
 
 async def test_sts_rejects_bad_signature(emulator: Emulator) -> None:
     """An STS call signed with the wrong secret is refused before any role is assumed."""
-    sts = boto3.client(
+    sts = emulator.boto(
         "sts",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key="wrong",
     )
@@ -352,10 +353,8 @@ async def test_sts_rejects_bad_signature(emulator: Emulator) -> None:
 
 async def test_boto3_lists_inference_profiles(emulator: Emulator) -> None:
     """boto3's bedrock client parses the SYSTEM_DEFINED inference profiles the emulator lists."""
-    client = boto3.client(
+    client = emulator.boto(
         "bedrock",
-        endpoint_url=emulator.url,
-        region_name=REGION,
         aws_access_key_id=TEST_ACCESS_KEY_ID,
         aws_secret_access_key=TEST_SECRET_ACCESS_KEY,
     )
