@@ -426,7 +426,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """Serve one request's messages; in duplex mode, also write keep-alives on time."""
+        """Serve one request's messages; in duplex mode, also write keep-alives on time. A stream of
+        the gateway.attempt upstream filter (one attempt of a failover chain) is served apart."""
+        inbox = _Inbox(request_iterator)
+        first = await inbox.next()
+        # Only the gateway.attempt filter sends attributes, with the request headers.
+        if isinstance(first, ep.ProcessingRequest) and first.attributes:
+            try:
+                async for response in self._attempt(first, inbox):
+                    yield response
+            finally:
+                inbox.close()
+            return
         # --- telemetry: streams in flight, time per message, a span ended by the usage row ---
         telemetry = self._telemetry
         timed = telemetry.enabled
@@ -437,13 +448,16 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         telemetry.stream_opened()
         exchange = Exchange(deps)
         clock = deps.translate.clock
-        inbox = _Inbox(request_iterator)
+        pending = first if isinstance(first, ep.ProcessingRequest) else None
         try:
             while True:
-                deadline = exchange.ping_deadline()
-                if deadline is not None or inbox.waking:
-                    inbox.wake_at(deadline, clock())
-                request = await inbox.next()
+                if pending is not None:
+                    request, pending = pending, None
+                else:
+                    deadline = exchange.ping_deadline()
+                    if deadline is not None or inbox.waking:
+                        inbox.wake_at(deadline, clock())
+                    request = await inbox.next()
                 if request is None:
                     break
                 if isinstance(request, _Tick):
@@ -472,12 +486,6 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
                     continue
                 elif kind == "request_headers":
-                    if request.attributes:
-                        # Only the gateway.attempt upstream filter sends attributes: an attempt of a
-                        # failover chain, on its own stream.
-                        async for response in self._attempt(request, inbox):
-                            yield response
-                        return
                     message = request.request_headers
                     action = await exchange.on_request_headers(
                         _headers(message), message.end_of_stream, _identity(request)
