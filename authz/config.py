@@ -299,6 +299,11 @@ def validate(config: GatewayConfig) -> None:
         raise ConfigError("retention.batch_size", "must be at least 1")
     if config.limits.max_request_body_bytes <= 0:
         raise ConfigError("limits.max_request_body_bytes", "must be positive")
+    max_attempts = config.failover.max_attempts
+    if max_attempts is not None and max_attempts < 1:
+        raise ConfigError(
+            "failover.max_attempts", "must be at least 1 (1: no failover), or null (every upstream)"
+        )
     if config.translate.ping_interval < 0:
         raise ConfigError("translate.ping_interval", "must be 0 (no keep-alives) or positive (seconds)")
     if config.reload.watch_interval < 0:

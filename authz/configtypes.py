@@ -247,6 +247,16 @@ class Translate:
 
 
 @dataclass(frozen=True, slots=True)
+class Failover:
+    """Retrying a request on a policy's next upstream when one fails before answering
+    (docs/architecture.md, "Failover")."""
+
+    max_attempts: int | None = None
+    """Upstreams tried per request at most; None: every upstream of the policy that serves the
+    client's format, once; 1: no failover."""
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceTokens:
     """Access tokens for service identities (``authz service-tokens``): CI jobs, batch agents."""
 
@@ -355,6 +365,7 @@ class GatewayConfig:
     pricing: Pricing = field(default_factory=Pricing)
     limits: Limits = field(default_factory=Limits)
     translate: Translate = field(default_factory=Translate)
+    failover: Failover = field(default_factory=Failover)
     service_tokens: ServiceTokens = field(default_factory=ServiceTokens)
     retention: Retention = field(default_factory=Retention)
     telemetry: Telemetry = field(default_factory=Telemetry)

@@ -9,7 +9,7 @@ A refused request carries what was known when it was refused (no policy, perhaps
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 # Bounds on client-supplied strings kept in rows (the header limit bounds them already; these
@@ -65,12 +65,28 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class ChainUpstream:
+    """One upstream of a request's failover chain, with what ext_authz decided for it: the id it
+    receives for the requested model and whether that is priced as regional (None and False for a
+    Messages request, whose model the body names: ext_proc resolves it per upstream)."""
+
+    upstream: str
+    kind: str
+    upstream_model: str | None = None
+    regional: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class RequestIdentity:
     """Identity and decisions for one request (``protos/claude_gateway/v1/context.proto``).
 
     ``requested_model`` is the model as the client named it, parsed by the upstream kind's
     grammar and re-serialised; ``model`` its canonical first-party id (policy and prices);
     ``upstream_model`` the id the upstream receives. ``request_bytes`` is the declared body length.
+
+    ``chain`` is empty for a request only one upstream can serve. When it holds two or more
+    (authz.envoy.failover), Envoy tries them in order and ``upstream`` and its fields name the
+    first until the answer says which one answered (:meth:`answered_by`).
     """
 
     request_id: str
@@ -90,3 +106,18 @@ class RequestIdentity:
     upstream_query: str = ""
     request_bytes: int = 0
     reservation: Reservation | None = None
+    chain: tuple[ChainUpstream, ...] = ()
+
+    def answered_by(self, upstream: str) -> RequestIdentity | None:
+        """This identity with ``upstream`` of its chain as the upstream (its kind, model id and
+        pricing); None when the chain holds no such upstream."""
+        for member in self.chain:
+            if member.upstream == upstream:
+                return replace(
+                    self,
+                    upstream=member.upstream,
+                    upstream_kind=member.kind,
+                    upstream_model=member.upstream_model,
+                    regional=member.regional,
+                )
+        return None

@@ -40,6 +40,7 @@ from aiohttp import web
 
 from authz.configtypes import GatewayConfig
 from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
+from authz.envoy.failover import chains
 from authz.errors import StoreError
 from authz.gateway.limits import LimitGate
 from authz.gateway.servicer import (
@@ -327,7 +328,8 @@ async def start_worker(config: GatewayConfig, index: int = 0, status: Status | N
             telemetry.refusal(reason)
 
     # What a reload rebuilds (the snapshot) around what it keeps (the process's long-lived objects).
-    shared = Shared(verifier, revocations, upstreams, record, count_envoy_refusal)
+    failover_clusters = frozenset(chain.cluster for chain in chains(config))
+    shared = Shared(verifier, revocations, upstreams, record, count_envoy_refusal, failover_clusters)
     snapshot = build_snapshot(config, shared)
     gate = LimitGate(
         config,

@@ -7,6 +7,7 @@ How to run::
     .venv/bin/python -m tests.bench --only 'bedrock_*' --rounds 6 --json /tmp/bench.json
     .venv/bin/python -m tests.bench --variants gateway,gateway_2w --profile 10
     .venv/bin/python -m tests.bench --variants gateway_caps  # spend caps and rate limits vs none
+    .venv/bin/python -m tests.bench --variants gateway_failover --only 'messages_*'  # failover chains
     .venv/bin/python -m tests.bench --help
 
 What runs (all on loopback, all sharing the machine's cores):
@@ -142,6 +143,10 @@ def stack_overlay(canned_url: str, stack: Stack) -> dict[str, Any]:
                 "credentials": {"source": "service_account_file", "path": str(sa_path)},
             },
         },
+        # One upstream per request: the Messages policies list a Bedrock and a Vertex upstream, which
+        # would make every Messages request a failover chain; the gateway_failover variant turns
+        # chains on (tests/bench_arms.py).
+        "failover": {"max_attempts": 1},
         # First match wins (authz.policy.decide): the slow group, then the Messages-to-Vertex one (its
         # tokens carry the developers' group too), before the developers.
         "policies": [

@@ -248,6 +248,17 @@ VARIANTS: dict[str, Variant] = {
         # Translated streams without keep-alives run in STREAMED mode instead of FULL_DUPLEX_STREAMED:
         # against "gateway", what the duplex mode costs.
         Variant("gateway_nopings", "gateway, no keep-alives", overlay={"translate": {"ping_interval": 0}}),
+        # Failover on (the bench's stacks run with it off, each request having one upstream): a
+        # Messages request may go to either upstream of its policy, a Bedrock and a Vertex one, so
+        # it takes the chain's cluster and route and one more ext_proc stream, the attempt's, on
+        # which it is signed; Bedrock and Vertex requests still have one upstream each. Against
+        # "gateway", what a two-upstream chain costs when its first upstream answers.
+        Variant(
+            "gateway_failover",
+            "gateway, failover chains",
+            overlay={"failover": {"max_attempts": None}},
+            versus="gateway",
+        ),
     )
 }
 

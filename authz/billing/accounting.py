@@ -40,6 +40,7 @@ def usage_row(
     first_byte_at: float | None = None,
     estimate_input: bool = False,
     recorded_by: str = "ext_proc",
+    attempts: int | None = 0,
 ) -> UsageRow:
     """The row for one request, priced from the usage the meter counted.
 
@@ -97,6 +98,7 @@ def usage_row(
         service_identity=service_identity(caller.sub, caller.session_id) if caller else None,
         reserved_usd=identity.reservation.usd if identity.reservation else _NONE,
         leases=identity.reservation.leases if identity.reservation else (),
+        attempts=attempts,
     )
 
 

@@ -26,6 +26,9 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     RuntimeUInt32,
     TypedExtensionConfig,
 )
@@ -67,12 +70,19 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from authz.configtypes import Limits
 from authz.envoy.common import (
     _JSON_BODY,
+    ANSWERED_HEADER,
+    ATTEMPT_COUNT_ATTRIBUTE,
+    ATTEMPT_FILTER,
+    ATTEMPT_NAMESPACE,
+    ATTEMPTS_HEADER,
     BUFFER_FILTER,
+    ENDPOINT_NAMESPACE,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
     GRPC_CLUSTER,
     RECORDED_NAMESPACE,
     STRIP_RATELIMIT_FILTER,
+    UPSTREAM_NAME_ATTRIBUTE,
     _envelope,
     _pack,
     _seconds,
@@ -158,25 +168,43 @@ def _ext_authz(limits: Limits) -> HttpFilter:
 AUTHZ_BODY_BYTES = 128 * 1024
 
 
-def _strip_upstream_ratelimit() -> HttpFilter:
+def _strip_upstream_ratelimit(*, tag_answer: bool = False) -> HttpFilter:
     # The upstream's own rate-limit headers describe the gateway's cloud account, not the caller, and
     # would contradict the gateway's anthropic-ratelimit-unified-* standing headers: removed by
     # prefix (config.common.mutation_rules.v3.HeaderMutation.remove_on_match). An upstream filter of
     # the router (Router.upstream_http_filters), so it sees only what an upstream answered: the
     # gateway's own refusals (ext_authz local replies) keep their unified headers, and on the way
     # to the client ext_authz adds the caller's standing after this ran.
-    mutation = HeaderMutationFilter(
-        mutations=Mutations(
-            response_mutations=[
-                HeaderMutation(
-                    remove_on_match=HeaderMutationRemoveOnMatch(
-                        key_matcher=StringMatcher(prefix="anthropic-ratelimit-")
-                    )
-                )
-            ]
+    mutations = [
+        HeaderMutation(
+            remove_on_match=HeaderMutationRemoveOnMatch(
+                key_matcher=StringMatcher(prefix="anthropic-ratelimit-")
+            )
+        )
+    ]
+    if tag_answer:
+        # On a failover cluster, the answer also says which upstream it is from and after how many
+        # attempts, from Envoy's own records of the attempt (the endpoint's metadata, the attempt
+        # count), over anything the upstream sent under those names. gateway.ext_proc reads and
+        # removes them. Only upstream answers carry them: a reply Envoy writes itself (every
+        # attempt failed without an answer) never does, so none reaches a client.
+        mutations += [
+            HeaderMutation(remove=ANSWERED_HEADER),
+            HeaderMutation(remove=ATTEMPTS_HEADER),
+            _set(ANSWERED_HEADER, f"%UPSTREAM_METADATA({ENDPOINT_NAMESPACE}:name)%"),
+            _set(ATTEMPTS_HEADER, "%UPSTREAM_REQUEST_ATTEMPT_COUNT%"),
+        ]
+    mutation = HeaderMutationFilter(mutations=Mutations(response_mutations=mutations))
+    return HttpFilter(name=STRIP_RATELIMIT_FILTER, typed_config=_pack(mutation))
+
+
+def _set(name: str, value: str) -> HeaderMutation:
+    return HeaderMutation(
+        append=HeaderValueOption(
+            header=HeaderValue(key=name, value=value),
+            append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
         )
     )
-    return HttpFilter(name=STRIP_RATELIMIT_FILTER, typed_config=_pack(mutation))
 
 
 # Processing modes as (request headers, request body, response headers, response body); trailers
@@ -191,7 +219,8 @@ _IDLE: Mode = (False, ProcessingModeBodySendMode.NONE, False, ProcessingModeBody
 
 # The only headers the service reads (the exchange and the translators): every other header Envoy
 # would serialize into each message, and the service parse, for nothing
-# (ExternalProcessor.forward_rules). Header mutations are not limited by this list.
+# (ExternalProcessor.forward_rules). Header mutations are not limited by this list. The last two
+# exist only on the answers of failover clusters, whose upstream filter sets them.
 FORWARDED_HEADERS = (
     ":method",
     ":status",
@@ -199,6 +228,8 @@ FORWARDED_HEADERS = (
     "retry-after",
     "anthropic-beta",
     "anthropic-version",
+    ANSWERED_HEADER,
+    ATTEMPTS_HEADER,
 )
 
 
@@ -262,8 +293,12 @@ def _ext_proc(limits: Limits) -> HttpFilter:
         allow_mode_override=True,
         message_timeout=_seconds(limits.ext_proc_timeout),
         metadata_options=MetadataOptions(
-            # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context.
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+            # ext_authz's identity and decisions arrive in ProcessingRequest.metadata_context, and on
+            # a failover route what an attempt that answered itself says (gateway.attempt); a
+            # namespace no filter set costs nothing.
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(
+                untyped=[EXT_AUTHZ_FILTER, ATTEMPT_NAMESPACE]
+            ),
             # The exchange marks a request whose usage row it wrote (see _service_access_log).
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[RECORDED_NAMESPACE]),
         ),
@@ -282,11 +317,53 @@ def _ext_proc(limits: Limits) -> HttpFilter:
     return HttpFilter(name=EXT_PROC_FILTER, typed_config=_pack(ext_proc))
 
 
+def attempt_ext_proc(limits: Limits, *, request_body: bool) -> HttpFilter:
+    """The upstream ext_proc of a failover cluster (``gateway.attempt``): Envoy runs a cluster's
+    upstream filters once per attempt (HttpProtocolOptions.http_filters), so each attempt is
+    translated and signed for the upstream Envoy picked, which the filter sends as an attribute
+    read from that endpoint's metadata, with the attempt's number
+    (ExternalProcessor.request_attributes). The request side only: the response is metered by
+    ``gateway.ext_proc`` once Envoy stopped retrying, and a failed attempt's answer never reaches
+    the service. The body is sent whole when an attempt may need it (a Messages request is
+    translated from it, SigV4 signs it); the service skips it per request when the upstream does
+    not (mode_override, allow_mode_override)."""
+    body = ProcessingModeBodySendMode.BUFFERED if request_body else ProcessingModeBodySendMode.NONE
+    attempt = ExternalProcessor(
+        grpc_service=_grpc(),
+        failure_mode_allow=False,
+        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+        processing_mode=mode((True, body, False, ProcessingModeBodySendMode.NONE)),
+        allow_mode_override=True,
+        request_attributes=[UPSTREAM_NAME_ATTRIBUTE, ATTEMPT_COUNT_ATTRIBUTE],
+        message_timeout=_seconds(limits.ext_proc_timeout),
+        metadata_options=MetadataOptions(
+            # The identity ext_authz decided (upstream filters share the request's metadata).
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[EXT_AUTHZ_FILTER]),
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[ATTEMPT_NAMESPACE]),
+        ),
+        forward_rules=HeaderForwardingRules(
+            allowed_headers=ListStringMatcher(patterns=[StringMatcher(exact=h) for h in FORWARDED_HEADERS])
+        ),
+        route_cache_action=ExternalProcessorRouteCacheAction.RETAIN,
+        mutation_rules=HeaderMutationRules(
+            allow_expression=RegexMatcher(regex=_MUTABLE), disallow_is_error=True
+        ),
+    )
+    return HttpFilter(name=ATTEMPT_FILTER, typed_config=_pack(attempt))
+
+
+def upstream_filters(*first: HttpFilter, tag_answer: bool = False) -> list[HttpFilter]:
+    """A router's or cluster's upstream filter chain: ``first``, the strip of the upstream's
+    rate-limit headers (which on a failover cluster, ``tag_answer``, also says whose answer it is),
+    then the codec filter, which ends every such chain (Router.upstream_http_filters; a cluster's own
+    list replaces the router's)."""
+    codec = HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_pack(UpstreamCodec()))
+    return [*first, _strip_upstream_ratelimit(tag_answer=tag_answer), codec]
+
+
 def _router() -> HttpFilter:
     # No x-envoy-upstream-service-time and friends on responses (Router.suppress_envoy_headers).
-    # Upstream filters end with the codec filter (Router.upstream_http_filters).
-    codec = HttpFilter(name="envoy.filters.http.upstream_codec", typed_config=_pack(UpstreamCodec()))
-    router = Router(suppress_envoy_headers=True, upstream_http_filters=[_strip_upstream_ratelimit(), codec])
+    router = Router(suppress_envoy_headers=True, upstream_http_filters=upstream_filters())
     return HttpFilter(name="envoy.filters.http.router", typed_config=_pack(router))
 
 

@@ -9,7 +9,9 @@ YAML. Layout (DESIGN.md, "Envoy" and "Inference path"):
 * inference routes by path and method only, each sending to the cluster that ext_authz names in
   ``x-gateway-upstream``; ``/healthz`` to the portal; bodies over the limit get a 413 envelope and
   every other path a 404 envelope;
-* clusters: the gateway's gRPC workers, the portal, and one fixed cluster per configured upstream;
+* clusters: the gateway's gRPC workers, the portal, one fixed cluster per configured upstream, and
+  one per failover chain, whose inference routes retry a failed attempt on the next upstream
+  (:mod:`authz.envoy.failover`);
 * with ``listen.envoy.tls``, TLS on the listener, its certificate read through an SDS file written
   beside the bootstrap (:mod:`authz.envoy.tls`), so :func:`write_bootstrap` writes both.
 
@@ -40,8 +42,10 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
 
 from authz import config as config_loader
 from authz.configtypes import GatewayConfig
-from authz.envoy.clusters import _grpc_cluster, _portal_cluster, _upstream_clusters
+from authz.envoy import failover
+from authz.envoy.clusters import _failover_clusters, _grpc_cluster, _portal_cluster, _upstream_clusters
 from authz.envoy.common import (
+    ATTEMPT_FILTER,
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
@@ -127,6 +131,7 @@ def render(
                 _grpc_cluster(config, ports),
                 _portal_cluster(config),
                 *_upstream_clusters(config, ca_bundle),
+                *_failover_clusters(config, ca_bundle),
                 *([collector] if collector is not None else []),
             ],
         ),
@@ -224,7 +229,7 @@ def _listener(config: GatewayConfig, access_log: bool, tls_sds_file: str | None)
     limits = config.limits
     hcm = HttpConnectionManager(
         stat_prefix="gateway",
-        route_config=_route_config(limits),
+        route_config=_route_config(limits, failover.chains(config)),
         http_filters=[_buffer(limits), _ext_authz(limits), _ext_proc(limits), _router()],
         # Some servers read x_api_key as x-api-key, so such names could slip past header checks;
         # refuse them with 400 rather than drop them silently
@@ -280,6 +285,12 @@ def _spell_out_fail_closed(rendered: dict[str, Any]) -> None:
                 for http_filter in network_filter["typed_config"].get("http_filters", []):
                     if http_filter["name"] in (EXT_AUTHZ_FILTER, EXT_PROC_FILTER):
                         http_filter["typed_config"].setdefault("failure_mode_allow", False)
+    # The failover clusters' attempt filters (authz/envoy/clusters.py).
+    for cluster in rendered["static_resources"]["clusters"]:
+        options = cluster.get("typed_extension_protocol_options", {}).values()
+        for http_filter in (f for option in options for f in option.get("http_filters", [])):
+            if http_filter["name"] == ATTEMPT_FILTER:
+                http_filter["typed_config"].setdefault("failure_mode_allow", False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

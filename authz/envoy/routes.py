@@ -1,16 +1,22 @@
 """The route table for :mod:`authz.envoy.render`: ``/healthz`` and the portal (sign-in, discovery,
 ``/managed/settings``), the inference routes (each sending to the cluster ext_authz names in
-``x-gateway-upstream``), and the 413 and 404 direct responses.
+``x-gateway-upstream``; a failover cluster selects a variant that retries on the next upstream),
+and the 413 and 404 direct responses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+from collections.abc import Sequence
 
 from envoy_data_plane.envoy.config.core.v3 import DataSource
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     HeaderMatcher,
+    RetryPolicy,
+    RetryPolicyRetryBackOff,
+    RetryPolicyRetryPriority,
     Route,
     RouteAction,
     RouteActionClusterNotFoundResponseCode,
@@ -21,6 +27,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthzPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import ExtProcOverrides, ExtProcPerRoute
+from envoy_data_plane.envoy.extensions.retry.priority.previous_priorities.v3 import PreviousPrioritiesConfig
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import Int64Range
 from envoy_data_plane.google.protobuf import Any as AnyProto
@@ -37,6 +44,7 @@ from authz.envoy.common import (
     _pack,
     _seconds,
 )
+from authz.envoy.failover import Chain, attempts_prefix
 from authz.envoy.filters import ANSWERED, Mode, mode, route_mode
 from authz.translate import messages
 from backends.kinds import PASS_THROUGH
@@ -49,34 +57,90 @@ _CLIENT_ADDRESS_HEADERS = ("x-forwarded-for", "x-forwarded-proto", "x-envoy-exte
 _INT64_MAX = 2**63 - 1
 
 
-def _inference_routes(limits: Limits) -> list[Route]:
+def _inference_routes(limits: Limits, chains: Sequence[Chain] = ()) -> list[Route]:
     """One route per path of each client format: the kinds' pass-through grammars, then the
-    Messages API's."""
+    Messages API's; before each, its failover variants (one per chain length that format's chains
+    have), which ext_authz's choice of a failover cluster selects."""
+    lengths: dict[str, set[int]] = {}
+    for chain in chains:
+        for client_format in chain.formats:
+            lengths.setdefault(client_format, set()).add(chain.attempts)
     routes = []
     for kind in PASS_THROUGH.values():
         assert kind.passthrough is not None
+        client_format = kind.passthrough.name
         for spec in kind.passthrough.routes:
-            # The request body reaches ext_proc only when the upstream signs over it.
-            routes.append(
-                _inference(
-                    spec.name,
-                    _match(spec.method, regex=spec.regex),
-                    limits,
-                    route_mode(request_body=kind.signs_body and spec.method == "POST"),
-                )
-            )
+            match = _match(spec.method, regex=spec.regex)
+            # The request body reaches gateway.ext_proc only when the upstream signs over it; on a
+            # failover route each attempt is signed by the attempt filter, which gets it instead.
+            for attempts in sorted(lengths.get(client_format, ())):
+                routes.append(_failover(spec.name, match, limits, route_mode(request_body=False), attempts))
+            proc = route_mode(request_body=kind.signs_body and spec.method == "POST")
+            routes.append(_inference(spec.name, match, limits, proc))
     for spec in messages.ROUTES:
+        match = _match(spec.method, regex=spec.regex)
         # The model is in the body, which every Messages call hands to ext_proc (GET /v1/models has
-        # none: the exchange answers it from the request headers alone).
-        proc = route_mode(request_body=True) if spec.method == "POST" else ANSWERED
-        routes.append(_inference(spec.name, _match(spec.method, regex=spec.regex), limits, proc))
+        # none: the exchange answers it from the request headers alone, and never fails over).
+        if spec.method != "POST":
+            routes.append(_inference(spec.name, match, limits, ANSWERED))
+            continue
+        proc = route_mode(request_body=True)
+        for attempts in sorted(lengths.get(messages.FORMAT, ())):
+            routes.append(_failover(spec.name, match, limits, proc, attempts))
+        routes.append(_inference(spec.name, match, limits, proc))
     return routes
+
+
+# Upstream statuses a failover route tries the next upstream on (with connection failures and
+# resets before any response): rate limited, and the server-side failures a retry elsewhere can
+# cure; 529 is the Anthropic API's and Vertex's "overloaded".
+RETRIABLE_STATUSES = (429, 500, 502, 503, 504, 529)
+# RetryPolicy.retry_on: no connection, a stream refused (HTTP/2 REFUSED_STREAM), reset before any
+# response header, or a status above. Nothing is retried once a response header reached the
+# client: Envoy never retries after it forwarded the response.
+_RETRY_ON = "connect-failure,refused-stream,reset,retriable-status-codes"
+# Each retry goes to another upstream, so there is nothing to back off from (the default waits up to
+# 25 ms and more); Envoy requires a positive interval (RetryPolicy.RetryBackOff.base_interval).
+_RETRY_BACK_OFF = RetryPolicyRetryBackOff(
+    base_interval=datetime.timedelta(milliseconds=1), max_interval=datetime.timedelta(milliseconds=1)
+)
+
+
+def _failover(name: str, match: RouteMatch, limits: Limits, proc: Mode, attempts: int) -> Route:
+    """An inference route for the failover clusters of ``attempts`` upstreams (matched on the
+    cluster ext_authz named, whose name says how many): up to ``attempts - 1`` retries, each on the
+    next priority of the cluster, that is the policy's next upstream
+    (envoy.retry_priorities.previous_priorities with update_frequency 1: every attempted priority is
+    excluded from the next choice)."""
+    chain_match = dataclasses.replace(
+        match,
+        headers=[
+            *match.headers,
+            HeaderMatcher(name=UPSTREAM_HEADER, string_match=StringMatcher(prefix=attempts_prefix(attempts))),
+        ],
+    )
+    route = _inference(f"{name}_failover{attempts}", chain_match, limits, proc)
+    assert route.route is not None
+    route.route.retry_policy = RetryPolicy(
+        retry_on=_RETRY_ON,
+        retriable_status_codes=list(RETRIABLE_STATUSES),
+        num_retries=attempts - 1,
+        retry_priority=RetryPolicyRetryPriority(
+            name="envoy.retry_priorities.previous_priorities",
+            typed_config=_pack(PreviousPrioritiesConfig(update_frequency=1)),
+        ),
+        retry_back_off=_RETRY_BACK_OFF,
+    )
+    # Envoy keeps the request body to send it again; beyond this it gives up retrying
+    # (Route.request_body_buffer_limit; the buffer filter has bounded the body to the same).
+    route.request_body_buffer_limit = limits.max_request_body_bytes
+    return route
 
 
 # --- routes -------------------------------------------------------------------------------------
 
 
-def _route_config(limits: Limits) -> RouteConfiguration:
+def _route_config(limits: Limits, chains: Sequence[Chain] = ()) -> RouteConfiguration:
     body_limit = limits.max_request_body_bytes
     routes = [
         Route(
@@ -142,7 +206,7 @@ def _route_config(limits: Limits) -> RouteConfiguration:
             "request_too_large",
             f"Request body exceeds the gateway's limit of {body_limit} bytes.",
         ),
-        *_inference_routes(limits),
+        *_inference_routes(limits, chains),
         _direct("not_found", RouteMatch(prefix="/"), 404, "not_found_error", _NOT_FOUND_MESSAGE),
     ]
     return RouteConfiguration(

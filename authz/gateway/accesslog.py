@@ -80,6 +80,8 @@ class AccessRecord:
     response_bytes: int
     headers: Mapping[str, str]
     identity: RequestIdentity | None
+    attempts: int | None = None
+    """How many upstream requests Envoy made (AccessLogCommon.upstream_request_attempt_count)."""
 
 
 class AccessLog:
@@ -159,4 +161,5 @@ class AccessLog:
             meter=estimate,
             estimate_input=rec.request_bytes >= BYTES_PER_INPUT_TOKEN,
             recorded_by="access_log",
+            attempts=rec.attempts,
         )

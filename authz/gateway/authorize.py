@@ -15,10 +15,10 @@ from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
 from authz.configtypes import GatewayConfig
 from authz.envoy.common import UPSTREAM_HEADER
-from authz.envoy.upstreams import cluster_name
+from authz.envoy.failover import chain_cluster, chains, cluster_for
 from authz.errors import BadModelId, TokenError
 from authz.gateway.policy import decide
-from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, TokenVerifier, bearer_token
 from authz.store.usagerow import UsageRow
 from authz.translate import messages
@@ -123,8 +123,16 @@ class Authorizer:
         *,
         is_revoked: Callable[[Claims], bool] | None = None,
         prices: PriceBook | None = None,
+        failover_clusters: frozenset[str] | None = None,
     ) -> None:
+        """``failover_clusters``: the failover clusters Envoy was started with (default: every chain
+        ``config`` needs); a chain a reload added that Envoy lacks is served by its first upstream."""
         self._config = config
+        self._failover_clusters = (
+            failover_clusters
+            if failover_clusters is not None
+            else frozenset(chain.cluster for chain in chains(config))
+        )
         self._verifier = verifier
         self._is_revoked = is_revoked or (lambda _claims: False)
         self._max_body = config.limits.max_request_body_bytes
@@ -187,7 +195,7 @@ class Authorizer:
 
         assert caller is not None  # every route but an unknown one needed a verified token
         decision = decide(caller, route, client_format, self._config)
-        if decision.upstream is None:
+        if not decision.upstreams:
             identity = replace(identity, policy=decision.policy)
             reason = decision.reason or "denied by policy"
             kind = (
@@ -197,28 +205,42 @@ class Authorizer:
             )
             return self._deny(identity, error_reply(kind, reason), f"policy: {reason}")
 
-        upstream = self._config.upstream(decision.upstream)
-        model = route.model
-        upstream_model = None
-        if model is not None:
-            upstream_model = self._model_maps[decision.upstream].get(model.canonical, model.upstream_id)
+        # Each upstream the request may be tried on, with the model id it receives (model_map's
+        # entry, else the client's id as parsed) and its pricing; the first serves unless it fails.
+        upstreams = decision.upstreams
+        if len(upstreams) > 1 and chain_cluster(upstreams) not in self._failover_clusters:
+            # A reload gave the policy a chain Envoy has no cluster for (until a restart renders
+            # it): the first upstream serves alone rather than the route failing.
+            upstreams = upstreams[:1]
+        chain = tuple(self._chain_upstream(name, route) for name in upstreams)
+        first = chain[0]
         identity = replace(
             identity,
             policy=decision.policy,
-            upstream=decision.upstream,
-            upstream_kind=upstream.kind,
-            upstream_model=upstream_model,
-            regional=KINDS[upstream.kind].regional(upstream.settings, model),
+            upstream=first.upstream,
+            upstream_kind=first.kind,
+            upstream_model=first.upstream_model,
+            regional=first.regional,
             upstream_query=route.query,
+            chain=chain if len(chain) > 1 else (),
         )
         return Allow(
-            set_headers=((UPSTREAM_HEADER, cluster_name(decision.upstream)),),
+            set_headers=((UPSTREAM_HEADER, cluster_for(upstreams)),),
             # Envoy applies headers_to_remove after the headers it sets (ext_authz.cc, onComplete),
             # so listing a client's forged x-gateway-upstream would delete ours too; the set
             # (OVERWRITE_IF_EXISTS_OR_ADD) already replaces the forged value.
             remove_headers=tuple(n for n in headers_to_strip(headers) if n != UPSTREAM_HEADER),
             identity=identity,
         )
+
+    def _chain_upstream(self, name: str, route: PassThroughRoute) -> ChainUpstream:
+        upstream = self._config.upstream(name)
+        model = route.model
+        upstream_model = None
+        if model is not None:
+            upstream_model = self._model_maps[name].get(model.canonical, model.upstream_id)
+        regional = KINDS[upstream.kind].regional(upstream.settings, model)
+        return ChainUpstream(name, upstream.kind, upstream_model, regional)
 
     def _deny(self, identity: RequestIdentity, reply: ErrorReply, reason: str) -> Deny:
         return deny_with_row(identity, reply, reason, self._prices)

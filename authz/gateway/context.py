@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from authz._generated.claude_gateway.v1 import context_pb2
-from authz.identity import Caller, ClientFacts, RequestIdentity, Reservation
+from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity, Reservation
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 CONTEXT_KEY = "gateway"
@@ -52,6 +52,12 @@ def to_metadata(identity: RequestIdentity) -> dict[str, str]:
             message.session_id = caller.session_id
         if caller.models is not None:
             message.models.patterns.extend(caller.models)
+    for member in identity.chain:
+        entry = message.chain.add(
+            upstream=member.upstream, upstream_kind=member.kind, regional=member.regional
+        )
+        if member.upstream_model is not None:
+            entry.upstream_model = member.upstream_model
     fields = {CONTEXT_KEY: base64.b64encode(message.SerializeToString()).decode("ascii")}
     if identity.reservation is not None:
         fields[RESERVATION_KEY] = " ".join((str(identity.reservation.usd), *identity.reservation.leases))
@@ -102,5 +108,14 @@ def from_metadata(fields: Mapping[str, Any]) -> RequestIdentity | None:
         upstream_query=m.upstream_query,
         request_bytes=m.request_bytes,
         reservation=_reservation(fields.get(RESERVATION_KEY)),
+        chain=tuple(
+            ChainUpstream(
+                upstream=c.upstream,
+                kind=c.upstream_kind,
+                upstream_model=c.upstream_model if c.HasField("upstream_model") else None,
+                regional=c.regional,
+            )
+            for c in m.chain
+        ),
         **{n: getattr(m, n) if m.HasField(n) else None for n in _OPTIONAL},
     )

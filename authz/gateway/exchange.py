@@ -18,6 +18,13 @@ when the translator's deadline passes with nothing from Envoy.
 The exchange asks the translator for the upstream request, the backend for its credentials, and
 writes exactly one usage row per request: when the response ends, when the upstream fails, or
 when the stream closes early (with estimates, and the row says so).
+
+A request several upstreams may serve (its identity carries a failover chain) is sent on unchanged:
+Envoy tries the chain's upstreams in turn and the ``gateway.attempt`` upstream filter prepares each
+try (:mod:`authz.gateway.attempt`). The answer names the upstream it is from and how many were
+tried (headers the failover cluster's upstream filter sets from Envoy's own records, removed here),
+and only then is the translator for that upstream's kind built: metering and translating the answer
+depend on it.
 """
 
 from __future__ import annotations
@@ -31,17 +38,18 @@ from dataclasses import dataclass, field, replace
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
 from authz.configtypes import Policy
+from authz.envoy.common import ANSWERED_HEADER, ATTEMPTS_HEADER
 from authz.gateway.policy import check_model
+from authz.gateway.prepare import Prepared, messages_identity, prepare
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
 from authz.translate import models
-from authz.translate.base import Refused, TranslateOptions, Translator
+from authz.translate.base import TranslateOptions, Translator
 from authz.translate.envelope import ErrorReply, error_reply
 from authz.translate.messages import FORMAT as MESSAGES
-from authz.translate.messages import InvalidRequest, query_params, read_request
+from authz.translate.messages import InvalidRequest, MessagesRequest, query_params, read_request
 from authz.translate.registry import messages_translator, translator_for
-from backends.base import Caller, Upstream
-from backends.errors import BackendError
+from backends.base import Upstream
 from backends.jsonbody import JsonMeter
 from backends.kinds import KINDS
 from backends.usage import MeterResult
@@ -62,6 +70,18 @@ class Continue:
     buffer_response_body: bool = False
     duplex: bool = False
     recorded: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptAnswer:
+    """An attempt of a failover chain that answered the client itself (it could not prepare the
+    request for ``upstream``): what its usage row says (the ``gateway.attempt`` metadata), and which
+    attempt it was."""
+
+    upstream: str
+    outcome: str
+    reason: str
+    attempts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +128,15 @@ class Exchange:
     """Handles one request's ext_proc messages."""
 
     __slots__ = (
+        "_attempts",
         "_awaiting_body",
+        "_chained",
         "_deps",
         "_duplex",
         "_first_byte_at",
         "_headers",
         "_identity",
+        "_request",
         "_route_streams",
         "_sent",
         "_status",
@@ -135,12 +158,21 @@ class Exchange:
         self._awaiting_body = False
         self._route_streams = False
         self._duplex = False
+        self._chained = False
+        self._request: MessagesRequest | None = None
+        self._attempts: int | None = None
 
     @property
     def streams(self) -> bool:
         """Whether the response body starts chunk by chunk (STREAMED) rather than whole: streams,
         and Messages calls until their response headers say otherwise."""
         return self._route_streams
+
+    @property
+    def chained(self) -> bool:
+        """Whether the request has a failover chain: Envoy tries its upstreams in turn, and the
+        response says which one answered."""
+        return self._chained
 
     @property
     def duplex(self) -> bool:
@@ -160,6 +192,7 @@ class Exchange:
             return Reply(error_reply("api_error", "Gateway misconfiguration: missing request context."))
         self._identity = identity
         self._headers = headers
+        self._chained = bool(identity.chain)
         # The response body mode the request-headers answer sets (authz/gateway/servicer.py):
         # STREAMED for streams and for Messages calls (a stream or not, as the body will say).
         self._route_streams = identity.streaming or (
@@ -175,6 +208,10 @@ class Exchange:
         translator = translator_for(identity, upstream) if upstream is not None else None
         if upstream is None or translator is None:
             return self._misconfigured()
+        if self._chained:
+            # Each attempt is prepared by gateway.attempt; the answer's upstream picks the translator.
+            self._sent = True
+            return CONTINUE
         self._upstream, self._translator = upstream, translator
         if not end_of_stream and (translator.needs_request_body or KINDS[upstream.kind].signs_body):
             return CONTINUE
@@ -195,6 +232,9 @@ class Exchange:
             refused = self._admit(body)
             if refused is not None:
                 return refused
+            if self._chained:
+                self._sent = True
+                return CONTINUE
         if self._translator is None:
             if self._written:
                 return CONTINUE
@@ -203,8 +243,9 @@ class Exchange:
         return await self._prepare(body)
 
     def _admit(self, body: bytes) -> Reply | None:
-        """Read a Messages body, check its model and map it to the upstream's id; build the
-        translator. A refusal is the reply (and its row is written)."""
+        """Read a Messages body, check its model and map it to the upstream's id (to every
+        upstream's of a failover chain); build the translator. A refusal is the reply (and its row
+        is written)."""
         identity, upstream, deps = self._identity, self._upstream, self._deps
         assert identity is not None and upstream is not None
         try:
@@ -225,21 +266,22 @@ class Exchange:
         )
         if reason is not None:
             return self._refuse(error_reply("invalid_request_error", reason), f"policy: {reason}")
-        resolved = deps.models.resolve(upstream.name, requested)
-        if resolved is None:
-            key = models.map_key(upstream.name, requested)
-            message = (
-                f"Model {requested} has no id on this gateway's upstream; an operator can map it with {key}."
-            )
-            return self._refuse(error_reply("invalid_request_error", message), f"unmapped model: {key}")
-        operation = "stream" if identity.operation == "invoke" and request.stream else identity.operation
-        identity = self._identity = replace(
-            identity,
-            operation=operation,
-            streaming=operation == "stream",
-            upstream_model=resolved.upstream_id,
-            regional=resolved.regional,
-        )
+        # Any upstream of a chain may serve the request, so each must have an id for the model.
+        names = [member.upstream for member in identity.chain] or [upstream.name]
+        for name in names:
+            resolved = deps.models.resolve(name, requested)
+            if resolved is None:
+                key = models.map_key(name, requested)
+                message = (
+                    f"Model {requested} has no id on this gateway's upstream;"
+                    f" an operator can map it with {key}."
+                )
+                return self._refuse(error_reply("invalid_request_error", message), f"unmapped model: {key}")
+            if name == upstream.name:
+                identity = self._identity = messages_identity(identity, request, resolved)
+        if self._chained:
+            self._request = request  # the translator is built once the answering upstream is known
+            return None
         translator = messages_translator(identity, upstream, request, deps.translate)
         if translator is None:
             return self._misconfigured()
@@ -256,10 +298,14 @@ class Exchange:
         assert identity is not None
         policy = deps.policies.get(identity.policy or "")
         token_models = identity.caller.models if identity.caller else None
+        # A chain's request may be served by any of its upstreams: the models each of them serves.
+        others = [set(deps.models.listed(member.upstream)) for member in identity.chain]
         allowed = [
             model
             for model in deps.models.listed(upstream.name)
-            if policy is not None and check_model(policy, token_models, model.first_party) is None
+            if policy is not None
+            and check_model(policy, token_models, model.first_party) is None
+            and all(model in served for served in others)
         ]
         page = models.models_page(allowed, query_params(identity.upstream_query))
         if isinstance(page, str):
@@ -271,45 +317,31 @@ class Exchange:
     async def _prepare(self, body: bytes) -> Action:
         identity, upstream, translator = self._identity, self._upstream, self._translator
         assert identity is not None and upstream is not None and translator is not None
-        try:
-            request = translator.request(self._headers, body)
-            final = request.body if request.body is not None else body
-            content_type = next(
-                (value for name, value in request.set_headers if name == "content-type"),
-                self._headers.get("content-type"),
-            )
-            caller = identity.caller
-            assert caller is not None
-            signed = await upstream.sign(
-                method=self._headers.get(":method", "POST"),
-                path=request.path,
-                headers={"content-type": content_type} if content_type else {},
-                body=final,
-                caller=Caller(sub=caller.sub, email=caller.email, groups=caller.groups),
-            )
-        except Refused as exc:
-            return self._refuse(exc.reply, exc.reason, exc.outcome)
-        except BackendError as exc:
-            log.error("request %s: cannot prepare upstream %s: %s", identity.request_id, upstream.name, exc)
-            reply = error_reply(
-                "api_error", "The gateway could not prepare the upstream request.", status=502
-            )
-            self._write(reply.status, "error", f"upstream preparation: {exc}")
-            return Reply(reply, recorded=True)
-        sets = [(":authority", signed.authority), (":path", signed.path), *sorted(signed.headers.items())]
-        sets.extend(request.set_headers)
-        if request.body is not None:
-            sets.append(("content-length", str(len(request.body))))
+        prepared = await prepare(identity, upstream, translator, self._headers, body)
+        if not isinstance(prepared, Prepared):
+            return self._refuse(prepared.reply, prepared.reason, prepared.outcome)
         self._sent = True
-        return Continue(set_headers=tuple(sets), remove_headers=request.remove_headers, body=request.body)
+        return Continue(
+            set_headers=prepared.set_headers, remove_headers=prepared.remove_headers, body=prepared.body
+        )
 
-    def on_response_headers(self, status: int, headers: Mapping[str, str]) -> Action:
-        """React to the upstream's status: errors are buffered to be rewritten."""
+    def on_response_headers(
+        self, status: int, headers: Mapping[str, str], attempt: AttemptAnswer | None = None
+    ) -> Action:
+        """React to the upstream's status: errors are buffered to be rewritten. On a failover
+        route, first learn which upstream answered (``attempt``: what the attempt filter said when
+        it answered itself instead)."""
         self._first_byte_at = self._deps.clock()
         self._status = status
         self._headers = headers
+        failover: tuple[str, ...] = ()
+        if self._chained:
+            failover = (ANSWERED_HEADER, ATTEMPTS_HEADER)
+            chosen = self._answered(headers, attempt)
+            if chosen is not None:
+                return chosen
         if self._translator is None:
-            return CONTINUE
+            return Continue(remove_headers=failover) if failover else CONTINUE
         start = self._translator.response_headers(status, headers)
         # Non-streaming routes buffer their bodies by configuration; a streaming route switches to
         # BUFFERED for an error (or a whole answer) it must see whole, or to FULL_DUPLEX_STREAMED
@@ -318,10 +350,64 @@ class Exchange:
         self._duplex = start.duplex and not start.buffer and self._route_streams
         return Continue(
             set_headers=start.set_headers,
-            remove_headers=start.remove_headers,
+            remove_headers=(*start.remove_headers, *failover),
             buffer_response_body=buffer,
             duplex=self._duplex,
         )
+
+    def _answered(self, headers: Mapping[str, str], attempt: AttemptAnswer | None) -> Action | None:
+        """Take the upstream that answered a failover request as the request's (its kind, model id
+        and pricing) and build its translator; an action when the response is not the upstream's
+        to translate (the attempt answered itself, or the answer names no upstream of the chain)."""
+        identity, deps = self._identity, self._deps
+        assert identity is not None
+        count = headers.get(ATTEMPTS_HEADER, "")
+        self._attempts = int(count) if count.isdigit() and len(count) < 4 else None
+        name = headers.get(ANSWERED_HEADER)
+        if name is None:
+            if attempt is not None:
+                # The attempt's own answer (it could not prepare the request) names its upstream
+                # and its number; Envoy sends it on as it is.
+                name, self._attempts = attempt.upstream, attempt.attempts
+            else:
+                # No upstream answered: Envoy's own reply once every attempt failed without an
+                # answer (refused, reset), each failure sending it to the next upstream, so the last
+                # one failed last. (Every upstream answer carries the header: the cluster's
+                # upstream filter sets it.)
+                name = identity.chain[-1].upstream
+                self._attempts = len(identity.chain)
+        answered = identity.answered_by(name)
+        upstream = deps.upstreams.get(name)
+        if answered is None or upstream is None:
+            # Set by the failover cluster from its endpoint's metadata: Envoy and the services
+            # disagree about the configuration. Fail closed.
+            log.error(
+                "request %s: failover answer names %r, no upstream of its chain", identity.request_id, name
+            )
+            return self._fail(f"the answer names {name!r}, no upstream of the request's chain")
+        self._identity, self._upstream = answered, upstream
+        request = self._request
+        if request is not None:
+            resolved = deps.models.resolve(name, request.model)
+            if resolved is None:
+                return self._fail(f"no id for {request.model} on {name}")
+            self._identity = messages_identity(answered, request, resolved)
+        if attempt is not None and attempt.upstream == name:
+            # The attempt could not prepare the request and answered itself: relay its answer.
+            self._write(self._status or 0, attempt.outcome, attempt.reason)
+            return Continue(remove_headers=(ANSWERED_HEADER, ATTEMPTS_HEADER), recorded=True)
+        if request is not None:
+            self._translator = messages_translator(self._identity, upstream, request, deps.translate)
+        else:
+            self._translator = translator_for(answered, upstream)
+        if self._translator is None:
+            return self._fail(f"no translator for upstream {name!r}")
+        return None
+
+    def _fail(self, reason: str) -> Reply:
+        reply = error_reply("api_error", "The gateway is not configured for this upstream.", status=502)
+        self._write(reply.status, "error", reason)
+        return Reply(reply, recorded=True)
 
     def on_response_body(self, chunk: bytes, end_of_stream: bool) -> Action:
         """Rewrite an upstream error, or relay (and meter) a chunk of a successful answer."""
@@ -430,5 +516,15 @@ class Exchange:
                 first_byte_at=self._first_byte_at,
                 estimate_input=estimate_input,
                 recorded_by="ext_proc_cut" if cut else "ext_proc",
+                attempts=self._attempt_count(),
             )
         )
+
+    def _attempt_count(self) -> int | None:
+        """How many upstreams were tried: as a failover answer said; else one once the request
+        was sent to its one upstream, none before; unknown for a chain that never answered."""
+        if self._attempts is not None:
+            return self._attempts
+        if not self._sent:
+            return 0
+        return None if self._chained else 1

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from authz.configtypes import GatewayConfig, Policy
+from authz.envoy.failover import servable
 from authz.identity import Caller
 from authz.translate.messages import FORMAT as MESSAGES
-from authz.translate.registry import serves
 from backends.base import model_family
 from backends.descriptor import PassThroughRoute
 
@@ -19,12 +19,15 @@ _NO_MODEL_CHECK = frozenset({"list_profiles", "list_models", "count_tokens"})
 
 @dataclass(frozen=True, slots=True)
 class PolicyDecision:
-    """The outcome: allowed or not, why not, which policy applied and which upstream to use."""
+    """The outcome: allowed or not, why not, which policy applied and which upstream to use;
+    ``upstreams`` are the ones the request may be tried on in order (its failover chain, the first
+    being ``upstream``)."""
 
     allowed: bool
     reason: str | None
     policy: str | None
     upstream: str | None
+    upstreams: tuple[str, ...] = ()
 
 
 def _model_allowed(patterns: tuple[str, ...], model: str) -> bool:
@@ -66,6 +69,9 @@ def decide(
     3. The upstream is the first of the policy's ``upstreams`` that serves the client format:
        for the Bedrock and Vertex formats the first of that kind, for the Messages format the
        first of any kind; none: denied, "no upstream serves the <format> format for your policy".
+       The others that serve it, in the policy's order and up to ``failover.max_attempts`` in
+       all, are where the request is retried if that one fails before answering
+       (:mod:`authz.envoy.failover`).
     """
     policy = config.policy_for(identity.email, identity.groups)
     if policy is None:
@@ -78,14 +84,9 @@ def decide(
     elif route.operation not in _NO_MODEL_CHECK and client_format != MESSAGES:
         return PolicyDecision(False, "the request names no model", policy.name, None)
 
-    for name in policy.upstreams:
-        try:
-            upstream = config.upstream(name)
-        except KeyError:
-            # Config validation rejects unknown names; skipping keeps a bad reload fail-closed.
-            continue
-        if serves(client_format, upstream.kind):
-            return PolicyDecision(True, None, policy.name, name)
+    upstreams = servable(config, policy, client_format)
+    if upstreams:
+        return PolicyDecision(True, None, policy.name, upstreams[0], upstreams)
     return PolicyDecision(
         False, f"no upstream serves the {client_format} format for your policy", policy.name, None
     )

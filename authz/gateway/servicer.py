@@ -27,11 +27,17 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz.envoy.common import RECORDED_NAMESPACE
+from authz.envoy.common import (
+    ATTEMPT_COUNT_ATTRIBUTE,
+    ATTEMPT_NAMESPACE,
+    RECORDED_NAMESPACE,
+    UPSTREAM_NAME_ATTRIBUTE,
+)
 from authz.gateway.accesslog import AccessLog, AccessRecord
+from authz.gateway.attempt import Answer, Attempt, AttemptAction
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny
 from authz.gateway.context import METADATA_NAMESPACE, from_metadata, to_metadata
-from authz.gateway.exchange import Action, Continue, Deps, Exchange, Reply
+from authz.gateway.exchange import Action, AttemptAnswer, Continue, Deps, Exchange, Reply
 from authz.gateway.limits import LimitGate
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
@@ -231,6 +237,40 @@ def _identity(request: ep.ProcessingRequest) -> RequestIdentity | None:
     return from_metadata({k: v.string_value for k, v in ns.fields.items()})
 
 
+# ext_proc's attributes arrive under the filter's canonical name (ProcessingRequest.attributes).
+_ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"
+
+
+def _attempted(request: ep.ProcessingRequest) -> tuple[str, int | None]:
+    """The upstream Envoy picked for an attempt of a failover chain (the endpoint's metadata) and
+    the attempt's number, as the gateway.attempt filter's request attributes ("" and None when
+    absent)."""
+    attributes = request.attributes.get(_ATTRIBUTES_KEY)
+    if attributes is None:
+        return "", None
+    name = attributes.fields.get(UPSTREAM_NAME_ATTRIBUTE)
+    number = attributes.fields.get(ATTEMPT_COUNT_ATTRIBUTE)
+    return (
+        name.string_value if name is not None else "",
+        int(number.number_value) if number is not None and number.number_value >= 1 else None,
+    )
+
+
+def _attempt_answer(request: ep.ProcessingRequest) -> AttemptAnswer | None:
+    """What an attempt that answered the client itself said (gateway.attempt metadata), if one did."""
+    ns = request.metadata_context.filter_metadata.get(ATTEMPT_NAMESPACE)
+    if ns is None:
+        return None
+    fields = ns.fields
+    number = fields["attempts"].number_value if "attempts" in fields else 0
+    return AttemptAnswer(
+        fields["upstream"].string_value if "upstream" in fields else "",
+        fields["outcome"].string_value if "outcome" in fields else "error",
+        fields["reason"].string_value if "reason" in fields else "",
+        int(number) if number >= 1 else None,
+    )
+
+
 def _common(action: Continue) -> ep.CommonResponse:
     common = ep.CommonResponse()
     if action.set_headers or action.remove_headers:
@@ -306,6 +346,31 @@ def _response(kind: str, action: Action) -> ep.ProcessingResponse:
     return ep.ProcessingResponse(response_body=ep.BodyResponse(response=common))
 
 
+# An attempt prepared from its headers alone tells Envoy not to send the body it would have
+# (header modes left DEFAULT keep the filter's: ProcessingResponse.mode_override).
+_NO_REQUEST_BODY = _MODE(request_body_mode=_MODE.NONE)
+
+
+def _attempt_response(kind: str, action: AttemptAction, *, skip_body: bool = False) -> ep.ProcessingResponse:
+    """The answer to an attempt's message: the prepared request, or the attempt's own answer to the
+    client with what happened in the gateway.attempt metadata (for the exchange's usage row)."""
+    if isinstance(action, Answer):
+        note = struct_pb2.Struct()
+        note.update({"upstream": action.upstream, "outcome": action.outcome, "reason": action.reason})
+        if action.attempts is not None:
+            note.update({"attempts": action.attempts})
+        response = _immediate(action.reply)
+        response.dynamic_metadata.fields[ATTEMPT_NAMESPACE].struct_value.CopyFrom(note)
+        return response
+    response = _response(kind, action)
+    if not skip_body:
+        return response
+    skipping = ep.ProcessingResponse()
+    skipping.CopyFrom(response)
+    skipping.mode_override.CopyFrom(_NO_REQUEST_BODY)
+    return skipping
+
+
 def _response_side(request_body: int, streams: bool) -> processing_mode_pb2.ProcessingMode:
     return _MODE(
         request_header_mode=_MODE.SEND,
@@ -371,7 +436,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         request_iterator: AsyncIterator[ep.ProcessingRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        """Serve one request's messages; in duplex mode, also write keep-alives on time."""
+        """Serve one request's messages; in duplex mode, also write keep-alives on time. A stream of
+        the gateway.attempt upstream filter (one attempt of a failover chain) is served apart."""
+        inbox = _Inbox(request_iterator)
+        first = await inbox.next()
+        # Only the gateway.attempt filter sends attributes, with the request headers.
+        if isinstance(first, ep.ProcessingRequest) and first.attributes:
+            try:
+                async for response in self._attempt(first, inbox):
+                    yield response
+            finally:
+                inbox.close()
+            return
         # --- telemetry: streams in flight, time per message, a span ended by the usage row ---
         telemetry = self._telemetry
         timed = telemetry.enabled
@@ -382,13 +458,16 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         telemetry.stream_opened()
         exchange = Exchange(deps)
         clock = deps.translate.clock
-        inbox = _Inbox(request_iterator)
+        pending = first if isinstance(first, ep.ProcessingRequest) else None
         try:
             while True:
-                deadline = exchange.ping_deadline()
-                if deadline is not None or inbox.waking:
-                    inbox.wake_at(deadline, clock())
-                request = await inbox.next()
+                if pending is not None:
+                    request, pending = pending, None
+                else:
+                    deadline = exchange.ping_deadline()
+                    if deadline is not None or inbox.waking:
+                        inbox.wake_at(deadline, clock())
+                    request = await inbox.next()
                 if request is None:
                     break
                 if isinstance(request, _Tick):
@@ -431,7 +510,11 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = await exchange.on_request_body(request.request_body.body)
                 elif kind == "response_headers":
                     headers = _headers(request.response_headers)
-                    action = exchange.on_response_headers(int(headers.get(":status") or 0), headers)
+                    status = int(headers.get(":status") or 0)
+                    if exchange.chained:
+                        action = exchange.on_response_headers(status, headers, _attempt_answer(request))
+                    else:
+                        action = exchange.on_response_headers(status, headers)
                 else:
                     action = Continue()
                 response = _to_response(kind or "", action)
@@ -446,6 +529,40 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                 # Ended by the usage row; a stream with no row (only a local reply's response
                 # headers, ext_authz having refused) exports nothing.
                 span.discard()
+
+    async def _attempt(
+        self, first: ep.ProcessingRequest, inbox: _Inbox
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        """Serve one attempt of a failover chain (authz.gateway.attempt): its request headers, then
+        its body when the cluster sends it. Nothing of the response comes here."""
+        telemetry = self._telemetry
+        started = time.perf_counter() if telemetry.enabled else 0.0
+        upstream, number = _attempted(first)
+        attempt = Attempt(self._deps, number)
+        message = first.request_headers
+        action = await attempt.on_request_headers(
+            _headers(message),
+            message.end_of_stream,
+            _identity(first),
+            upstream,
+            first.protocol_config.request_body_mode == _MODE.BUFFERED,
+        )
+        if telemetry.enabled:
+            telemetry.exchange_seconds("attempt_request_headers", time.perf_counter() - started)
+        yield _attempt_response("request_headers", action, skip_body=attempt.skips_body)
+        while (request := await inbox.next()) is not None:
+            if isinstance(request, _Tick):
+                continue
+            started = time.perf_counter() if telemetry.enabled else 0.0
+            kind = request.WhichOneof("request") or ""
+            if kind == "request_body":
+                action = await attempt.on_request_body(request.request_body.body)
+                response = _attempt_response(kind, action)
+            else:
+                response = _UNCHANGED.get(kind) or ep.ProcessingResponse()
+            if telemetry.enabled:
+                telemetry.exchange_seconds(f"attempt_{kind}", time.perf_counter() - started)
+            yield response
 
 
 class _Tick:
@@ -560,6 +677,7 @@ def access_record(entry: accesslog_pb2.HTTPAccessLogEntry) -> AccessRecord:
         response_bytes=response.response_body_bytes,
         headers=dict(request.request_headers),
         identity=identity,
+        attempts=common.upstream_request_attempt_count,
     )
 
 

@@ -41,6 +41,8 @@ class Shared:
     record: Callable[[UsageRow], None]
     # The access log's refusals without a caller (counted, not written).
     count_refusal: Callable[[str], None]
+    # The failover clusters Envoy was rendered with (authz.envoy.failover): a reload cannot add one.
+    failover_clusters: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +59,13 @@ class Snapshot:
 def build_snapshot(config: GatewayConfig, shared: Shared) -> Snapshot:
     """The request path for ``config``; no I/O, nothing shared with an earlier snapshot but ``shared``."""
     prices = PriceBook(config.pricing)
-    authorizer = Authorizer(config, shared.verifier, is_revoked=shared.revocations.blocks, prices=prices)
+    authorizer = Authorizer(
+        config,
+        shared.verifier,
+        is_revoked=shared.revocations.blocks,
+        prices=prices,
+        failover_clusters=shared.failover_clusters,
+    )
     deps = Deps(
         upstreams=shared.upstreams,
         prices=prices,

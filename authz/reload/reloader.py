@@ -20,8 +20,9 @@ from typing import Literal
 
 from authz.config import loads, validate
 from authz.configtypes import GatewayConfig
+from authz.envoy.failover import chains
 from authz.errors import ConfigError
-from authz.reload.scope import differences, split, summary
+from authz.reload.scope import differences, split, summary, unrendered_chains
 from authz.reload.watch import FileWatch
 from authz.statedir import with_state_dir
 
@@ -90,6 +91,8 @@ class Reloader:
         if contents.data is None:
             raise ConfigError("", contents.error or f"cannot read {path}")
         self._config = self._load(contents.data)
+        # Envoy's failover clusters are rendered from the start-up configuration only.
+        self._failover_clusters = frozenset(chain.cluster for chain in chains(self._config))
         self._status = Status(contents.digest, clock())
 
     @property
@@ -132,6 +135,7 @@ class Reloader:
                 self._status.sha256, self._status.loaded_at, self._status.restart_pending, str(exc)
             )
             return Outcome("failed", trigger, self._status, contents.digest, error=str(exc))
+        pending += unrendered_chains(merged, self._failover_clusters)
         changed = tuple(differences(self._config, merged))
         self._status = Status(contents.digest, self._clock(), pending)
         if not changed:

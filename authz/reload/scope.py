@@ -5,7 +5,8 @@ restart-only keys the file changed are named in the reload's log line and in ``/
 operator sees that a restart is still due (docs/configuration.md, "Reloading"). Restart-only are
 the keys read once at start-up: the processes and their sockets (``listen``, ``workers``),
 everything Envoy's bootstrap is rendered from (``listen``, ``workers``, ``limits``, ``upstreams``,
-``telemetry``: Envoy keeps the listener, filters, clusters and tracing it started with), the
+``telemetry``, ``failover``: Envoy keeps the listener, filters, clusters, retries and tracing it
+started with), the
 database (``store``), the session keys and the IdP client (``sessions``, ``oidc``), the metrics
 pipeline (``telemetry``), the pruner's schedule (``retention``), the portal's public URL (its
 cookies and redirect URI) and its code-entry rate limiter. Pure: no I/O.
@@ -17,6 +18,7 @@ import dataclasses
 from typing import Any
 
 from authz.configtypes import GatewayConfig, Upstream
+from authz.envoy.failover import FORMATS, chain_cluster, servable
 
 RESTART_ONLY: tuple[str, ...] = (
     "listen",
@@ -26,6 +28,7 @@ RESTART_ONLY: tuple[str, ...] = (
     "store",
     "upstreams",
     "limits",
+    "failover",
     "telemetry",
     "retention",
     "portal.public_url",
@@ -120,3 +123,17 @@ def _with(section: Any, names: list[str], value: Any) -> Any:
     head, *rest = names
     inner = value if not rest else _with(getattr(section, head), rest, value)
     return dataclasses.replace(section, **{head: inner})
+
+
+def unrendered_chains(config: GatewayConfig, rendered: frozenset[str]) -> tuple[str, ...]:
+    """``policies[i].upstreams`` for each policy whose failover chain (for some client format) has
+    no cluster among the ``rendered`` ones: its order applies at once, its failover after a restart
+    (until then its first upstream serves alone)."""
+    return tuple(
+        f"policies[{i}].upstreams"
+        for i, policy in enumerate(config.policies)
+        if any(
+            len(chain) > 1 and chain_cluster(chain) not in rendered
+            for chain in (servable(config, policy, client_format) for client_format in FORMATS)
+        )
+    )

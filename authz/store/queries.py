@@ -51,6 +51,7 @@ _SEND_TYPES = {
     "service_identity": "text",
     "reserved_usd": "numeric",
     "leases": "jsonb",
+    "attempts": "int4",
 }
 # Tuple fields travel as JSON arrays (see _SEND_TYPES) and are stored as text[].
 _ARRAYS = frozenset({"groups", "leases"})

@@ -21,6 +21,7 @@ _ADDED_FIELDS: dict[str, Any] = {
     "service_identity": None,
     "reserved_usd": "0",
     "leases": [],
+    "attempts": None,
 }
 
 # Who wrote a row. A refusal (ext_authz) or an exchange that saw its request end (ext_proc) is final;
@@ -79,6 +80,11 @@ class UsageRow:
     """What admission reserved for the request (its estimate) on each lease in ``leases``; the ledger
     takes it back off those leases when the row is written (authz.store.spend.settle)."""
     leases: tuple[str, ...] = ()
+    attempts: int | None = None
+    """How many upstream requests Envoy made for the request: 0 when it reached none (a refusal, an
+    answer from the gateway itself), more than 1 when a failover chain's first upstreams failed
+    before answering (``upstream`` is the one that answered, or failed last); None when unknown (a
+    failover request cut off before any answer, rows written before this was recorded)."""
 
     def __post_init__(self) -> None:
         # A naive datetime would be read as local time by some consumers and as UTC by others;
@@ -149,6 +155,7 @@ class UsageRow:
             service_identity=_opt_str(data, "service_identity"),
             reserved_usd=_decimal(data, "reserved_usd"),
             leases=_strings(data, "leases"),
+            attempts=_opt_int(data, "attempts"),
         )
 
 
@@ -169,6 +176,10 @@ def _int(data: dict[str, Any], key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"usage row field {key} must be an integer")
     return value
+
+
+def _opt_int(data: dict[str, Any], key: str) -> int | None:
+    return None if data[key] is None else _int(data, key)
 
 
 def _bool(data: dict[str, Any], key: str) -> bool:
@@ -236,4 +247,7 @@ def merge_rows(existing: UsageRow, incoming: UsageRow) -> UsageRow:
         reason=log.reason,
         latency_ms=log.latency_ms if log.latency_ms is not None else cut.latency_ms,
         recorded_by="access_log",
+        # Envoy counts the upstream attempts it made; the exchange of a failover request cut before
+        # any answer never learnt them.
+        attempts=log.attempts if log.attempts is not None else cut.attempts,
     )

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from backends.emulator import anthropic_api, google, sigv4
 from backends.emulator.canned import canned_events, canned_message
+from backends.emulator.failures import failure
 from backends.emulator.state import (
     ACCOUNT_ID,
     DEFAULT_ROLE_ARN,
@@ -265,6 +266,8 @@ async def _bedrock_model(request: web.Request) -> web.StreamResponse:
     if denied is not None:
         return _finish(record, denied)
     document = _json_object(body, record)
+    if state.fail is not None and state.fail.take("bedrock"):
+        return _finish(record, failure("bedrock", state.fail.status))
     if action == "count-tokens":
         return _finish(record, _bedrock_count_tokens(state, document))
     invalid = _bedrock_body_error(document)
@@ -577,6 +580,8 @@ async def _vertex(request: web.Request) -> web.StreamResponse:
     else:
         record.verdict = "skipped"
     document = _json_object(body, record)
+    if state.fail is not None and state.fail.take("vertex"):
+        return _finish(record, failure("vertex", state.fail.status))
     if document is None:
         return _finish(
             record, _anthropic_error(400, "invalid_request_error", "Request body is not a JSON object.")
@@ -679,6 +684,8 @@ async def _anthropic_messages(request: web.Request) -> web.StreamResponse:
     error = _anthropic_auth(request, state, record) or anthropic_api.check_body(document, count_tokens=False)
     if error is not None:
         return _finish(record, _api_error(error))
+    if state.fail is not None and state.fail.take("anthropic"):
+        return _finish(record, failure("anthropic", state.fail.status))
     assert document is not None  # check_body refuses a body that is not a JSON object
     model = record.model_id = document["model"]
     streaming = document.get("stream") is True
@@ -707,6 +714,8 @@ async def _anthropic_count_tokens(request: web.Request) -> web.StreamResponse:
     error = _anthropic_auth(request, state, record) or anthropic_api.check_body(document, count_tokens=True)
     if error is not None:
         return _finish(record, _api_error(error))
+    if state.fail is not None and state.fail.take("anthropic"):
+        return _finish(record, failure("anthropic", state.fail.status))
     assert document is not None
     record.model_id = document["model"]
     answer = {"input_tokens": state.usage.total_input_tokens}

@@ -54,6 +54,31 @@ class Scenario(enum.StrEnum):
     CUT_MIDSTREAM = "cut_midstream"
 
 
+# Statuses the emulator can be told to fail inference requests with (Failure.status).
+FAILURE_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+# The emulated clouds, as inference routes are recorded (RecordedRequest.route: "<kind>.<action>").
+KINDS = ("bedrock", "vertex", "anthropic")
+
+
+@dataclass(slots=True)
+class Failure:
+    """Inference requests to fail with ``status`` before they are served (after their credential
+    was checked, so a failed request still says whether it was signed right): those of ``kinds``
+    (empty: every kind), the next ``count`` of them (None: all), in each kind's own error shape."""
+
+    status: int
+    kinds: tuple[str, ...] = ()
+    count: int | None = None
+
+    def take(self, kind: str) -> bool:
+        """Whether a request of ``kind`` fails now (and one fewer will)."""
+        if (self.kinds and kind not in self.kinds) or self.count == 0:
+            return False
+        if self.count is not None:
+            self.count -= 1
+        return True
+
+
 @dataclass(slots=True)
 class RecordedRequest:
     """One request as the emulator received it; ``verdict`` is ``ok``, ``skipped`` or the refusal.
@@ -124,6 +149,8 @@ class EmulatorState:
     # Headers added to every inference answer, as a real upstream adds its own (the Anthropic API's
     # anthropic-ratelimit-*, say), to check what the gateway lets through.
     response_headers: dict[str, str] = field(default_factory=dict)
+    # Inference requests to fail before they are served (failover tests); None: none.
+    fail: Failure | None = None
     verify: bool = True
     aws_region: str = DEFAULT_AWS_REGION
     aws_keys: dict[str, str] = field(default_factory=lambda: {TEST_ACCESS_KEY_ID: TEST_SECRET_ACCESS_KEY})
@@ -242,6 +269,7 @@ class EmulatorState:
         """The current behaviour fields as JSON."""
         document = {name: getattr(self, name) for name in _BEHAVIOUR_FIELDS}
         document["usage"] = dataclasses.asdict(self.usage)
+        document["fail"] = dataclasses.asdict(self.fail) if self.fail is not None else None
         document["aws_keys"] = sorted(self.aws_keys)  # the ids only: secrets stay out of logs
         document["anthropic_api_keys"] = len(self.anthropic_api_keys)  # how many, never the keys
         return document
@@ -255,6 +283,7 @@ _BEHAVIOUR_FIELDS = (
     "first_byte_delay",
     "text",
     "response_headers",
+    "fail",
     "verify",
     "aws_region",
     "aws_keys",
@@ -302,6 +331,8 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
         return value
     if name == "verify":
         return _typed(value, bool, name)
+    if name == "fail":
+        return _failure(value)
     if name == "max_session_duration":
         return _typed(value, int, name)
     if name in ("aws_keys", "response_headers"):
@@ -316,3 +347,25 @@ def _coerce(name: str, value: Any, state: EmulatorState) -> Any:
     if name == "anthropic_api_keys":
         return [_typed(key, str, name) for key in _typed(value, list, name)]
     raise ValueError(f"unknown state field {name}")  # pragma: no cover - guarded by apply_patch
+
+
+def _failure(value: Any) -> Failure | None:
+    """``fail``: null, or ``{"status": 503, "kinds": ["bedrock"], "count": 1}``."""
+    if value is None:
+        return None
+    document = _typed(value, dict, "fail")
+    unknown = set(document) - {"status", "kinds", "count"}
+    if unknown:
+        raise ValueError(f"fail: unknown fields {sorted(unknown)}")
+    status = _typed(document.get("status"), int, "fail.status")
+    if status not in FAILURE_STATUSES:
+        raise ValueError(f"fail.status must be one of {sorted(FAILURE_STATUSES)}")
+    kinds = tuple(
+        _typed(k, str, "fail.kinds[]") for k in _typed(document.get("kinds", []), list, "fail.kinds")
+    )
+    if not set(kinds) <= set(KINDS):
+        raise ValueError(f"fail.kinds must name {', '.join(KINDS)}")
+    count = document.get("count")
+    if count is not None and _typed(count, int, "fail.count") < 1:
+        raise ValueError("fail.count must be at least 1 (or null: every request)")
+    return Failure(status, kinds, count)

@@ -4,6 +4,7 @@ emulator and PostgreSQL, all on loopback."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,12 +13,53 @@ import asyncpg
 import pytest
 
 from authz.dev.devstack import Ports, Stack
+from backends.emulator import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
 
 BODY_CAP = 1024 * 1024
 # Groups whose policies put a Vertex or an Anthropic API upstream first (Messages-format requests).
 VERTEX_GROUP = "messages-vertex"
 ANTHROPIC_GROUP = "messages-anthropic"
 PING_INTERVAL = 0.25
+# Failover (tests/e2e/test_failover.py): a second Bedrock upstream on the emulator signing with its
+# own key, and upstreams at ports that refuse connections.
+ALT_ACCESS_KEY_ID = "AKIDEMULATORALT00002"
+ALT_SECRET_ACCESS_KEY = "emulatorSecretAccessKey/alternate00002"
+FAILOVER_GROUPS = {
+    "failover-bedrock": ["bedrock-dev", "bedrock-alt"],
+    "failover-refused": ["bedrock-down", "bedrock-dev"],
+    "failover-dead": ["bedrock-down", "bedrock-down-too"],
+    "failover-unsignable": ["bedrock-norole", "bedrock-dev"],
+}
+# A role the emulator's STS refuses to let the gateway assume.
+UNTRUSTED_ROLE = "arn:aws:iam::123456789012:role/NotTrustingTheGateway"
+# Sockets bound and never listening: a connection to their port is refused, and nothing else can
+# take the port while the session lasts.
+_REFUSING: list[socket.socket] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _refusing_ports() -> Iterator[None]:
+    """Release the refusing ports once every stack of the session has stopped."""
+    yield
+    while _REFUSING:
+        _REFUSING.pop().close()
+
+
+def refusing_port() -> int:
+    """A loopback port that refuses connections for the rest of the session."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return int(sock.getsockname()[1])
+
+
+def _static_bedrock(base_url: str, key_id: str, secret: str) -> dict[str, Any]:
+    return {
+        "kind": "bedrock",
+        "region": "us-east-1",
+        "base_url": base_url,
+        "credentials": {"source": "static", "access_key_id": key_id, "secret_access_key": secret},
+    }
 
 
 def shared_stack_config(emulator_url: str) -> dict[str, Any]:
@@ -28,8 +70,10 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
     rejected our signature". The developers' policy allows only some models, so a disallowed
     model can be asked for; the ``haiku-only`` group may use nothing but haiku. Messages-format
     requests go to a policy's first upstream: the developers' is Bedrock, and two more groups are
-    served by the Vertex and the Anthropic API upstreams. Translated streams write keep-alives
-    after a short silence, so a test can see them.
+    served by the Vertex and the Anthropic API upstreams; the developers' and the Vertex group's
+    fail over to the other kind. Translated streams write keep-alives after a short silence, so a
+    test can see them. The failover groups' policies list a second Bedrock upstream with a key of
+    its own, upstreams whose ports refuse connections, and one whose role cannot be assumed.
     """
     return {
         "upstreams": {
@@ -42,7 +86,27 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
                     "access_key_id": "AKIDEMULATOR0000001",
                     "secret_access_key": "not-the-secret-the-emulator-knows",
                 },
-            }
+            },
+            "bedrock-alt": _static_bedrock(emulator_url, ALT_ACCESS_KEY_ID, ALT_SECRET_ACCESS_KEY),
+            "bedrock-down": _static_bedrock(
+                f"http://127.0.0.1:{refusing_port()}", TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
+            ),
+            "bedrock-down-too": _static_bedrock(
+                f"http://127.0.0.1:{refusing_port()}", TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
+            ),
+            "bedrock-norole": {
+                "kind": "bedrock",
+                "region": "us-east-1",
+                "base_url": emulator_url,
+                "credentials": {
+                    "source": "assume_role",
+                    "role_arn": UNTRUSTED_ROLE,
+                    "access_key_id": TEST_ACCESS_KEY_ID,
+                    "secret_access_key": TEST_SECRET_ACCESS_KEY,
+                    "sts_endpoint_url": emulator_url,
+                    "sts_region": "us-east-1",
+                },
+            },
         },
         "policies": [
             {
@@ -70,6 +134,10 @@ def shared_stack_config(emulator_url: str) -> dict[str, Any]:
                 "models": ["claude-sonnet-*", "claude-haiku-*"],
                 "upstreams": ["anthropic-dev"],
             },
+            *(
+                {"name": group, "groups": [group], "models": ["claude-*"], "upstreams": upstreams}
+                for group, upstreams in FAILOVER_GROUPS.items()
+            ),
         ],
         "limits": {"max_request_body_bytes": BODY_CAP},
         "translate": {"ping_interval": PING_INTERVAL},

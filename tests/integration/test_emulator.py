@@ -619,6 +619,36 @@ async def test_control_state_patch_and_reset(emulator: Emulator) -> None:
     assert not emulator.state.requests
 
 
+async def test_failures_fail_the_next_requests_of_a_kind_in_its_own_shape(
+    emulator: Emulator, service_account_file: Path
+) -> None:
+    """fail answers the next `count` inference requests of the named kinds with its status, each
+    cloud in its own error shape and after checking the credential; other kinds are served, and
+    reset ends it."""
+    token = await google_token(emulator, service_account_file)
+    patch = {"fail": {"status": 503, "kinds": ["bedrock"], "count": 2}}
+    async with emulator.http.post(f"{emulator.url}/_emulator/state", json=patch) as response:
+        assert (await response.json())["fail"] == {"status": 503, "kinds": ["bedrock"], "count": 2}
+    first, second = await invoke(emulator, "invoke"), await invoke(emulator, "invoke-with-response-stream")
+    for failed in (first, second):
+        assert failed.status == 503
+        assert failed.headers["x-amzn-ErrorType"] == "ServiceUnavailableException"
+    assert (await vertex(emulator, token)).status == 200
+    assert (await invoke(emulator, "invoke")).status == 200  # the count is spent
+    bedrock = [r for r in emulator.state.requests if r.route.startswith("bedrock.")]
+    assert [(r.verdict, r.status) for r in bedrock] == [("ok", 503), ("ok", 503), ("ok", 200)]
+    emulator.state.apply_patch({"fail": {"status": 529}})
+    overloaded = await vertex(emulator, token)
+    assert overloaded.status == 529
+    assert (await overloaded.json())["error"]["type"] == "overloaded_error"
+    assert (await invoke(emulator, "invoke")).status == 529  # every kind, every request
+    emulator.state.apply_patch({"reset": True})
+    assert (await invoke(emulator, "invoke")).status == 200
+    for bad in ({"status": 404}, {"status": 503, "kinds": ["azure"]}, {"status": 503, "count": 0}, {"x": 1}):
+        with pytest.raises(ValueError, match="fail"):
+            emulator.state.apply_patch({"fail": bad})
+
+
 async def test_response_headers_are_added_to_answers(emulator: Emulator) -> None:
     """Patched response_headers (an upstream's own anthropic-ratelimit-*) come on every inference
     answer, streamed or not, until a reset."""

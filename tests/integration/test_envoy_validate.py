@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from authz.config import loads
 from authz.configtypes import Address, EnvoyAddress, GatewayConfig, ListenerTls, Portal
 from authz.envoy.render import load_for_render, render_yaml, write_bootstrap
+from tests.unit.test_envoy_failover import CONFIG as FAILOVER_CONFIG
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +70,16 @@ def test_rendering_with_explicit_grpc_ports_validates(tmp_path: Path) -> None:
     path = tmp_path / "envoy.yaml"
     config = load_for_render(FIXTURES / "example.yaml", {})
     path.write_text(render_yaml(config, grpc_ports=[31001, 31003, 31005]), encoding="utf-8")
+    result = validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_failover_renderings_validate(tmp_path: Path) -> None:
+    """Failover chains of every shape are accepted: cloud endpoints (TLS per endpoint, host names)
+    over two and three priorities, a loopback one beside a cloud one, and shared chains."""
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(loads(FAILOVER_CONFIG, {})), encoding="utf-8")
+    assert "failover3_bedrock-us__vertex__bedrock-eu" in path.read_text(encoding="utf-8")
     result = validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
 

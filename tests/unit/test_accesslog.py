@@ -144,6 +144,17 @@ def test_a_cut_row_and_the_access_log_merge() -> None:
     assert merge_rows(merged, merged) == merged
 
 
+def test_envoys_attempt_count_fills_what_a_cut_failover_exchange_did_not_know() -> None:
+    """The access log's row carries Envoy's count of upstream attempts; merged with the cut row of
+    a failover request that never saw an answer (its count unknown), the count is Envoy's."""
+    sink = Sink()
+    log = _row(sink, record(flags=frozenset({"upstream_remote_reset"}), attempts=2))
+    assert log.attempts == 2
+    cut = dataclasses.replace(log, recorded_by="ext_proc_cut", outcome="client_aborted", attempts=None)
+    assert merge_rows(cut, log).attempts == 2
+    assert merge_rows(log, dataclasses.replace(cut, attempts=1)).attempts == 2
+
+
 def test_portal_requests_are_neither_rows_nor_refusals() -> None:
     """A managed-settings poll (a valid token, served by the portal) and the sign-in endpoints
     write no usage row and count no refusal; an unknown path with that token still does."""

@@ -12,7 +12,7 @@ from authz.configtypes import GatewayConfig, Sessions, SigningKey
 from authz.envoy.common import UPSTREAM_HEADER
 from authz.errors import TokenError
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny, bearer_token
-from authz.identity import Caller, ClientFacts, RequestIdentity
+from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity
 from authz.signin.tokens import Claims, KeySet, TokenVerifier, generate_signing_key, mint
 from authz.store.usagerow import UsageRow
 
@@ -46,6 +46,9 @@ policies:
   - name: contractors
     email_domains: [contractors.example.com]
     upstreams: [bedrock-us]
+  - name: two-regions
+    groups: [regions]
+    upstreams: [vertex-main, vertex-global]
 limits:
   max_request_body_bytes: 1000
 """
@@ -74,7 +77,11 @@ def _config() -> GatewayConfig:
     return loads(CONFIG_YAML, {})
 
 
-def _authorizer(revoked: frozenset[str] = frozenset(), seen: list[str] | None = None) -> Authorizer:
+def _authorizer(
+    revoked: frozenset[str] = frozenset(),
+    seen: list[str] | None = None,
+    failover_clusters: frozenset[str] | None = None,
+) -> Authorizer:
     config = _config()
     verifier = TokenVerifier(
         KeySet.from_config(config.sessions),
@@ -88,7 +95,7 @@ def _authorizer(revoked: frozenset[str] = frozenset(), seen: list[str] | None = 
             seen.append(claims.sid)
         return claims.sid in revoked
 
-    return Authorizer(config, verifier, is_revoked=is_revoked)
+    return Authorizer(config, verifier, is_revoked=is_revoked, failover_clusters=failover_clusters)
 
 
 def _token(
@@ -479,6 +486,46 @@ def test_forged_upstream_header_is_overwritten_not_removed() -> None:
     assert allow.set_headers == ((UPSTREAM_HEADER, "upstream_bedrock-us"),)
     assert UPSTREAM_HEADER not in allow.remove_headers
     assert "x-gateway-other" in allow.remove_headers
+
+
+def test_a_request_two_upstreams_serve_goes_to_their_failover_cluster() -> None:
+    """When the policy lists two upstreams serving the client's format, ext_authz names their
+    failover cluster and hands ext_proc both, in order, each with its model id and pricing; the
+    first is the request's upstream until another answers."""
+    token = _token(groups=("regions",))
+    allow = _allow(_check(VERTEX_INVOKE, {"authorization": f"Bearer {token}"}))
+    assert allow.set_headers == ((UPSTREAM_HEADER, "failover2_vertex-main__vertex-global"),)
+    ctx = allow.identity
+    assert ctx.chain == (
+        ChainUpstream("vertex-main", "vertex", "claude-haiku-4-5@20251001", regional=True),
+        ChainUpstream("vertex-global", "vertex", "claude-haiku-4-5@20251001", regional=False),
+    )
+    assert (ctx.upstream, ctx.upstream_kind, ctx.regional) == ("vertex-main", "vertex", True)
+    # A Messages request of the eng policy may go to either kind; its model is in the body.
+    messages = _allow(_check("/v1/messages", {"authorization": f"Bearer {_token()}"}))
+    assert messages.set_headers == ((UPSTREAM_HEADER, "failover2_bedrock-us__vertex-main"),)
+    assert [(c.upstream, c.kind, c.upstream_model) for c in messages.identity.chain] == [
+        ("bedrock-us", "bedrock", None),
+        ("vertex-main", "vertex", None),
+    ]
+
+
+def test_a_request_one_upstream_serves_keeps_its_cluster_and_no_chain() -> None:
+    """A Bedrock request of the eng policy has one Bedrock upstream: its own cluster, no chain."""
+    allow = _allow(_check(BEDROCK_STREAM, {"authorization": f"Bearer {_token()}"}))
+    assert allow.set_headers == ((UPSTREAM_HEADER, "upstream_bedrock-us"),)
+    assert allow.identity.chain == ()
+
+
+def test_a_chain_envoy_was_not_started_with_is_served_by_its_first_upstream() -> None:
+    """After a reload gave a policy a chain Envoy has no cluster for, its first upstream serves
+    alone (its own cluster, no chain) rather than naming a cluster Envoy would not find."""
+    token = _token(groups=("regions",))
+    decided = _allow(
+        _check(VERTEX_INVOKE, {"authorization": f"Bearer {token}"}, failover_clusters=frozenset())
+    )
+    assert decided.set_headers == ((UPSTREAM_HEADER, "upstream_vertex-main"),)
+    assert decided.identity.chain == () and decided.identity.upstream == "vertex-main"
 
 
 def test_list_profiles_needs_no_model() -> None:

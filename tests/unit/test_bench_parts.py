@@ -5,16 +5,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 
 import pytest
 from botocore.eventstream import EventStreamBuffer
 
+from authz.config import load
+from authz.dev.devstack import Ports, Stack
+from authz.envoy.failover import servable
 from backends.eventstream import EventStreamMeter
 from backends.jsonbody import JsonMeter
 from backends.messages import BEDROCK_METRICS_KEY
 from backends.sse import SseMeter
 from backends.usage import Meter
-from tests.bench_arms import SCENARIOS, request_headers, request_path, select_scenarios, select_variants
+from tests.bench import stack_overlay
+from tests.bench_arms import (
+    SCENARIOS,
+    VARIANTS,
+    merge,
+    request_headers,
+    request_path,
+    select_scenarios,
+    select_variants,
+)
 from tests.bench_load import ProtocolError, read_response
 from tests.bench_report import scenario_checks, versus_check
 from tests.bench_upstream import (
@@ -156,6 +169,25 @@ def test_the_spend_caps_variant_runs_beside_the_plain_gateway() -> None:
     assert not versus_check(
         "x", "gateway_caps", "gateway", {**by_arm, "gateway_caps": {"p50_ms": 2.4}}, 0.3
     ).met
+
+
+def test_the_failover_variant_turns_chains_on_beside_the_plain_gateway(tmp_path: Path) -> None:
+    """The bench's stacks run without failover (every request has one upstream, today's path); the
+    failover variant, measured beside the plain gateway, makes the Messages policies' two upstreams
+    a chain while Bedrock and Vertex requests keep one upstream."""
+    assert [v.key for v in select_variants("gateway_failover")] == ["gateway", "gateway_failover"]
+    ports = Ports(envoy=41001, admin=41002, grpc=41003, portal=41004, emulator=41005, idp=41006)
+    stack = Stack(root=tmp_path, database_url="postgresql://unused", ports=ports)
+    base = stack_overlay("http://127.0.0.1:1", stack)
+    variant = merge(base, VARIANTS["gateway_failover"].overlay)
+    assert base["failover"] == {"max_attempts": 1} and variant["failover"] == {"max_attempts": None}
+    for overlay, chained in ((base, False), (variant, True)):
+        stack.extra_config = overlay
+        config = load(stack.write_config(), {})
+        developers = config.policy_for("dev@example.com", ("developers",))
+        assert developers is not None
+        assert len(servable(config, developers, "messages")) == (2 if chained else 1)
+        assert servable(config, developers, "bedrock") == ("bedrock-dev",)
 
 
 def _reader(data: bytes) -> asyncio.StreamReader:

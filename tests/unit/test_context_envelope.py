@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 
 from authz._generated.claude_gateway.v1 import context_pb2
 from authz.gateway.context import CONTEXT_KEY, RESERVATION_KEY, from_metadata, to_metadata
-from authz.identity import Caller, ClientFacts, RequestIdentity, Reservation
+from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity, Reservation
 from authz.translate.envelope import STATUS_FOR_TYPE, ErrorReply, error_body, error_reply
 
 CTX = RequestIdentity(
@@ -70,11 +70,24 @@ NO_MODELS = dataclasses.replace(
 )
 
 
+# A failover chain: each upstream with its own model id and pricing; a Messages one names none.
+CHAIN = dataclasses.replace(
+    CTX,
+    chain=(
+        ChainUpstream("bedrock-us", "bedrock", CTX.upstream_model, regional=True),
+        ChainUpstream("bedrock-eu", "bedrock", "eu.anthropic.claude-opus-5-5", regional=True),
+        ChainUpstream("vertex-global", "vertex"),
+    ),
+)
+
+
 # --- the request identity as metadata -------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "ctx", [CTX, LIST_PROFILES, SERVICE, NO_MODELS], ids=["full", "sparse", "service-token", "no-models"]
+    "ctx",
+    [CTX, LIST_PROFILES, SERVICE, NO_MODELS, CHAIN],
+    ids=["full", "sparse", "service-token", "no-models", "chain"],
 )
 def test_context_round_trips_through_metadata(ctx: RequestIdentity) -> None:
     """to_metadata then from_metadata gives back an equal identity, None fields and tuples included."""
@@ -183,6 +196,26 @@ def test_context_fields_match_the_proto() -> None:
     flat |= {f.name for f in dataclasses.fields(ClientFacts)}
     flat |= {f.name for f in dataclasses.fields(Caller)}
     assert proto_fields == flat
+    chain_fields = {f.name for f in context_pb2.ChainUpstream.DESCRIPTOR.fields}
+    assert chain_fields == {f.name for f in dataclasses.fields(ChainUpstream)} - {"kind"} | {"upstream_kind"}
+
+
+def test_answered_by_takes_the_chain_upstreams_fields() -> None:
+    """The identity answered by a chain's second upstream carries that upstream's kind, model id and
+    pricing; an upstream outside the chain gives None."""
+    second = CHAIN.answered_by("vertex-global")
+    assert second is not None
+    assert (second.upstream, second.upstream_kind, second.upstream_model, second.regional) == (
+        "vertex-global",
+        "vertex",
+        None,
+        False,
+    )
+    assert second.chain == CHAIN.chain
+    assert CHAIN.answered_by("bedrock-eu") == replace(
+        CHAIN, upstream="bedrock-eu", upstream_model="eu.anthropic.claude-opus-5-5"
+    )
+    assert CHAIN.answered_by("anthropic-dev") is None
 
 
 # --- the Anthropic error envelope -------------------------------------------------------------

@@ -158,7 +158,8 @@ def test_ext_proc_settings(example: dict[str, Any]) -> None:
     assert sign["allow_mode_override"] is True
     assert sign["message_timeout"] == "10s"
     assert sign["route_cache_action"] == "RETAIN"
-    assert sign["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ]
+    # ext_authz's identity, and what a failover attempt that answered itself says.
+    assert sign["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ, "gateway.attempt"]
     assert "observability_mode" not in sign  # blocking: nothing reaches the client unmetered
     # Only the headers the service reads travel in each message.
     forwarded = {p["exact"] for p in sign["forward_rules"]["allowed_headers"]["patterns"]}
@@ -169,6 +170,8 @@ def test_ext_proc_settings(example: dict[str, Any]) -> None:
         "retry-after",
         "anthropic-beta",
         "anthropic-version",
+        "x-gateway-answered",
+        "x-gateway-attempts",
     }
     rules = sign["mutation_rules"]
     assert rules["disallow_is_error"] is True
@@ -239,11 +242,20 @@ def test_ext_proc_mode_on_the_messages_routes(example: dict[str, Any]) -> None:
 # --- routes ----------------------------------------------------------------------------------------
 
 
-def _route_for(bootstrap: dict[str, Any], method: str, path: str, content_length: int | None = 2) -> str:
-    """The name of the first route whose path and header matchers accept the request (Envoy's order)."""
+def _route_for(
+    bootstrap: dict[str, Any],
+    method: str,
+    path: str,
+    content_length: int | None = 2,
+    cluster: str | None = None,
+) -> str:
+    """The name of the first route whose path and header matchers accept the request (Envoy's order);
+    ``cluster``: the x-gateway-upstream ext_authz set (the route is chosen again after it)."""
     headers = {":method": method}
     if content_length is not None:
         headers["content-length"] = str(content_length)
+    if cluster is not None:
+        headers["x-gateway-upstream"] = cluster
     bare = path.split("?", 1)[0]
     for r in routes(bootstrap):
         match = r["match"]
@@ -268,6 +280,8 @@ def _header_matches(matcher: dict[str, Any], headers: dict[str, str]) -> bool:
     if "present_match" in matcher:
         return value is not None
     if "string_match" in matcher:
+        if "prefix" in matcher["string_match"]:
+            return value is not None and value.startswith(matcher["string_match"]["prefix"])
         return bool(value == matcher["string_match"]["exact"])
     # int64 fields are strings in proto JSON.
     low, high = int(matcher["range_match"]["start"]), int(matcher["range_match"]["end"])

@@ -19,12 +19,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("authz.jsondoc",),
     ("authz.errors", "authz.identity", "authz.serviceid", "authz.configtypes"),
     ("authz.config", "authz.statedir"),
-    ("authz.reload",),
     ("authz.store",),
     ("authz.billing", "authz.telemetry"),
     ("authz.translate", "authz.signin"),
     # Envoy's routes come from the client formats' grammars (the translators' Messages paths).
     ("authz.envoy",),
+    # A reload keeps the failover chains Envoy was rendered with (authz.envoy.failover).
+    ("authz.reload",),
     ("authz.gateway", "authz.ops"),
     ("authz.service", "authz.supervisor", "authz.client"),
     ("authz.cli",),

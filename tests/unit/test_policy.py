@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from authz.configtypes import GatewayConfig, Policy, Upstream
+from dataclasses import replace
+
+from authz.configtypes import Failover, GatewayConfig, Policy, Upstream
 from authz.gateway import policy
 from authz.gateway.authorize import parse_route
 from authz.gateway.policy import PolicyDecision
@@ -56,8 +58,10 @@ ADA = Identity(sub="u1", email="ada@Example.COM", groups=("eng",))
 def test_group_member_is_allowed_through_the_matching_upstream() -> None:
     """A user in a listed group gets the first upstream of the route's kind."""
     config = _config(Policy(name="eng", groups=("eng",), upstreams=("vertex", "bedrock-us", "bedrock-eu")))
-    assert decide(ADA, BEDROCK_OPUS, config) == PolicyDecision(True, None, "eng", "bedrock-us")
-    assert decide(ADA, VERTEX_HAIKU, config) == PolicyDecision(True, None, "eng", "vertex")
+    assert decide(ADA, BEDROCK_OPUS, config) == PolicyDecision(
+        True, None, "eng", "bedrock-us", ("bedrock-us", "bedrock-eu")
+    )
+    assert decide(ADA, VERTEX_HAIKU, config) == PolicyDecision(True, None, "eng", "vertex", ("vertex",))
 
 
 def test_no_matching_policy_is_denied() -> None:
@@ -96,14 +100,16 @@ def test_first_matching_policy_wins_even_when_it_denies() -> None:
         Policy(name="haiku-only", groups=("eng",), models=("claude-haiku-*",), upstreams=("bedrock-eu",)),
         Policy(name="everything", email_domains=("example.com",), upstreams=("bedrock-us",)),
     )
-    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(True, None, "haiku-only", "bedrock-eu")
+    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(
+        True, None, "haiku-only", "bedrock-eu", ("bedrock-eu",)
+    )
     denied = decide(ADA, BEDROCK_OPUS, config)
     assert denied == PolicyDecision(
         False, "model claude-opus-5-5 is not allowed for your groups", "haiku-only", None
     )
     # Someone only the second policy admits gets it.
     carol = Identity("u3", "carol@example.com", ("sales",))
-    assert decide(carol, BEDROCK_OPUS, config) == PolicyDecision(True, None, "everything", "bedrock-us")
+    assert decide(carol, BEDROCK_OPUS, config).upstreams == ("bedrock-us",)
 
 
 def test_model_patterns_match_dated_ids_and_families() -> None:
@@ -140,7 +146,9 @@ def test_unknown_upstream_names_are_skipped() -> None:
 def test_listing_and_counting_skip_the_model_check() -> None:
     """list_profiles and count_tokens need no allowed model but still need an upstream of their kind."""
     config = _config(Policy(name="none", groups=("eng",), models=(), upstreams=("bedrock-us",)))
-    assert decide(ADA, LIST_PROFILES, config) == PolicyDecision(True, None, "none", "bedrock-us")
+    assert decide(ADA, LIST_PROFILES, config) == PolicyDecision(
+        True, None, "none", "bedrock-us", ("bedrock-us",)
+    )
     assert decide(ADA, VERTEX_COUNT, config).reason == "no upstream serves the vertex format for your policy"
     assert not decide(ADA, BEDROCK_HAIKU, config).allowed
 
@@ -191,9 +199,12 @@ def test_messages_go_to_the_first_upstream_of_any_kind() -> None:
     config = _config(
         Policy(name="eng", groups=("eng",), models=("claude-haiku-*",), upstreams=("vertex", "bedrock-us"))
     )
-    assert decide(ADA, MESSAGES, config) == PolicyDecision(True, None, "eng", "vertex")
-    assert decide(ADA, MODELS, config) == PolicyDecision(True, None, "eng", "vertex")
-    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(True, None, "eng", "bedrock-us")
+    both = ("vertex", "bedrock-us")
+    assert decide(ADA, MESSAGES, config) == PolicyDecision(True, None, "eng", "vertex", both)
+    assert decide(ADA, MODELS, config) == PolicyDecision(True, None, "eng", "vertex", both)
+    assert decide(ADA, BEDROCK_HAIKU, config) == PolicyDecision(
+        True, None, "eng", "bedrock-us", ("bedrock-us",)
+    )
     anthropic = GatewayConfig(
         upstreams=(
             ("api", Upstream(kind="anthropic", settings=AnthropicConfig(AnthropicCredentials("sk-ant-x")))),
@@ -201,9 +212,9 @@ def test_messages_go_to_the_first_upstream_of_any_kind() -> None:
         ),
         policies=(Policy(name="eng", groups=("eng",), upstreams=("api", "vertex")),),
     )
-    assert decide(ADA, MESSAGES, anthropic) == PolicyDecision(True, None, "eng", "api")
+    assert decide(ADA, MESSAGES, anthropic) == PolicyDecision(True, None, "eng", "api", ("api", "vertex"))
     # The Anthropic API serves no cloud format: Vertex clients still get Vertex.
-    assert decide(ADA, VERTEX_HAIKU, anthropic) == PolicyDecision(True, None, "eng", "vertex")
+    assert decide(ADA, VERTEX_HAIKU, anthropic) == PolicyDecision(True, None, "eng", "vertex", ("vertex",))
 
 
 def test_check_model_is_the_one_model_rule() -> None:
@@ -233,3 +244,16 @@ def test_policy_for_is_the_first_match_decide_applies() -> None:
     assert config.policy_for("bo@elsewhere.org", ("eng",)) is config.policies[1]
     assert config.policy_for("cy@elsewhere.org", ("sales",)) is None
     assert config.policy_for("not-an-address", ()) is None
+
+
+def test_the_chain_is_every_upstream_serving_the_format_up_to_max_attempts() -> None:
+    """The upstreams a request may be tried on are the policy's that serve its format, in order,
+    each once, at most failover.max_attempts of them; 1 leaves the first alone."""
+    eng = Policy(name="eng", groups=("eng",), upstreams=("bedrock-eu", "vertex", "bedrock-us", "bedrock-eu"))
+    config = _config(eng)
+    assert decide(ADA, BEDROCK_OPUS, config).upstreams == ("bedrock-eu", "bedrock-us")
+    assert decide(ADA, MESSAGES, config).upstreams == ("bedrock-eu", "vertex", "bedrock-us")
+    two = replace(config, failover=Failover(max_attempts=2))
+    assert decide(ADA, MESSAGES, two).upstreams == ("bedrock-eu", "vertex")
+    one = replace(config, failover=Failover(max_attempts=1))
+    assert decide(ADA, MESSAGES, one) == PolicyDecision(True, None, "eng", "bedrock-eu", ("bedrock-eu",))

@@ -267,6 +267,27 @@ def test_a_policy_naming_a_new_upstream_needs_a_restart(file: Path) -> None:
     assert "upstreams.bedrock-eu" in outcome.error and "needs a restart" in outcome.error
 
 
+def test_a_new_failover_chain_applies_its_order_and_waits_for_a_restart(file: Path) -> None:
+    """Envoy's failover clusters are rendered at start-up: a policy given a second upstream by a
+    reload keeps no chain until a restart (named as pending), while its first upstream serves."""
+    raw = raw_config()
+    raw["upstreams"]["bedrock-eu"] = {**raw["upstreams"]["bedrock-us"], "region": "eu-west-1"}
+    write(file, raw)
+    reloader = Reloader(file, {}, ROOT)
+    raw["policies"][1]["upstreams"] = ["bedrock-eu", "bedrock-us"]
+    write(file, raw)
+    outcome = reloader.poll()
+    assert outcome is not None and outcome.result == "applied"
+    assert outcome.changed == ("policies[1].upstreams",)
+    assert outcome.status.restart_pending == ("policies[1].upstreams",)
+    assert reloader.config.policies[1].upstreams == ("bedrock-eu", "bedrock-us")
+    # Back to a chain Envoy has (none needed): nothing is pending any more.
+    raw["policies"][1]["upstreams"] = ["bedrock-us"]
+    write(file, raw)
+    settled = reloader.poll()
+    assert settled is not None and settled.status.restart_pending == ()
+
+
 def test_sighup_rereads_an_unchanged_file(file: Path) -> None:
     """A forced poll with nothing new says so (one line, trigger signal) and applies nothing."""
     reloader = Reloader(file, {}, ROOT)

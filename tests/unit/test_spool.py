@@ -121,6 +121,8 @@ def test_row_json_round_trips_nulls_unicode_and_odd_values() -> None:
         lambda d: d.update(started_at="yesterday"),
         lambda d: d.update(groups="eng"),
         lambda d: d.update(latency_ms="fast"),
+        lambda d: d.update(attempts="2"),
+        lambda d: d.update(attempts=True),
     ],
 )
 def test_row_from_json_rejects_malformed_rows(mutate) -> None:
@@ -139,6 +141,16 @@ def test_rows_spooled_before_service_identity_existed_still_replay() -> None:
     assert UsageRow.from_json(json.dumps(data)) == make_row()
     row = make_row(service_identity="ci-nightly")
     assert UsageRow.from_json(row.to_json()).service_identity == "ci-nightly"
+
+
+def test_rows_spooled_before_attempts_were_counted_replay_with_them_unknown() -> None:
+    """A spooled row written before the attempts field existed reads back with it unknown (None),
+    and a row that has it round-trips."""
+    data = json.loads(make_row(attempts=2).to_json())
+    del data["attempts"]
+    assert UsageRow.from_json(json.dumps(data)).attempts is None
+    row = make_row(attempts=3)
+    assert UsageRow.from_json(row.to_json()) == row
 
 
 def test_row_requires_an_aware_timestamp() -> None:

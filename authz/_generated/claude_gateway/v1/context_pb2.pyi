@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RequestContext(_message.Message):
-    __slots__ = ("request_id", "started_at", "sub", "email", "groups", "session_id", "cc_session_id", "agent_id", "parent_agent_id", "user_agent", "client_format", "operation", "streaming", "upstream", "requested_model", "model", "upstream_model", "regional", "policy", "upstream_kind", "upstream_query", "request_bytes", "models")
+    __slots__ = ("request_id", "started_at", "sub", "email", "groups", "session_id", "cc_session_id", "agent_id", "parent_agent_id", "user_agent", "client_format", "operation", "streaming", "upstream", "requested_model", "model", "upstream_model", "regional", "policy", "upstream_kind", "upstream_query", "request_bytes", "models", "chain")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SUB_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class RequestContext(_message.Message):
     UPSTREAM_QUERY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     started_at: float
     sub: str
@@ -54,7 +55,20 @@ class RequestContext(_message.Message):
     upstream_query: str
     request_bytes: int
     models: ModelPatterns
-    def __init__(self, request_id: _Optional[str] = ..., started_at: _Optional[float] = ..., sub: _Optional[str] = ..., email: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., cc_session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_agent_id: _Optional[str] = ..., user_agent: _Optional[str] = ..., client_format: _Optional[str] = ..., operation: _Optional[str] = ..., streaming: _Optional[bool] = ..., upstream: _Optional[str] = ..., requested_model: _Optional[str] = ..., model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., regional: _Optional[bool] = ..., policy: _Optional[str] = ..., upstream_kind: _Optional[str] = ..., upstream_query: _Optional[str] = ..., request_bytes: _Optional[int] = ..., models: _Optional[_Union[ModelPatterns, _Mapping]] = ...) -> None: ...
+    chain: _containers.RepeatedCompositeFieldContainer[ChainUpstream]
+    def __init__(self, request_id: _Optional[str] = ..., started_at: _Optional[float] = ..., sub: _Optional[str] = ..., email: _Optional[str] = ..., groups: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., cc_session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., parent_agent_id: _Optional[str] = ..., user_agent: _Optional[str] = ..., client_format: _Optional[str] = ..., operation: _Optional[str] = ..., streaming: _Optional[bool] = ..., upstream: _Optional[str] = ..., requested_model: _Optional[str] = ..., model: _Optional[str] = ..., upstream_model: _Optional[str] = ..., regional: _Optional[bool] = ..., policy: _Optional[str] = ..., upstream_kind: _Optional[str] = ..., upstream_query: _Optional[str] = ..., request_bytes: _Optional[int] = ..., models: _Optional[_Union[ModelPatterns, _Mapping]] = ..., chain: _Optional[_Iterable[_Union[ChainUpstream, _Mapping]]] = ...) -> None: ...
+
+class ChainUpstream(_message.Message):
+    __slots__ = ("upstream", "upstream_kind", "upstream_model", "regional")
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_KIND_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    REGIONAL_FIELD_NUMBER: _ClassVar[int]
+    upstream: str
+    upstream_kind: str
+    upstream_model: str
+    regional: bool
+    def __init__(self, upstream: _Optional[str] = ..., upstream_kind: _Optional[str] = ..., upstream_model: _Optional[str] = ..., regional: _Optional[bool] = ...) -> None: ...
 
 class ModelPatterns(_message.Message):
     __slots__ = ("patterns",)
