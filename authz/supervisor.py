@@ -6,7 +6,8 @@ Envoy's admin ``/ready``. Only then does it say the gateway is up (with the ``/r
 an unreachable PostgreSQL or upstream credential shows at once). While running it watches both
 children: when one exits it prints which, with its exit status and the last lines of its log,
 stops the other and exits non-zero, so systemd, Docker or Kubernetes restarts the whole gateway
-instead of leaving half of it running.
+instead of leaving half of it running. Should the supervisor itself be killed (SIGKILL, the OOM
+killer), the kernel sends both children SIGTERM (Linux), so neither outlives it holding the ports.
 
 Envoy runs with ``--use-dynamic-base-id``: its shared-memory base id is chosen at start, so several
 gateways (each with its own ports) share one host. Everything the run writes (the rendered Envoy
@@ -21,6 +22,7 @@ only from keys a reload does not change, so Envoy keeps running as it is).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -50,11 +52,39 @@ FAST_STOP_SECONDS = 1.0
 DRAIN_STOP_SECONDS = 40.0
 
 
+# prctl(2): the signal the kernel sends a process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """What a child runs before exec to be sent SIGTERM when ``parent`` dies, however it dies
+    (SIGKILL, the OOM killer), so no half of the gateway outlives the supervisor (Linux only)."""
+
+    def arm() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died before the signal was armed.
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class Proc:
-    """A child process in a process group of its own, with its output in a log file."""
+    """A child process in a process group of its own, with its output in a log file.
+
+    ``dies_with_parent``: the child is sent SIGTERM if this process dies (Linux; set only by
+    processes that start their children from the main thread, as the kernel ties the signal to
+    the thread that started the child).
+    """
 
     def __init__(
-        self, name: str, argv: list[str], log_path: Path, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        dies_with_parent: bool = False,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -67,6 +97,7 @@ class Proc:
             stderr=self._log,
             env=dict(env) if env is not None else None,
             start_new_session=True,
+            preexec_fn=_dies_with(os.getpid()) if dies_with_parent and sys.platform == "linux" else None,
         )
 
     @property
@@ -210,7 +241,11 @@ class Supervisor:
         listen = self.config.listen
         argv = [sys.executable, "-m", "authz.cli", "serve", "--config", str(self.config_path)]
         self.gateway = Proc(
-            "gateway services", [*argv, "--state-dir", str(self.root)], logs / "gateway.log", self.environ
+            "gateway services",
+            [*argv, "--state-dir", str(self.root)],
+            logs / "gateway.log",
+            self.environ,
+            dies_with_parent=True,
         )
         grpc_host = connect_host(listen.grpc.address)
         for i in range(self.config.workers):
@@ -234,6 +269,7 @@ class Supervisor:
             ],
             logs / "envoy.log",
             self.environ,
+            dies_with_parent=True,
         )
         admin = f"http://{_http_host(listen.envoy_admin.address)}:{listen.envoy_admin.port}"
         wait_http_ok(f"{admin}/ready", self.envoy, timeout=60)

@@ -243,6 +243,23 @@ def test_a_dead_worker_is_named_and_restarted_while_the_other_serves(make_run: A
     assert all(call(run.stack.envoy_url, token).status_code == 200 for _ in range(4))
 
 
+def test_a_killed_supervisor_takes_its_children_with_it(make_run: Any) -> None:
+    """SIGKILL to `authz run` (kill -9, the OOM killer) leaves no half of the gateway running: Envoy,
+    `authz serve` and its workers stop on their own instead of holding the ports."""
+    run = make_run("orphans", workers=2)
+    run.wait_ready()
+    children = _child_pids(run.proc.pid)
+    workers = list(_worker_pids(run.state / "logs" / "gateway.log").values())
+    assert len(children) == 2 and len(workers) == 2
+    run.proc.kill()
+    run.proc.wait(10)
+
+    def alive() -> list[int]:
+        return [pid for pid in (*children, *workers) if not _zombie(pid)]
+
+    wait_for(lambda: not alive(), timeout=45)
+
+
 HAIKU_PATH = "/model/us.anthropic.claude-haiku-4-5-20251001-v1:0/invoke"
 
 
