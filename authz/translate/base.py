@@ -9,7 +9,7 @@ from typing import Protocol
 
 from authz.translate.envelope import ErrorReply
 from authz.translate.errors import MappedError
-from backends.usage import MeterResult
+from backends.usage import Meter, MeterResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +93,30 @@ class Translator(Protocol):
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MappedError:
         """The client format's answer to an upstream error response."""
         ...
+
+
+class MeteredRelay:
+    """The response side of a translator that relays the upstream's bytes as they are while its
+    meter counts them (the pass-through pairs; the Messages pairs but Bedrock's stream)."""
+
+    __slots__ = ()
+
+    _meter: Meter
+
+    def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
+        """Count the chunk's usage and relay it unchanged."""
+        if chunk:
+            self._meter.feed(chunk)
+        return None
+
+    def usage(self) -> MeterResult:
+        """What the meter counted so far."""
+        return self._meter.result()
+
+    def next_ping(self) -> float | None:
+        """Relayed bytes carry their upstream's own keep-alives."""
+        return None
+
+    def ping(self) -> bytes | None:
+        """Never: see :meth:`next_ping`."""
+        return None

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from authz.identity import RequestIdentity
-from authz.translate.base import ResponseStart, TranslateOptions, UpstreamRequest
+from authz.translate.base import MeteredRelay, ResponseStart, TranslateOptions, UpstreamRequest
 from authz.translate.errors import MappedError, map_messages_error
 from authz.translate.messages import REQUEST_TAGS_BETA, MessagesRequest, header_betas
 from backends.base import Upstream
 from backends.jsonbody import JsonMeter
 from backends.sse import SseMeter
-from backends.usage import Meter, MeterResult
+from backends.usage import Meter
 
 # Top-level fields only the first-party API accepts: Bedrock and Vertex refuse `tags`.
 FIRST_PARTY_ONLY = ("tags",)
@@ -31,7 +31,7 @@ def cloud_betas(headers: Mapping[str, str]) -> list[str]:
     return [beta for beta in header_betas(headers) if beta != REQUEST_TAGS_BETA]
 
 
-class MessagesPair:
+class MessagesPair(MeteredRelay):
     """The parts of a Messages translator every pair shares; subclasses write :meth:`request`."""
 
     needs_request_body = True
@@ -56,24 +56,6 @@ class MessagesPair:
     def response_headers(self, status: int, headers: Mapping[str, str]) -> ResponseStart:
         """Errors and whole answers are buffered; streams flow as they come."""
         return ResponseStart(buffer=status >= 400 or not self._identity.streaming)
-
-    def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
-        """Count the chunk's usage and relay it unchanged."""
-        if chunk:
-            self._meter.feed(chunk)
-        return None
-
-    def usage(self) -> MeterResult:
-        """What the meter counted so far."""
-        return self._meter.result()
-
-    def next_ping(self) -> float | None:
-        """The upstream's own stream carries its keep-alives."""
-        return None
-
-    def ping(self) -> bytes | None:
-        """Never: see :meth:`next_ping`."""
-        return None
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MappedError:
         """The Anthropic envelope: recovery messages pass, other upstream wording is hidden."""

@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from authz.identity import RequestIdentity
-from authz.translate.base import ResponseStart, UpstreamRequest
+from authz.translate.base import MeteredRelay, ResponseStart, UpstreamRequest
 from authz.translate.errors import MappedError, map_upstream_error
 from backends.base import Upstream
-from backends.usage import Meter, MeterResult
+from backends.usage import Meter
 
 # The meters read the response bytes, so the upstream must answer uncompressed.
 _REMOVE_UPSTREAM = ("accept-encoding",)
 
 
-class PassThrough:
+class PassThrough(MeteredRelay):
     """Relay one request unchanged but for its path and credentials; meter the response."""
 
     __slots__ = ("_identity", "_meter", "_upstream")
@@ -45,24 +45,6 @@ class PassThrough:
     def response_headers(self, status: int, headers: Mapping[str, str]) -> ResponseStart:
         """Errors are buffered to be rewritten; successful bodies flow as they come."""
         return ResponseStart(buffer=status >= 400)
-
-    def response_chunk(self, chunk: bytes, end: bool) -> bytes | None:
-        """Count the chunk's usage and relay it unchanged."""
-        if chunk:
-            self._meter.feed(chunk)
-        return None
-
-    def usage(self) -> MeterResult:
-        """What the meter counted so far."""
-        return self._meter.result()
-
-    def next_ping(self) -> float | None:
-        """Relayed streams carry their upstream's own keep-alives."""
-        return None
-
-    def ping(self) -> bytes | None:
-        """Never: see :meth:`next_ping`."""
-        return None
 
     def error(self, status: int, body: bytes, headers: Mapping[str, str]) -> MappedError:
         """The upstream's error, hidden behind a generic envelope unless clients recover on it."""
