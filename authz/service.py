@@ -266,9 +266,15 @@ async def _start_portal(
     worker.pruner.start()
 
 
-async def start_worker(config: GatewayConfig, index: int = 0, status: Status | None = None) -> Worker:
+async def start_worker(
+    config: GatewayConfig,
+    index: int = 0,
+    status: Status | None = None,
+    failover_clusters: frozenset[str] | None = None,
+) -> Worker:
     """Start one worker's servers and return once they accept connections. ``status`` says which
-    file version ``config`` came from (``/readyz``)."""
+    file version ``config`` came from (``/readyz``); ``failover_clusters`` are the ones Envoy was
+    rendered with (default: ``config``'s own chains)."""
     await _migrate_if_reachable(config.store.url, config.store.connect_timeout)
     ledger = Ledger(config.store)
     await ledger.start()
@@ -328,7 +334,8 @@ async def start_worker(config: GatewayConfig, index: int = 0, status: Status | N
             telemetry.refusal(reason)
 
     # What a reload rebuilds (the snapshot) around what it keeps (the process's long-lived objects).
-    failover_clusters = frozenset(chain.cluster for chain in chains(config))
+    if failover_clusters is None:
+        failover_clusters = frozenset(chain.cluster for chain in chains(config))
     shared = Shared(verifier, revocations, upstreams, record, count_envoy_refusal, failover_clusters)
     snapshot = build_snapshot(config, shared)
     gate = LimitGate(
@@ -432,15 +439,19 @@ async def run_worker(
     index: int,
     *,
     status: Status | None = None,
+    failover_clusters: frozenset[str] | None = None,
     reloader: Reloader | None = None,
     updates: Queue[Outcome | None] | None = None,
 ) -> None:
     """Run one worker until SIGTERM (drain) or SIGINT (stop now).
 
     Alone in its replica it owns the ``reloader`` (polled here, SIGHUP rereads); one of several
-    takes the parent's reload outcomes from ``updates``.
+    takes the parent's reload outcomes from ``updates``, and the failover clusters Envoy was
+    rendered with from the parent (a worker restarted after a reload must not name newer ones).
     """
-    worker = await start_worker(config, index, reloader.status if reloader is not None else status)
+    if reloader is not None:
+        status, failover_clusters = reloader.status, reloader.failover_clusters
+    worker = await start_worker(config, index, status, failover_clusters)
     received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -528,12 +539,20 @@ def _receive_updates(updates: Queue[Outcome | None], loop: asyncio.AbstractEvent
     threading.Thread(target=receive, name="config-updates", daemon=True).start()
 
 
-def _worker_main(config: GatewayConfig, status: Status, index: int, updates: Queue[Outcome | None]) -> None:
+def _worker_main(
+    config: GatewayConfig,
+    status: Status,
+    failover_clusters: frozenset[str],
+    index: int,
+    updates: Queue[Outcome | None],
+) -> None:
     configure_logging()
     # SIGHUP goes to the parent, which rereads the file once for all its workers; a worker ignores
     # its own (a signal to the whole process group reaches the parent too).
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    asyncio.run(run_worker(config, index, status=status, updates=updates))
+    asyncio.run(
+        run_worker(config, index, status=status, failover_clusters=failover_clusters, updates=updates)
+    )
 
 
 def configure_logging() -> None:
@@ -600,7 +619,7 @@ def serve(config_path: Path, environ: Mapping[str, str], explicit_state_dir: str
         queues[i] = queue
         proc = ctx.Process(
             target=_worker_main,
-            args=(reloader.config, reloader.status, i, queue),
+            args=(reloader.config, reloader.status, reloader.failover_clusters, i, queue),
             name=f"worker {i}",
             daemon=False,
         )

@@ -1,7 +1,8 @@
 """The benchmark's process plumbing: the load generator processes, and /proc readings of CPU and memory.
 
 CPU is read from ``/proc/<pid>/stat`` (utime + stime of every process of a tree, threads
-included, plus the children each has reaped) before and after each job, so each component's cost per request can be read apart.
+included, plus the children each has reaped) before and after each job, so each component's cost
+per request can be read apart.
 """
 
 from __future__ import annotations

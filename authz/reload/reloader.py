@@ -101,6 +101,12 @@ class Reloader:
         return self._config
 
     @property
+    def failover_clusters(self) -> frozenset[str]:
+        """The failover clusters Envoy was rendered with: the start-up configuration's chains,
+        whatever a reload changed since (a worker restarted later must name only these)."""
+        return self._failover_clusters
+
+    @property
     def status(self) -> Status:
         """Where the running configuration stands."""
         return self._status

@@ -281,6 +281,8 @@ def test_a_new_failover_chain_applies_its_order_and_waits_for_a_restart(file: Pa
     assert outcome.changed == ("policies[1].upstreams",)
     assert outcome.status.restart_pending == ("policies[1].upstreams",)
     assert reloader.config.policies[1].upstreams == ("bedrock-eu", "bedrock-us")
+    # What a worker restarted now is told Envoy has: still none.
+    assert reloader.failover_clusters == frozenset()
     # Back to a chain Envoy has (none needed): nothing is pending any more.
     raw["policies"][1]["upstreams"] = ["bedrock-us"]
     write(file, raw)
