@@ -39,8 +39,8 @@ import grpc
 from aiohttp import web
 
 from authz.configtypes import GatewayConfig
-from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS, _connect_host
 from authz.envoy.failover import chains
+from authz.envoy.names import HEALTH_CHECK_DETECTION_SECONDS, connect_host
 from authz.errors import StoreError
 from authz.gateway.limits import LimitGate
 from authz.gateway.servicer import (
@@ -220,7 +220,7 @@ def _readiness(worker: Worker, keyset: KeySet, pool: Pool) -> Readiness:
         signing_required=config.oidc is not None,
         upstreams=list(worker.upstreams.values()),
         draining=lambda: not worker.healthy,
-        worker_host=_connect_host(grpc.address),
+        worker_host=connect_host(grpc.address),
         worker_ports=[grpc.port + i for i in range(config.workers) if i != worker.index] if grpc.port else [],
     )
 

@@ -39,7 +39,7 @@ from typing import IO, TextIO
 from authz.config import load
 from authz.configtypes import GatewayConfig
 from authz.envoy.binary import envoy_binary
-from authz.envoy.clusters import _connect_host as connect_host
+from authz.envoy.names import connect_host
 from authz.envoy.render import write_bootstrap
 from authz.errors import ConfigError, GatewayError
 

@@ -50,8 +50,18 @@ from envoy_data_plane.google.protobuf import Struct
 
 from authz.configtypes import GatewayConfig
 from authz.envoy import failover, upstreams
-from authz.envoy.common import ENDPOINT_NAMESPACE, GRPC_CLUSTER, PORTAL_CLUSTER, _address, _pack, _seconds
+from authz.envoy.common import _address, _pack, _seconds
 from authz.envoy.filters import attempt_ext_proc, upstream_filters
+from authz.envoy.names import (
+    ENDPOINT_NAMESPACE,
+    GRPC_CLUSTER,
+    HEALTH_CHECK_HEALTHY_THRESHOLD,
+    HEALTH_CHECK_INTERVAL,
+    HEALTH_CHECK_TIMEOUT,
+    HEALTH_CHECK_UNHEALTHY_THRESHOLD,
+    PORTAL_CLUSTER,
+    connect_host,
+)
 from authz.errors import ConfigError
 
 # Concurrent requests per cluster. Envoy's default circuit breaker is 1024; every in-flight
@@ -61,27 +71,12 @@ _MAX_CONCURRENT = 100_000
 
 _HPO_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
-# Active gRPC health checks on the workers (grpc.health.v1, served by authz.ops.health): Envoy's
-# main thread asks each worker once a second, whether or not traffic flowed (one tiny RPC per
-# worker per second: negligible next to the requests, even on two cores). A worker answering
-# NOT_SERVING (draining) or not answering within the timeout (stuck) twice in a row stops getting
-# new requests; one SERVING answer brings it back. Envoy's default panic threshold (50%) is kept
-# on purpose: when every worker of a replica drains at once, Envoy keeps using them rather than
-# refusing the requests still on their way to it.
-HEALTH_CHECK_INTERVAL = 1.0
-HEALTH_CHECK_TIMEOUT = 1.0
-HEALTH_CHECK_UNHEALTHY_THRESHOLD = 2
-HEALTH_CHECK_HEALTHY_THRESHOLD = 1
-# The longest a draining worker may keep receiving new requests: `unhealthy_threshold` checks, one
-# interval apart, each answered NOT_SERVING at once. authz.service waits at least this long.
-HEALTH_CHECK_DETECTION_SECONDS = HEALTH_CHECK_INTERVAL * HEALTH_CHECK_UNHEALTHY_THRESHOLD
-
 
 # --- clusters -----------------------------------------------------------------------------------
 
 
 def _grpc_cluster(config: GatewayConfig, ports: Sequence[int]) -> Cluster:
-    host = _connect_host(config.listen.grpc.address)
+    host = connect_host(config.listen.grpc.address)
     return _cluster(
         GRPC_CLUSTER,
         host,
@@ -114,7 +109,7 @@ def _grpc_health_check() -> HealthCheck:
 def _portal_cluster(config: GatewayConfig) -> Cluster:
     return _cluster(
         PORTAL_CLUSTER,
-        _connect_host(config.listen.portal.address),
+        connect_host(config.listen.portal.address),
         [config.listen.portal.port],
         connect_timeout=1.0,
         protocol=HttpProtocolOptions(
@@ -344,9 +339,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _connect_host(listen_host: str) -> str:
-    """The address Envoy dials for a service that listens on ``listen_host`` (a wildcard bind is
-    reached on loopback)."""
-    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen_host, listen_host)  # noqa: S104

@@ -68,13 +68,14 @@ from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, RegexMatch
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 
 from authz.configtypes import Limits
-from authz.envoy.common import (
-    _JSON_BODY,
+from authz.envoy.common import _JSON_BODY, _envelope, _pack, _seconds
+from authz.envoy.names import (
     ANSWERED_HEADER,
     ATTEMPT_COUNT_ATTRIBUTE,
     ATTEMPT_FILTER,
     ATTEMPT_NAMESPACE,
     ATTEMPTS_HEADER,
+    AUTHZ_BODY_BYTES,
     BUFFER_FILTER,
     ENDPOINT_NAMESPACE,
     EXT_AUTHZ_FILTER,
@@ -83,9 +84,6 @@ from authz.envoy.common import (
     RECORDED_NAMESPACE,
     STRIP_RATELIMIT_FILTER,
     UPSTREAM_NAME_ATTRIBUTE,
-    _envelope,
-    _pack,
-    _seconds,
 )
 
 # Client-sent headers that only the gateway itself may set, and client forwarding headers the
@@ -162,10 +160,6 @@ def _ext_authz(limits: Limits) -> HttpFilter:
         ),
     )
     return HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=_pack(authz))
-
-
-# How much of a request body ext_authz receives: Claude Code's requests (50-80 KB) whole.
-AUTHZ_BODY_BYTES = 128 * 1024
 
 
 def _strip_upstream_ratelimit(*, tag_answer: bool = False) -> HttpFilter:

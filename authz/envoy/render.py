@@ -44,18 +44,7 @@ from authz import config as config_loader
 from authz.configtypes import GatewayConfig
 from authz.envoy import failover
 from authz.envoy.clusters import _failover_clusters, _grpc_cluster, _portal_cluster, _upstream_clusters
-from authz.envoy.common import (
-    ATTEMPT_FILTER,
-    BUFFER_FILTER,
-    EXT_AUTHZ_FILTER,
-    EXT_PROC_FILTER,
-    GRPC_CLUSTER,
-    PORTAL_CLUSTER,
-    UPSTREAM_HEADER,
-    _address,
-    _pack,
-    _seconds,
-)
+from authz.envoy.common import _address, _pack, _seconds
 from authz.envoy.filters import (
     _buffer,
     _ext_authz,
@@ -65,6 +54,15 @@ from authz.envoy.filters import (
     _service_access_log,
     _stdout_access_log,
     _strip_internal_headers,
+)
+from authz.envoy.names import (
+    ATTEMPT_FILTER,
+    BUFFER_FILTER,
+    EXT_AUTHZ_FILTER,
+    EXT_PROC_FILTER,
+    GRPC_CLUSTER,
+    PORTAL_CLUSTER,
+    UPSTREAM_HEADER,
 )
 from authz.envoy.routes import _route_config
 from authz.envoy.tls import NODE, sds_path_for, transport_socket, write_sds_file

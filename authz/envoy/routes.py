@@ -33,19 +33,16 @@ from envoy_data_plane.envoy.type.v3 import Int64Range
 from envoy_data_plane.google.protobuf import Any as AnyProto
 
 from authz.configtypes import Limits
-from authz.envoy.common import (
-    _JSON_BODY,
+from authz.envoy.common import _JSON_BODY, _envelope, _pack, _seconds
+from authz.envoy.failover import Chain, attempts_prefix
+from authz.envoy.filters import ANSWERED, Mode, mode, route_mode
+from authz.envoy.names import (
     BUFFER_FILTER,
     EXT_AUTHZ_FILTER,
     EXT_PROC_FILTER,
     PORTAL_CLUSTER,
     UPSTREAM_HEADER,
-    _envelope,
-    _pack,
-    _seconds,
 )
-from authz.envoy.failover import Chain, attempts_prefix
-from authz.envoy.filters import ANSWERED, Mode, mode, route_mode
 from authz.translate import messages
 from backends.kinds import PASS_THROUGH
 

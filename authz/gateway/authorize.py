@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
 from authz.configtypes import GatewayConfig
-from authz.envoy.common import UPSTREAM_HEADER
 from authz.envoy.failover import chain_cluster, chains, cluster_for
+from authz.envoy.names import UPSTREAM_HEADER
 from authz.errors import BadModelId, TokenError
 from authz.gateway.policy import decide
 from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from authz.billing.accounting import usage_row
 from authz.billing.pricing import PriceBook
 from authz.configtypes import Policy
-from authz.envoy.common import ANSWERED_HEADER, ATTEMPTS_HEADER
+from authz.envoy.names import ANSWERED_HEADER, ATTEMPTS_HEADER
 from authz.gateway.policy import check_model
 from authz.gateway.prepare import Prepared, messages_identity, prepare
 from authz.identity import RequestIdentity

@@ -51,7 +51,7 @@ from authz.billing.standing import (
     standing_headers,
 )
 from authz.configtypes import GatewayConfig, Policy, RateLimits
-from authz.envoy.filters import AUTHZ_BODY_BYTES
+from authz.envoy.names import AUTHZ_BODY_BYTES
 from authz.errors import StoreError
 from authz.gateway.authorize import Allow, Deny, deny_with_row
 from authz.identity import RequestIdentity, Reservation

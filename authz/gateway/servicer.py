@@ -27,7 +27,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from authz.envoy.common import (
+from authz.envoy.names import (
     ATTEMPT_COUNT_ATTRIBUTE,
     ATTEMPT_NAMESPACE,
     RECORDED_NAMESPACE,

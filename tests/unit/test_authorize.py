@@ -9,7 +9,7 @@ import pytest
 
 from authz.config import loads
 from authz.configtypes import GatewayConfig, Sessions, SigningKey
-from authz.envoy.common import UPSTREAM_HEADER
+from authz.envoy.names import UPSTREAM_HEADER
 from authz.errors import TokenError
 from authz.gateway.authorize import Allow, Authorizer, CheckInput, Deny, bearer_token
 from authz.identity import Caller, ChainUpstream, ClientFacts, RequestIdentity

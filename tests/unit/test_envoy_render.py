@@ -521,7 +521,7 @@ def test_workers_are_health_checked_over_grpc(example: dict[str, Any]) -> None:
     """gateway_grpc health-checks every worker with the gRPC health protocol every second, twice
     failing before a worker is dropped, and the drain outlasts that detection; no other cluster is
     actively checked."""
-    from authz.envoy.clusters import HEALTH_CHECK_DETECTION_SECONDS
+    from authz.envoy.names import HEALTH_CHECK_DETECTION_SECONDS
     from authz.service import DRAIN_SECONDS
 
     (check,) = cluster(example, "gateway_grpc")["health_checks"]

@@ -5,6 +5,8 @@ touches Envoy's generated protobuf."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,3 +133,15 @@ def test_only_the_servicer_touches_envoys_generated_protobuf() -> None:
     """Envoy's generated messages (the xds-protos `envoy` package) stay at the gRPC edge."""
     users = {m for m in MODULES for n in imported(MODULES[m]) if n == "envoy" or n.startswith("envoy.")}
     assert users <= {"authz.gateway.servicer"}
+
+
+def test_the_services_do_not_load_the_bootstrap_builders() -> None:
+    """`authz serve` reads the names it shares with Envoy's bootstrap from authz.envoy.names; the
+    builders' typed Envoy config (envoy_data_plane, pydantic: about 20 MB per worker process) stays
+    out of every worker."""
+    probe = (
+        "import sys, authz.service; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'envoy_data_plane', 'pydantic'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
