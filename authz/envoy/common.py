@@ -1,6 +1,5 @@
-"""Names and small helpers shared by the Envoy bootstrap builders (:mod:`authz.envoy.render`).
-
-The public names are re-exported by :mod:`authz.envoy.render`, which stays the entry point.
+"""Small helpers shared by the Envoy bootstrap builders (:mod:`authz.envoy.render`); the names
+they share with the gateway services live in :mod:`authz.envoy.names`.
 """
 
 from __future__ import annotations
