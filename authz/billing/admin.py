@@ -8,7 +8,6 @@ Caps set here live in ``spend_limits``; every worker reads them at its next sync
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from authz.configtypes import GatewayConfig, Period
 from authz.errors import GatewayError
 from authz.store.db import Pool
 from authz.store.migrate import open_migrated_pool
+from authz.store.sessions.audit_log import operator
 from authz.store.spend import Bucket, delete_limit, load_limits, set_limit, spent_in, user_groups
 
 
@@ -31,13 +31,6 @@ def _user(user: str) -> str:
     # identity's subject, kept as is (authz.billing.caps.user_key).
     user = user.strip()
     return user_key(user, None) or "" if "@" in user else user
-
-
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
 
 
 def scope_of(*, user: str | None, group: str | None, pooled: bool, org: bool) -> tuple[LimitScope, str]:
@@ -68,7 +61,7 @@ async def set_command(
     """Create or replace one cap; print the change."""
     pool = await open_migrated_pool(config.store, "spend limits")
     try:
-        old = await set_limit(pool, scope=scope, name=name, period=period, usd=usd, by=_operator())
+        old = await set_limit(pool, scope=scope, name=name, period=period, usd=usd, by=operator())
     finally:
         await pool.close()
     before = "none" if old is None else f"${dollars(old)}"
@@ -83,7 +76,7 @@ async def delete_command(config: GatewayConfig, scope: LimitScope, name: str, pe
     """Delete one cap; exit status 1 when there was none."""
     pool = await open_migrated_pool(config.store, "spend limits")
     try:
-        old = await delete_limit(pool, scope=scope, name=name, period=period, by=_operator())
+        old = await delete_limit(pool, scope=scope, name=name, period=period, by=operator())
     finally:
         await pool.close()
     if old is None:

@@ -7,7 +7,6 @@ revoked session leaves an ``admin_revoke`` audit row naming the operating-system
 
 from __future__ import annotations
 
-import getpass
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from authz.store.sessions import (
     revoke_session,
     revoke_sessions_for_user,
 )
+from authz.store.sessions.audit_log import operator
 
 AUDIT_KIND = "admin_revoke"
 
@@ -69,13 +69,6 @@ async def list_sessions_command(config: GatewayConfig, *, email: str | None, inc
     return 0
 
 
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
-        return "unknown"
-
-
 async def revoke_sessions_command(
     config: GatewayConfig,
     *,
@@ -92,7 +85,7 @@ async def revoke_sessions_command(
     if (email is None) == (session_id is None):
         raise GatewayError("name either a user (--user) or a session (--session)")
     now = now or datetime.now(UTC)
-    detail = {"by": _operator()}
+    detail = {"by": operator()}
     pool = await open_migrated_pool(config.store, "the sessions")
     try:
         if session_id is not None:

@@ -12,7 +12,6 @@ its requests name the service identity.
 
 from __future__ import annotations
 
-import getpass
 import hashlib
 import re
 import secrets
@@ -35,6 +34,7 @@ from authz.store.service_tokens import (
     revoke_service_tokens,
 )
 from authz.store.sessions import audit
+from authz.store.sessions.audit_log import operator
 
 AUDIT_CREATE = "service_token_create"
 AUDIT_REVOKE = "service_token_revoke"
@@ -50,13 +50,6 @@ class Created:
 
     token: str
     row: ServiceToken
-
-
-def _operator() -> str:
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
-        return "unknown"
 
 
 def validate_request(
@@ -193,7 +186,7 @@ async def create_command(
             models=model_list,
             ttl=ttl,
             now=datetime.now(UTC),
-            created_by=_operator(),
+            created_by=operator(),
         )
     finally:
         await pool.close()
@@ -255,7 +248,7 @@ async def revoke_command(
                 return 1
             token_id = found.id
         revoked = await revoke(
-            pool, token_id=token_id, name=name, reason=reason, now=now, revoked_by=_operator()
+            pool, token_id=token_id, name=name, reason=reason, now=now, revoked_by=operator()
         )
     finally:
         await pool.close()

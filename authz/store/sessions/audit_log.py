@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 from datetime import datetime, timedelta
 from typing import Any
@@ -10,6 +11,15 @@ from authz.store.db import Connection, Pool
 from authz.store.sessions._common import AuditEvent, _failing, _transaction
 
 # --- audit -------------------------------------------------------------------------------------
+
+
+def operator() -> str:
+    """The login name of whoever runs an admin command, as its audit row records it ("unknown"
+    where there is none: no login name and no passwd entry, as in some containers)."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "unknown"
 
 
 async def audit(
