@@ -203,6 +203,24 @@ def rows_for_user(dsn: str, email: str) -> list[dict[str, Any]]:
     return fetch_rows(dsn, "user_email = $1", email)
 
 
+def single_row(stack: Stack, email: str) -> dict[str, Any]:
+    """The one usage row of ``email``, once written."""
+    rows = wait_for(lambda: rows_for_user(stack.database_url, email))
+    assert len(rows) == 1, rows
+    return rows[0]  # type: ignore[no-any-return]
+
+
+def assert_exact_usage(row: dict[str, Any], usage: dict[str, int]) -> None:
+    """The row carries exactly the counts the emulator reported (``usage``, in its own keys)."""
+    assert row["input_tokens"] == usage["input_tokens"]
+    assert row["output_tokens"] == usage["output_tokens"]
+    assert row["cache_write_tokens"] == usage["cache_creation_input_tokens"]
+    assert row["cache_write_5m_tokens"] == usage["cache_creation_5m_input_tokens"]
+    assert row["cache_write_1h_tokens"] == usage["cache_creation_1h_input_tokens"]
+    assert row["cache_read_tokens"] == usage["cache_read_input_tokens"]
+    assert row["output_tokens_estimated"] is False
+
+
 @pytest.fixture
 def unique_user() -> str:
     """A fresh email per test so rows can be told apart."""

@@ -16,7 +16,14 @@ from anthropic import Anthropic, AnthropicBedrock
 
 from authz.dev.devstack import Stack
 from backends.emulator import TEST_ACCESS_KEY_ID, TEST_SECRET_ACCESS_KEY
-from tests.e2e.conftest import ALT_ACCESS_KEY_ID, ALT_SECRET_ACCESS_KEY, VERTEX_GROUP, rows_for_user, wait_for
+from tests.e2e.conftest import (
+    ALT_ACCESS_KEY_ID,
+    ALT_SECRET_ACCESS_KEY,
+    VERTEX_GROUP,
+    rows_for_user,
+    single_row,
+    wait_for,
+)
 from tests.e2e.test_messages import (
     DELTAS,
     MODEL,
@@ -81,13 +88,6 @@ def served(stack: Stack) -> list[dict[str, Any]]:
     """The inference requests the emulated clouds received, in order."""
     records = stack.emulator("GET", "/_emulator/requests")
     return [r for r in records if r["route"].startswith(("bedrock.", "vertex.", "anthropic."))]
-
-
-def single_row(stack: Stack, email: str) -> dict[str, Any]:
-    """The one usage row of ``email``, once written (failed attempts write none)."""
-    rows = wait_for(lambda: rows_for_user(stack.database_url, email))
-    assert len(rows) == 1, rows
-    return rows[0]  # type: ignore[no-any-return]
 
 
 def _credential(record: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ import pytest
 from anthropic import AnthropicBedrock, AnthropicVertex
 
 from authz.dev.devstack import DEFAULT_PROJECT, Stack
-from tests.e2e.conftest import row_for, rows_for_user, wait_for
+from tests.e2e.conftest import assert_exact_usage, row_for, rows_for_user, single_row, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,22 +62,9 @@ def vertex(stack: Stack, token: str) -> AnthropicVertex:
     return client
 
 
-def single_row(stack: Stack, email: str) -> dict[str, Any]:
-    """The one usage row of ``email``, once written."""
-    rows = wait_for(lambda: rows_for_user(stack.database_url, email))
-    assert len(rows) == 1, rows
-    return rows[0]  # type: ignore[no-any-return]
-
-
 def assert_usage(row: dict[str, Any]) -> None:
-    """The row carries exactly the counts the emulator sent."""
-    assert row["input_tokens"] == USAGE["input_tokens"]
-    assert row["output_tokens"] == USAGE["output_tokens"]
-    assert row["cache_write_tokens"] == USAGE["cache_creation_input_tokens"]
-    assert row["cache_write_5m_tokens"] == USAGE["cache_creation_5m_input_tokens"]
-    assert row["cache_write_1h_tokens"] == USAGE["cache_creation_1h_input_tokens"]
-    assert row["cache_read_tokens"] == USAGE["cache_read_input_tokens"]
-    assert row["output_tokens_estimated"] is False
+    """The row carries exactly the counts the emulator sent, and a cost."""
+    assert_exact_usage(row, USAGE)
     assert row["cost_usd"] > Decimal(0)
 
 

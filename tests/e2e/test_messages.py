@@ -20,7 +20,8 @@ from backends.emulator.canned import canned_events
 from backends.emulator.state import TEST_ANTHROPIC_API_KEY, EmulatorState
 from backends.usage import Usage
 from tests.bench_arms import _conversation
-from tests.e2e.conftest import ANTHROPIC_GROUP, BODY_CAP, VERTEX_GROUP, rows_for_user, wait_for
+from tests.e2e.conftest import ANTHROPIC_GROUP, BODY_CAP, VERTEX_GROUP, single_row
+from tests.e2e.conftest import assert_exact_usage as assert_usage_is
 
 pytestmark = pytest.mark.e2e
 
@@ -76,22 +77,9 @@ def served(stack: Stack) -> list[dict[str, Any]]:
     return [r for r in records if r["route"].startswith(("bedrock.", "vertex.", "anthropic."))]
 
 
-def single_row(stack: Stack, email: str) -> dict[str, Any]:
-    """The one usage row of ``email``, once written."""
-    rows = wait_for(lambda: rows_for_user(stack.database_url, email))
-    assert len(rows) == 1, rows
-    return rows[0]  # type: ignore[no-any-return]
-
-
 def assert_exact_usage(row: dict[str, Any]) -> None:
     """The row carries exactly the counts the emulator reported."""
-    assert row["input_tokens"] == USAGE["input_tokens"]
-    assert row["output_tokens"] == USAGE["output_tokens"]
-    assert row["cache_write_tokens"] == USAGE["cache_creation_input_tokens"]
-    assert row["cache_write_5m_tokens"] == USAGE["cache_creation_5m_input_tokens"]
-    assert row["cache_write_1h_tokens"] == USAGE["cache_creation_1h_input_tokens"]
-    assert row["cache_read_tokens"] == USAGE["cache_read_input_tokens"]
-    assert row["output_tokens_estimated"] is False
+    assert_usage_is(row, USAGE)
 
 
 def emulator_events(case: str, model_id: str) -> list[dict[str, Any]]:
