@@ -5,6 +5,8 @@ Error messages carry the URL with its password replaced, since they end up in lo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,6 +27,24 @@ CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
+
+# What a query on an open pool raises when PostgreSQL or the connection fails.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+)
+
+
+@contextlib.contextmanager
+def failing(action: str) -> Iterator[None]:
+    """Turn a database failure inside the block into a :class:`StoreError` saying what could not be
+    done (``action``)."""
+    try:
+        yield
+    except DB_ERRORS as exc:
+        raise StoreError(f"cannot {action}: {exc}; check that PostgreSQL is reachable and migrated") from exc
 
 
 def redact_url(url: str) -> str:

@@ -13,21 +13,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
-
 from authz.errors import StoreError
-from authz.store.db import Connection, connect
+from authz.store.db import DB_ERRORS, Connection, connect
 
 log = logging.getLogger("authz.store.listen")
 
-_DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-)
-# The same, plus a probe or close that ran out of time.
-_FAILURES: tuple[type[BaseException], ...] = (*_DB_ERRORS, TimeoutError)
+# A failed query or connection, or a probe or close that ran out of time.
+_FAILURES: tuple[type[BaseException], ...] = (*DB_ERRORS, TimeoutError)
 
 
 class Listener:

@@ -8,25 +8,14 @@ exactly like a session's revocation.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import asyncpg
-
-from authz.errors import StoreError
 from authz.serviceid import SID_PREFIX
-from authz.store.db import Connection, Pool
+from authz.store.db import Connection, Pool, failing
 from authz.store.sessions import REVOCATION_CHANNEL
-
-_DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +37,6 @@ class ServiceToken:
         if self.revoked_at is not None:
             return "revoked"
         return "expired" if self.expires_at <= now else "active"
-
-
-@contextlib.contextmanager
-def _failing(action: str) -> Iterator[None]:
-    try:
-        yield
-    except _DB_ERRORS as exc:
-        raise StoreError(f"cannot {action}: {exc}; check that PostgreSQL is reachable and migrated") from exc
 
 
 def _row(r: Any) -> ServiceToken:
@@ -85,7 +66,7 @@ async def insert_service_token(
     created_by: str | None,
 ) -> ServiceToken:
     """Record a newly minted service token (by hash only)."""
-    with _failing("record a service token"):
+    with failing("record a service token"):
         record = await db.fetchrow(
             "INSERT INTO service_tokens (id, name, token_hash, groups, models, created_at, expires_at,"
             " created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
@@ -105,7 +86,7 @@ async def list_service_tokens(
     db: Pool | Connection, *, name: str | None, active_only: bool, now: datetime
 ) -> list[ServiceToken]:
     """Service tokens, newest first: of ``name`` or all, and only active ones when ``active_only``."""
-    with _failing("list service tokens"):
+    with failing("list service tokens"):
         records = await db.fetch(
             "SELECT * FROM service_tokens WHERE ($1::text IS NULL OR name = $1)"
             " AND (NOT $2 OR (revoked_at IS NULL AND expires_at > $3))"
@@ -121,7 +102,7 @@ async def find_service_token(
     db: Pool | Connection, *, token_id: str | None, token_hash: bytes | None
 ) -> ServiceToken | None:
     """The token with ``token_id`` (or whose SHA-256 is ``token_hash``), if any."""
-    with _failing("look up a service token"):
+    with failing("look up a service token"):
         record = await db.fetchrow(
             "SELECT * FROM service_tokens WHERE id = $1 OR token_hash = $2", token_id, token_hash
         )
@@ -142,14 +123,14 @@ async def revoke_service_tokens(
         f" SELECT revoked.*, pg_notify('{REVOCATION_CHANNEL}', '{SID_PREFIX}' || id) FROM revoked"
         " ORDER BY created_at, id"
     )
-    with _failing("revoke service tokens"):
+    with failing("revoke service tokens"):
         records = await db.fetch(sql, now, reason, token_id if token_id is not None else name)
     return [_row(r) for r in records]
 
 
 async def revoked_service_token_sids(db: Pool | Connection, now: datetime) -> set[str]:
     """The ``sid`` (``svc:<id>``) of every revoked, unexpired service token."""
-    with _failing("read the revoked service tokens"):
+    with failing("read the revoked service tokens"):
         records = await db.fetch(
             "SELECT id FROM service_tokens WHERE revoked_at IS NOT NULL AND expires_at > $1", now
         )

@@ -10,22 +10,14 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
 
-from authz.errors import StoreError
 from authz.store.db import Connection, Pool
-
-_DB_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-    OSError,
-)
 
 PollError = Literal["authorization_pending", "slow_down", "access_denied", "expired_token", "invalid_grant"]
 AuthRequestFailure = Literal["state_unknown", "state_mismatch", "state_reused", "state_expired"]
@@ -165,14 +157,6 @@ def new_opaque_token() -> str:
 def hash_token(token: str) -> bytes:
     """SHA-256 of an opaque token: the only form in which tokens are stored or looked up."""
     return hashlib.sha256(token.encode("utf-8")).digest()
-
-
-@contextlib.contextmanager
-def _failing(action: str) -> Iterator[None]:
-    try:
-        yield
-    except _DB_ERRORS as exc:
-        raise StoreError(f"cannot {action}: {exc}; check that PostgreSQL is reachable and migrated") from exc
 
 
 @contextlib.asynccontextmanager

@@ -7,8 +7,8 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from authz.store.db import Connection, Pool
-from authz.store.sessions._common import AuditEvent, _failing, _transaction
+from authz.store.db import Connection, Pool, failing
+from authz.store.sessions._common import AuditEvent, _transaction
 
 # --- audit -------------------------------------------------------------------------------------
 
@@ -37,7 +37,7 @@ async def audit(
 ) -> int:
     """Append an audit row (``outcome``: ``ok``, ``denied`` or ``error``); return its id. ``now``
     defaults to the database's clock."""
-    with _failing("write an audit event"):
+    with failing("write an audit event"):
         value: int = await db.fetchval(
             "INSERT INTO audit_events (at, kind, outcome, reason, email, session_id, client_ip, user_agent,"
             " detail) VALUES (COALESCE($1::timestamptz, now()), $2, $3, $4, $5, $6, $7, $8, $9::jsonb)"
@@ -57,7 +57,7 @@ async def audit(
 
 async def recent_audit(db: Pool | Connection, limit: int = 50, kind: str | None = None) -> list[AuditEvent]:
     """The newest ``limit`` audit rows, of one ``kind`` or all, newest first."""
-    with _failing("read audit events"):
+    with failing("read audit events"):
         if kind is None:
             records = await db.fetch("SELECT * FROM audit_events ORDER BY id DESC LIMIT $1", limit)
         else:
@@ -86,7 +86,7 @@ async def audit_since(
     db: Pool | Connection, since: datetime | None, *, kind: str | None = None, limit: int = 1000
 ) -> list[AuditEvent]:
     """Audit rows at or after ``since`` (all when None), of one ``kind`` or all, oldest first."""
-    with _failing("read audit events"):
+    with failing("read audit events"):
         records = await db.fetch(
             "SELECT * FROM (SELECT * FROM audit_events WHERE ($1::timestamptz IS NULL OR at >= $1)"
             " AND ($2::text IS NULL OR kind = $2) ORDER BY id DESC LIMIT $3) newest ORDER BY id",
@@ -100,7 +100,7 @@ async def audit_since(
 async def prune_expired(db: Pool | Connection, now: datetime, *, keep_sessions: timedelta) -> int:
     """Delete expired sign-in state (device codes, auth requests, logout jtis) and sessions expired
     more than ``keep_sessions`` ago (with their refresh tokens); return how many rows went."""
-    with _failing("prune expired rows"):
+    with failing("prune expired rows"):
         async with _transaction(db) as conn:
             total = 0
             for sql, at in (

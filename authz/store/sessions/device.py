@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from authz.store.db import Connection, Pool
+from authz.store.db import Connection, Pool, failing
 from authz.store.sessions._common import (
     DeviceCode,
     PollError,
     PollResult,
     _device,
-    _failing,
     _session,
     _transaction,
 )
@@ -43,7 +42,7 @@ async def create_device_code(
     ``user_code`` is the normalised form (``WDJBMJHT``). On None the caller draws another code: user
     codes are short, so a collision, though rare, is possible and must not be an error.
     """
-    with _failing("create a device code"):
+    with failing("create a device code"):
         async with _transaction(db) as conn:
             # An expired code keeps its user code only until someone needs it again.
             await conn.execute(
@@ -67,7 +66,7 @@ async def create_device_code(
 
 async def find_device_by_user_code(db: Pool | Connection, user_code: str, now: datetime) -> DeviceCode | None:
     """The unexpired device authorization with ``user_code`` (any status), or None."""
-    with _failing("look up a user code"):
+    with failing("look up a user code"):
         record = await db.fetchrow(
             "SELECT * FROM device_codes WHERE user_code = $1 AND expires_at > $2", user_code, now
         )
@@ -85,7 +84,7 @@ async def poll_device(
     session, once; the code is consumed and, with ``refresh_token_hash``, the session's first
     refresh token is recorded in the same transaction (the replica that approved never saw it).
     """
-    with _failing("poll a device code"):
+    with failing("poll a device code"):
         async with _transaction(db) as conn:
             r = await conn.fetchrow(
                 "SELECT status, expires_at, poll_interval, last_poll_at, session_id FROM device_codes"
@@ -142,7 +141,7 @@ async def approve_device(
     db: Pool | Connection, user_code: str, session_id: str, email: str, now: datetime
 ) -> bool:
     """Approve the pending, unexpired code ``user_code`` for ``session_id``; False if it is not one."""
-    with _failing("approve a device code"):
+    with failing("approve a device code"):
         record = await db.fetchrow(
             "UPDATE device_codes SET status = 'approved', session_id = $2, email = $3"
             " WHERE user_code = $1 AND status = 'pending' AND expires_at > $4 RETURNING 1",
@@ -156,7 +155,7 @@ async def approve_device(
 
 async def deny_device(db: Pool | Connection, user_code: str, now: datetime, email: str | None = None) -> bool:
     """Deny the pending, unexpired code ``user_code``; False if it is not one."""
-    with _failing("deny a device code"):
+    with failing("deny a device code"):
         record = await db.fetchrow(
             "UPDATE device_codes SET status = 'denied', email = $2"
             " WHERE user_code = $1 AND status = 'pending' AND expires_at > $3 RETURNING 1",

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from authz.store.db import Connection, Pool
-from authz.store.sessions._common import RotateResult, Session, _failing, _session, _transaction
+from authz.store.db import Connection, Pool, failing
+from authz.store.sessions._common import RotateResult, Session, _session, _transaction
 
 REVOCATION_CHANNEL = "gateway_revocations"
 """The LISTEN/NOTIFY channel; the payload is the revoked session's id."""
@@ -36,7 +36,7 @@ async def create_session(
     """Create a session expiring ``lifetime`` after ``now`` and, in the same transaction, its first
     refresh token. In the device flow pass ``refresh_token_hash=None``: the token is minted at the
     poll instead (:func:`poll_device`)."""
-    with _failing("create a session"):
+    with failing("create a session"):
         async with _transaction(db) as conn:
             record = await conn.fetchrow(
                 "INSERT INTO sessions (id, sub, email, groups, idp_sid, idp_refresh_token, surface,"
@@ -68,7 +68,7 @@ async def issue_refresh_token(
     db: Pool | Connection, session_id: str, token_hash: bytes, now: datetime
 ) -> bool:
     """Add a refresh token to an active session; False if the session is revoked, expired or unknown."""
-    with _failing("issue a refresh token"):
+    with failing("issue a refresh token"):
         record = await db.fetchrow(
             "INSERT INTO refresh_tokens (token_hash, session_id, created_at)"
             " SELECT $2, id, $3 FROM sessions WHERE id = $1 AND revoked_at IS NULL AND expires_at > $3"
@@ -89,7 +89,7 @@ async def rotate_refresh_token(
     (a stolen copy, or a replay): the whole session is revoked with reason
     :data:`REFRESH_TOKEN_REUSE` and the result is ``reused``. Otherwise ``ok`` with the session.
     """
-    with _failing("rotate a refresh token"):
+    with failing("rotate a refresh token"):
         async with _transaction(db) as conn:
             # The row lock makes two concurrent uses of one token queue up: the second sees it spent.
             token = await conn.fetchrow(
@@ -125,7 +125,7 @@ async def update_session_after_refresh(
     """Record a successful refresh at the IdP: new groups, the IdP's new refresh token (None keeps
     the stored one, for IdPs that do not rotate it) and ``last_refresh_at``. None if the session is
     no longer active, which the caller must treat as a failed refresh."""
-    with _failing("update a session after refresh"):
+    with failing("update a session after refresh"):
         record = await db.fetchrow(
             "UPDATE sessions SET groups = $2, idp_refresh_token = COALESCE($3, idp_refresh_token),"
             " last_refresh_at = $4 WHERE id = $1 AND revoked_at IS NULL AND expires_at > $4 RETURNING *",
@@ -139,14 +139,14 @@ async def update_session_after_refresh(
 
 async def get_session(db: Pool | Connection, session_id: str) -> Session | None:
     """The session ``session_id`` in whatever state it is, or None."""
-    with _failing("read a session"):
+    with failing("read a session"):
         record = await db.fetchrow("SELECT * FROM sessions WHERE id = $1", session_id)
     return None if record is None else _session(record)
 
 
 async def session_id_for_refresh_token(db: Pool | Connection, token_hash: bytes) -> str | None:
     """The session a refresh token (spent or not) belongs to, for RFC 7009 revocation."""
-    with _failing("look up a refresh token"):
+    with failing("look up a refresh token"):
         value: str | None = await db.fetchval(
             "SELECT session_id FROM refresh_tokens WHERE token_hash = $1", token_hash
         )
@@ -173,7 +173,7 @@ async def list_sessions(
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
     # Only the fixed fragments above are spliced in; values are bound parameters.
     sql = f"SELECT * FROM sessions{where} ORDER BY created_at DESC, id"  # noqa: S608
-    with _failing("list sessions"):
+    with failing("list sessions"):
         records = await db.fetch(sql, *args)
     return [_session(r) for r in records]
 
@@ -204,7 +204,7 @@ async def _revoke(
 
 async def revoke_session(db: Pool | Connection, session_id: str, reason: str, now: datetime) -> bool:
     """Revoke one active session and notify every replica; False if it was not active."""
-    with _failing("revoke a session"):
+    with failing("revoke a session"):
         return bool(await _revoke(db, _BY_ID, (session_id,), reason, now))
 
 
@@ -212,7 +212,7 @@ async def revoke_sessions_for_user(
     db: Pool | Connection, email: str, reason: str, now: datetime
 ) -> list[str]:
     """Revoke every active session of ``email`` (case-insensitive); return their ids."""
-    with _failing("revoke a user's sessions"):
+    with failing("revoke a user's sessions"):
         return await _revoke(db, _BY_EMAIL, (email,), reason, now)
 
 
@@ -233,7 +233,7 @@ async def revoke_sessions_by_idp(
     replayed from the journal long after it arrived must not end a sign-in the user made since. An
     IdP session, once logged out, never signs anyone in again, so ``idp_sid`` needs no such bound.
     """
-    with _failing("revoke sessions for an IdP logout"):
+    with failing("revoke sessions for an IdP logout"):
         if idp_sid is not None:
             return await _revoke(db, _BY_SID, (idp_sid, sub), reason, now)
         if sub is not None:
@@ -244,7 +244,7 @@ async def revoke_sessions_by_idp(
 async def revoked_session_ids(db: Pool | Connection, now: datetime) -> set[str]:
     """Ids of revoked sessions not yet expired: the full revocation set. Expired sessions are left
     out since their access tokens die by their own ``exp`` no later than the session."""
-    with _failing("read the revoked sessions"):
+    with failing("read the revoked sessions"):
         records = await db.fetch(
             "SELECT id FROM sessions WHERE revoked_at IS NOT NULL AND expires_at > $1", now
         )

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from authz.store.db import Connection, Pool
-from authz.store.sessions._common import _failing, _transaction
+from authz.store.db import Connection, Pool, failing
+from authz.store.sessions._common import _transaction
 from authz.store.sessions.audit_log import audit
 from authz.store.sessions.lifecycle import revoke_sessions_by_idp
 
@@ -54,7 +54,7 @@ async def record_backchannel_logout(
     revoke the sessions the logout names (of a logout by ``sub`` alone, those signed in by
     ``accepted_at``), notify every replica and write the ``backchannel_logout`` audit row (with
     ``detail`` added to it); all or nothing. Expired jtis are pruned on the way."""
-    with _failing("record a back-channel logout"):
+    with failing("record a back-channel logout"):
         async with _transaction(db) as conn:
             await conn.execute("DELETE FROM logout_jtis WHERE expires_at <= $1", now)
             inserted = await conn.fetchrow(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from authz.store.db import Connection, Pool
+from authz.store.db import Connection, Pool, failing
 from authz.store.sessions._common import (
     Approval,
     ApprovalFailure,
@@ -13,7 +13,6 @@ from authz.store.sessions._common import (
     AuthRequestFailure,
     VerifiedIdentity,
     _auth_request,
-    _failing,
     _identity_from_json,
     _identity_json,
     _same,
@@ -37,7 +36,7 @@ async def create_auth_request(
 ) -> AuthRequest:
     """Record one redirect to the IdP, bound to the browser whose cookie hashes to ``browser_hash``;
     ``purpose`` says which sign-in the callback finishes (``device`` or ``admin``)."""
-    with _failing("create an auth request"):
+    with failing("create an auth request"):
         record = await db.fetchrow(
             "INSERT INTO auth_requests (state, browser_hash, user_code, nonce, code_verifier, created_at,"
             " expires_at, purpose) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
@@ -61,7 +60,7 @@ async def consume_auth_request(
     A foreign browser learns nothing about the request and does not use it up, so a forged callback
     cannot spoil the real user's sign-in.
     """
-    with _failing("consume an auth request"):
+    with failing("consume an auth request"):
         async with _transaction(db) as conn:
             r = await conn.fetchrow("SELECT * FROM auth_requests WHERE state = $1 FOR UPDATE", state)
             if r is None:
@@ -92,7 +91,7 @@ async def store_approval(
 
     False unless the auth request was consumed and holds no approval yet.
     """
-    with _failing("store an approval"):
+    with failing("store an approval"):
         record = await db.fetchrow(
             "UPDATE auth_requests SET approval_id = $2, identity = $3::jsonb, approval_expires_at = $4,"
             " browser_hash = $5"
@@ -110,7 +109,7 @@ async def take_approval(
     db: Pool | Connection, approval_id: str, browser_hash: bytes, now: datetime
 ) -> Approval | ApprovalFailure:
     """Take the approval ``approval_id`` once, from the browser that signed in; else why not."""
-    with _failing("take an approval"):
+    with failing("take an approval"):
         async with _transaction(db) as conn:
             r = await conn.fetchrow(
                 "SELECT * FROM auth_requests WHERE approval_id = $1 FOR UPDATE", approval_id
