@@ -120,12 +120,19 @@ def _when(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _whose(cap: Cap) -> str:
+def describe_cap(cap: Cap) -> str:
+    """Whose cap it is, as a refusal's message names it: ``the eng group's shared monthly budget``,
+    ``the organisation's daily spend cap`` or ``your weekly spend cap``."""
     if cap.scope == "group_pool":
-        return f"The {cap.name} group's shared {cap.period} budget of ${dollars(cap.usd)}"
+        return f"the {cap.name} group's shared {cap.period} budget"
     if cap.scope == "org":
-        return f"The organisation's {cap.period} spend cap of ${dollars(cap.usd)}"
-    return f"Your {cap.period} spend cap of ${dollars(cap.usd)}"
+        return f"the organisation's {cap.period} spend cap"
+    return f"your {cap.period} spend cap"
+
+
+def _whose(cap: Cap) -> str:
+    described = describe_cap(cap)
+    return f"{described[0].upper()}{described[1:]} of ${dollars(cap.usd)}"
 
 
 def refusal_message(cap: Cap, reset: datetime, increase_url: str | None) -> str:

@@ -45,6 +45,7 @@ from authz.billing.ratelimit import RateLimiter, RateRefusal
 from authz.billing.standing import (
     FETCH_ERROR,
     Standing,
+    describe_cap,
     fetch_error_message,
     refusal_headers,
     refusal_message,
@@ -298,7 +299,7 @@ class LimitGate:
         if not short.hard:
             reply = error_reply(
                 "rate_limit_error",
-                f"The rest of {_describe(cap)} is held by requests still in flight; retry in a moment.",
+                f"The rest of {describe_cap(cap)} is held by requests still in flight; retry in a moment.",
                 retry_after=HELD_RETRY_AFTER,
             )
             return self._deny(rules, identity, reply, f"spend_cap_held: {cap.label}")
@@ -433,14 +434,6 @@ class LimitGate:
             with contextlib.suppress(StoreError, TimeoutError):
                 async with asyncio.timeout(2.0):
                     await self._leases.release_unused()
-
-
-def _describe(cap: Cap) -> str:
-    if cap.scope == "group_pool":
-        return f"the {cap.name} group's shared {cap.period} budget"
-    if cap.scope == "org":
-        return f"the organisation's {cap.period} spend cap"
-    return f"your {cap.period} spend cap"
 
 
 def _rate_reply(refused: RateRefusal) -> ErrorReply:
