@@ -9,14 +9,23 @@ Messages say what failed and what to do about it, and never carry a secret.
     ├── BackendError                an upstream cannot be prepared for (credentials, settings)
     ├── BadModelId                  a model id outside the upstream's exact id forms
     ├── TokenError                  a gateway access token is missing, bad, expired or revoked
-    └── StoreError                  PostgreSQL could not be reached or refused a statement
+    ├── StoreError                  PostgreSQL could not be reached or refused a statement
+    └── ExportError                 an OTLP collector did not take an export request
 """
 
 from __future__ import annotations
 
 from backends.errors import BackendError, BadModelId, ConfigError, GatewayError
 
-__all__ = ["BackendError", "BadModelId", "ConfigError", "GatewayError", "StoreError", "TokenError"]
+__all__ = [
+    "BackendError",
+    "BadModelId",
+    "ConfigError",
+    "ExportError",
+    "GatewayError",
+    "StoreError",
+    "TokenError",
+]
 
 
 class TokenError(GatewayError):
@@ -29,3 +38,7 @@ class TokenError(GatewayError):
 
 class StoreError(GatewayError):
     """PostgreSQL could not be reached or refused a statement."""
+
+
+class ExportError(GatewayError):
+    """An OTLP collector did not take an export request (after the retries it was due)."""

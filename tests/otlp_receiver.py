@@ -73,12 +73,21 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.received: list[Received] = []
+        # Statuses to answer the next requests with, before reading them (a failing collector).
+        self.refusals: list[int] = []
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self._body()
+                with receiver._lock:
+                    refusal = receiver.refusals.pop(0) if receiver.refusals else None
+                if refusal is not None:
+                    self.send_response(refusal)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
                 message_type = MESSAGES.get(self.path)

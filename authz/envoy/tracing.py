@@ -48,7 +48,7 @@ COLLECTOR_CLUSTER = "otlp_collector"
 # Envoy's OpenTelemetry tracer exports as soon as 5 spans are buffered (runtime key
 # tracing.opentelemetry.min_flush_spans), an HTTP or gRPC call every other request at three spans
 # per request. Batches of 512, or every 5 seconds (tracing.opentelemetry.flush_interval_ms), cost a
-# fraction of that and match the services' BatchSpanProcessor.
+# fraction of that and match the services' span exporter (authz/telemetry/tracing.py).
 FLUSH_SPANS = 512
 FLUSH_INTERVAL_MS = 5000
 

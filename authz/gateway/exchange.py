@@ -143,6 +143,7 @@ class Exchange:
         "_translator",
         "_upstream",
         "_written",
+        "row",
     )
 
     def __init__(self, deps: Deps) -> None:
@@ -161,6 +162,8 @@ class Exchange:
         self._chained = False
         self._request: MessagesRequest | None = None
         self._attempts: int | None = None
+        self.row: UsageRow | None = None
+        """The usage row this exchange recorded, once it has (at most one)."""
 
     @property
     def streams(self) -> bool:
@@ -504,21 +507,20 @@ class Exchange:
             return
         self._written = True
         deps = self._deps
-        deps.record(
-            usage_row(
-                identity,
-                status=status,
-                outcome=outcome,
-                reason=reason,
-                prices=deps.prices,
-                ended_at=deps.clock(),
-                meter=meter,
-                first_byte_at=self._first_byte_at,
-                estimate_input=estimate_input,
-                recorded_by="ext_proc_cut" if cut else "ext_proc",
-                attempts=self._attempt_count(),
-            )
+        row = self.row = usage_row(
+            identity,
+            status=status,
+            outcome=outcome,
+            reason=reason,
+            prices=deps.prices,
+            ended_at=deps.clock(),
+            meter=meter,
+            first_byte_at=self._first_byte_at,
+            estimate_input=estimate_input,
+            recorded_by="ext_proc_cut" if cut else "ext_proc",
+            attempts=self._attempt_count(),
         )
+        deps.record(row)
 
     def _attempt_count(self) -> int | None:
         """How many upstreams were tried: as a failover answer said; else one once the request

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -42,7 +41,7 @@ from authz.gateway.limits import LimitGate
 from authz.identity import RequestIdentity
 from authz.store.usagerow import UsageRow
 from authz.telemetry.runtime import NO_TELEMETRY, Telemetry
-from authz.telemetry.tracing import RequestSpan, row_attributes
+from authz.telemetry.tracing import row_attributes
 from authz.translate.envelope import ErrorReply
 
 log = logging.getLogger("authz.grpc")
@@ -131,14 +130,16 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         if not telemetry.enabled:
             return await self._check(request, None)
         started = time.perf_counter()
-        span = telemetry.span("ext_authz Check", context.invocation_metadata()) if telemetry.tracing else None
+        traced = (context, time.time_ns()) if telemetry.tracing else None
         try:
-            return await self._check(request, span)
+            return await self._check(request, traced)
         finally:
             telemetry.check_seconds(time.perf_counter() - started)
 
     async def _check(
-        self, request: external_auth_pb2.CheckRequest, span: RequestSpan | None
+        self,
+        request: external_auth_pb2.CheckRequest,
+        traced: tuple[grpc.aio.ServicerContext[Any, Any], int] | None,
     ) -> external_auth_pb2.CheckResponse:
         http = request.attributes.request.http
         if http.header_map.headers:
@@ -160,8 +161,8 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
             # Spend caps and rate limits; the body (its first part: ExtAuthz.with_request_body)
             # gives max_tokens for the reservation.
             decision = await self._gate.admit(decision, http.raw_body or http.body.encode())
-        if span is not None:
-            _finish_check_span(span, decision)
+        if traced is not None and isinstance(decision, Deny):
+            self._trace_refusal(decision, *traced)
         if isinstance(decision, Allow):
             return _allow_response(decision)
         if decision.row is not None:
@@ -170,17 +171,19 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._count_refusal(decision.reason)
         return _deny_response(decision.reply, recorded=False)
 
-
-def _finish_check_span(span: RequestSpan, decision: Allow | Deny) -> None:
-    # An allowed request's story (who, model, tokens, outcome) is told by its ext_proc span, and
-    # Envoy's own egress span times this call; a span here would only double the export cost of
-    # every traced request. A refusal has no ext_proc span, so it gets one here.
-    if isinstance(decision, Allow):
-        span.discard()
-    elif decision.row is not None:
-        span.finish({**row_attributes(decision.row), "gateway.decision": "deny"})
-    else:
-        span.finish({"gateway.decision": "deny", "gateway.denial_reason": decision.reason})
+    def _trace_refusal(
+        self, decision: Deny, context: grpc.aio.ServicerContext[Any, Any], started_ns: int
+    ) -> None:
+        # Only a refusal gets a span here: an allowed request's story (who, model, tokens, outcome)
+        # is told by its ext_proc span and Envoy's egress span times this call, so the metadata is
+        # not even read for one.
+        span = self._telemetry.span("ext_authz Check", context.invocation_metadata(), started_ns)
+        if span is None:
+            return
+        if decision.row is not None:
+            span.finish({**row_attributes(decision.row), "gateway.decision": "deny"})
+        else:
+            span.finish({"gateway.decision": "deny", "gateway.denial_reason": decision.reason})
 
 
 def _allow_response(decision: Allow) -> external_auth_pb2.CheckResponse:
@@ -448,16 +451,16 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             finally:
                 inbox.close()
             return
-        # --- telemetry: streams in flight, time per message, a span ended by the usage row ---
+        # --- telemetry: streams in flight, the time spent on the request's messages, a span ---
         telemetry = self._telemetry
         timed = telemetry.enabled
+        spent = 0.0
         span = (
             telemetry.span("ext_proc Process", context.invocation_metadata()) if telemetry.tracing else None
         )
-        deps = self._deps if span is None else replace(self._deps, record=span.recording(self._deps.record))
         telemetry.stream_opened()
-        exchange = Exchange(deps)
-        clock = deps.translate.clock
+        exchange = Exchange(self._deps)
+        clock = self._deps.translate.clock
         pending = first if isinstance(first, ep.ProcessingRequest) else None
         try:
             while True:
@@ -484,7 +487,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     if exchange.duplex and isinstance(action, Continue):
                         out = action.body if action.body is not None else b""
                         if timed:
-                            telemetry.exchange_seconds(kind, time.perf_counter() - started)
+                            spent += time.perf_counter() - started
                         yield _streamed(out, body.end_of_stream, recorded=action.recorded)
                         continue
                 elif kind == "response_trailers" and exchange.duplex:
@@ -503,7 +506,7 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     if not isinstance(action, Reply):
                         response = _open_response(action, request, exchange.streams)
                         if timed:
-                            telemetry.exchange_seconds(kind, time.perf_counter() - started)
+                            spent += time.perf_counter() - started
                         yield response
                         continue
                 elif kind == "request_body":
@@ -519,16 +522,18 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
                     action = Continue()
                 response = _to_response(kind or "", action)
                 if timed:
-                    telemetry.exchange_seconds(kind or "", time.perf_counter() - started)
+                    spent += time.perf_counter() - started
                 yield response
         finally:
             inbox.close()
             exchange.on_close()
             telemetry.stream_closed()
-            if span is not None:
-                # Ended by the usage row; a stream with no row (only a local reply's response
-                # headers, ext_authz having refused) exports nothing.
-                span.discard()
+            if timed:
+                telemetry.exchange_seconds("request", spent)
+            if span is not None and exchange.row is not None:
+                # A stream with no row (only a local reply's response headers, ext_authz having
+                # refused) exports nothing.
+                span.finish_row(exchange.row)
 
     async def _attempt(
         self, first: ep.ProcessingRequest, inbox: _Inbox
@@ -536,7 +541,8 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
         """Serve one attempt of a failover chain (authz.gateway.attempt): its request headers, then
         its body when the cluster sends it. Nothing of the response comes here."""
         telemetry = self._telemetry
-        started = time.perf_counter() if telemetry.enabled else 0.0
+        timed = telemetry.enabled
+        started = time.perf_counter() if timed else 0.0
         upstream, number = _attempted(first)
         attempt = Attempt(self._deps, number)
         message = first.request_headers
@@ -547,22 +553,25 @@ class ExternalProcessorServicer(external_processor_pb2_grpc.ExternalProcessorSer
             upstream,
             first.protocol_config.request_body_mode == _MODE.BUFFERED,
         )
-        if telemetry.enabled:
-            telemetry.exchange_seconds("attempt_request_headers", time.perf_counter() - started)
-        yield _attempt_response("request_headers", action, skip_body=attempt.skips_body)
-        while (request := await inbox.next()) is not None:
-            if isinstance(request, _Tick):
-                continue
-            started = time.perf_counter() if telemetry.enabled else 0.0
-            kind = request.WhichOneof("request") or ""
-            if kind == "request_body":
-                action = await attempt.on_request_body(request.request_body.body)
-                response = _attempt_response(kind, action)
-            else:
-                response = _UNCHANGED.get(kind) or ep.ProcessingResponse()
-            if telemetry.enabled:
-                telemetry.exchange_seconds(f"attempt_{kind}", time.perf_counter() - started)
-            yield response
+        spent = time.perf_counter() - started if timed else 0.0
+        try:
+            yield _attempt_response("request_headers", action, skip_body=attempt.skips_body)
+            while (request := await inbox.next()) is not None:
+                if isinstance(request, _Tick):
+                    continue
+                started = time.perf_counter() if timed else 0.0
+                kind = request.WhichOneof("request") or ""
+                if kind == "request_body":
+                    action = await attempt.on_request_body(request.request_body.body)
+                    response = _attempt_response(kind, action)
+                else:
+                    response = _UNCHANGED.get(kind) or ep.ProcessingResponse()
+                if timed:
+                    spent += time.perf_counter() - started
+                yield response
+        finally:
+            if timed:
+                telemetry.exchange_seconds("attempt", spent)
 
 
 class _Tick:

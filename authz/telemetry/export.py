@@ -191,6 +191,11 @@ def grpc_target(endpoint: str) -> str:
     return rest if ":" in rest.rsplit("]", 1)[-1] else f"{rest}:4317"
 
 
+def grpc_metadata(otlp: Otlp) -> tuple[tuple[str, str], ...]:
+    """``telemetry.otlp.headers`` as gRPC metadata (whose keys are lower case)."""
+    return tuple((key.lower(), value) for key, value in otlp.headers)
+
+
 class PrometheusServer:
     """``/metrics`` on a port of its own, served from a thread (a scrape never waits on the event loop)."""
 

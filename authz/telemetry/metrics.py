@@ -30,7 +30,7 @@ UPSTREAM = "gateway.upstream"
 POLICY = "gateway.policy"
 OPERATION = "gateway.operation"
 STATUS = "http.response.status_code"
-MESSAGE = "gateway.ext_proc.message"
+STREAM = "gateway.ext_proc.stream"
 
 # gen_ai.provider.name per upstream kind (semantic-conventions registry values).
 PROVIDERS = {"bedrock": "aws.bedrock", "vertex": "gcp.vertex_ai", "anthropic": "anthropic"}
@@ -125,8 +125,9 @@ class GatewayMetrics:
             Instrument(
                 "gateway.ext_proc.duration",
                 "s",
-                "Time ext_proc spent on one message of a request.",
-                (MESSAGE,),
+                "Time ext_proc spent on a request, all its messages together (a failover attempt's"
+                " stream apart).",
+                (STREAM,),
             ),
             HANDLING_BUCKETS,
         )

@@ -19,7 +19,7 @@ import grpc
 import httpx
 
 from authz.configtypes import Telemetry as TelemetrySettings
-from authz.telemetry.export import grpc_target, signal_url
+from authz.telemetry.export import grpc_metadata, grpc_target, signal_url
 from authz.telemetry.otlp_payload import SIGNALS, PayloadError, Sender, decode, stamp
 from authz.telemetry.runtime import Telemetry
 
@@ -137,7 +137,7 @@ class Relay:
                 SIGNALS[item.signal][2], request_serializer=None, response_deserializer=None
             )
             try:
-                await method(payload, timeout=self._otlp.timeout)
+                await method(payload, timeout=self._otlp.timeout, metadata=grpc_metadata(self._otlp))
             except grpc.aio.AioRpcError as exc:
                 log.warning("telemetry relay: the collector refused %s: %s", item.signal, exc.code())
                 return "export_failed"

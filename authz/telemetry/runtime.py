@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import MetricExporter
-from opentelemetry.sdk.trace.export import SpanExporter
 
 from authz.configtypes import GatewayConfig
 from authz.store.usagerow import UsageRow
@@ -45,8 +44,9 @@ class Telemetry:
     def check_seconds(self, seconds: float) -> None:
         """Time ext_authz spent on one ``Check``."""
 
-    def exchange_seconds(self, message: str, seconds: float) -> None:
-        """Time ext_proc spent on one message of a request."""
+    def exchange_seconds(self, stream: str, seconds: float) -> None:
+        """Time ext_proc spent on all the messages of one stream: an inference ``request``, or one
+        ``attempt`` of a failover chain."""
 
     def stream_opened(self) -> None:
         """An ext_proc stream (one inference request in flight) began."""
@@ -72,8 +72,11 @@ class Telemetry:
     def counter(self, name: str, unit: str, description: str, attribute: str, read: ReadMany) -> None:
         """Publish the cumulative totals ``read()`` returns, keyed by ``attribute``'s values."""
 
-    def span(self, name: str, metadata: Iterable[Any] | None) -> RequestSpan | None:
-        """A span continuing the trace a gRPC call's metadata carries; None when not traced."""
+    def span(
+        self, name: str, metadata: Iterable[Any] | None, started_ns: int | None = None
+    ) -> RequestSpan | None:
+        """A span continuing the trace a gRPC call's metadata carries, started at ``started_ns``
+        (``time.time_ns()``, by default now); None when not traced."""
         return None
 
     def flush(self) -> None:
@@ -94,6 +97,14 @@ class LiveTelemetry(Telemetry):
         self._tracing = tracing
         self.tracing = tracing is not None
         self._streams = 0
+        if tracing is not None:
+            pipeline.counter(
+                "gateway.telemetry.spans",
+                "{span}",
+                "The gateway's own spans: exported, or dropped and why (queue_full, export_failed).",
+                "gateway.telemetry.result",
+                lambda: {"exported": tracing.exported, **tracing.dropped},
+            )
         pipeline.gauge(
             "gateway.active_streams",
             "{stream}",
@@ -128,8 +139,8 @@ class LiveTelemetry(Telemetry):
     def check_seconds(self, seconds: float) -> None:
         self.metrics.check_time.record((), seconds)
 
-    def exchange_seconds(self, message: str, seconds: float) -> None:
-        self.metrics.exchange_time.record((message,), seconds)
+    def exchange_seconds(self, stream: str, seconds: float) -> None:
+        self.metrics.exchange_time.record((stream,), seconds)
 
     def stream_opened(self) -> None:
         self._streams += 1
@@ -155,8 +166,10 @@ class LiveTelemetry(Telemetry):
     def counter(self, name: str, unit: str, description: str, attribute: str, read: ReadMany) -> None:
         self.pipeline.counter(name, unit, description, attribute, read)
 
-    def span(self, name: str, metadata: Iterable[Any] | None) -> RequestSpan | None:
-        return self._tracing.span(name, metadata) if self._tracing is not None else None
+    def span(
+        self, name: str, metadata: Iterable[Any] | None, started_ns: int | None = None
+    ) -> RequestSpan | None:
+        return self._tracing.span(name, metadata, started_ns) if self._tracing is not None else None
 
     def flush(self) -> None:
         self.pipeline.flush()
@@ -180,12 +193,11 @@ def start_telemetry(
     worker: int = 0,
     *,
     metric_exporter: MetricExporter | None = None,
-    span_exporter: SpanExporter | None = None,
 ) -> Telemetry:
-    """The telemetry of worker ``worker`` as ``config.telemetry`` asks (exporters: tests)."""
+    """The telemetry of worker ``worker`` as ``config.telemetry`` asks (``metric_exporter``: tests)."""
     settings = config.telemetry
     prometheus = settings.prometheus
-    if not (prometheus.enabled or settings.otlp.endpoint or metric_exporter or span_exporter):
+    if not (prometheus.enabled or settings.otlp.endpoint or metric_exporter):
         return NO_TELEMETRY
     metrics = GatewayMetrics(
         {name: up.kind for name, up in config.upstreams}, per_user=settings.per_user_attributes
@@ -201,6 +213,6 @@ def start_telemetry(
         exporter=metric_exporter,
     )
     tracing = None
-    if settings.tracing or span_exporter is not None:
-        tracing = Tracing(where, settings.otlp, span_exporter)
+    if settings.tracing:
+        tracing = Tracing(where, settings.otlp)
     return LiveTelemetry(metrics, pipeline, tracing)

@@ -49,7 +49,7 @@ class CountingTelemetry(Telemetry):
 def _config(endpoint: str, protocol: str = "http/protobuf", max_body: int = 65536) -> GatewayConfig:
     return loads(
         f"sessions: {{issuer: '{ISSUER}'}}\n"
-        f"telemetry: {{otlp: {{endpoint: '{endpoint}', protocol: {protocol}}},"
+        f"telemetry: {{otlp: {{endpoint: '{endpoint}', protocol: {protocol}, headers: {{X-Tenant: acme}}}},"
         f" relay: {{max_body_bytes: {max_body}}}}}",
         {},
     )
@@ -241,11 +241,14 @@ async def test_without_an_endpoint_everything_is_answered_and_dropped(pg_dsn: st
 
 
 async def test_grpc_collectors_receive_the_stamped_request(pg_dsn: str) -> None:
-    """With protocol grpc the relay calls the collector's LogsService/Export with the stamped request."""
+    """With protocol grpc the relay calls the collector's LogsService/Export with the stamped request
+    and the configured headers as metadata."""
     received: list[ExportLogsServiceRequest] = []
+    metadata: list[dict[str, str]] = []
 
-    async def export(request: ExportLogsServiceRequest, _context: Any) -> ExportLogsServiceResponse:
+    async def export(request: ExportLogsServiceRequest, context: Any) -> ExportLogsServiceResponse:
         received.append(request)
+        metadata.append(dict(context.invocation_metadata()))
         return ExportLogsServiceResponse()
 
     server = grpc.aio.server()
@@ -275,3 +278,4 @@ async def test_grpc_collectors_receive_the_stamped_request(pg_dsn: str) -> None:
         await server.stop(None)
     (request,) = received
     assert attributes(request.resource_logs[0].resource.attributes)["enduser.id"] == "alice@example.com"
+    assert metadata[0]["x-tenant"] == "acme"
