@@ -245,6 +245,20 @@ VARIANTS: dict[str, Variant] = {
             },
             otlp_sink=True,
         ),
+        # The same with one request in ten traced (telemetry.traces.sample_ratio 0.1): what a
+        # sampled trace costs against tracing every request.
+        Variant(
+            "telemetry_sampled",
+            "gateway, telemetry on, 10% traced",
+            overlay={
+                "telemetry": {
+                    "prometheus": {"enabled": True, "port": 0},
+                    "otlp": {"interval": 10},
+                    "traces": {"sample_ratio": 0.1},
+                }
+            },
+            otlp_sink=True,
+        ),
         # Translated streams without keep-alives run in STREAMED mode instead of FULL_DUPLEX_STREAMED:
         # against "gateway", what the duplex mode costs.
         Variant("gateway_nopings", "gateway, no keep-alives", overlay={"translate": {"ping_interval": 0}}),

@@ -214,6 +214,12 @@ def test_prometheus_totals_equal_the_usage_rows(traffic: Traffic, prometheus: Pr
     assert prometheus.value(f'sum(gateway_cost_USD_total{{enduser_id="{USER}"}})') == pytest.approx(
         float(cost)
     )
+    # One handling time per Check, and one per request that reached ext_proc (all its messages
+    # together, recorded as its stream closes).
+    checks = "sum(gateway_ext_authz_duration_seconds_count)"
+    wait_for(lambda: prometheus.value(checks) == len(rows) + traffic.anonymous_refusals, timeout=30)
+    exchanges = 'sum(gateway_ext_proc_duration_seconds_count{gateway_ext_proc_stream="request"})'
+    wait_for(lambda: prometheus.value(exchanges) == len(rows) - len(denied), timeout=30)
 
 
 @pytest.mark.parametrize("dashboard", DASHBOARDS, ids=lambda p: p.stem)
