@@ -129,10 +129,6 @@ class RequestSpan:
         """End the span with what ``row`` records."""
         self.finish(row_attributes(row), failed=row.outcome in _FAILED)
 
-    def discard(self) -> None:
-        """Export nothing for this call (a no-op once the span finished)."""
-        self._ended = True
-
 
 class Tracing:
     """One worker's spans: queued on the request path, encoded and exported by a thread of their own.

@@ -120,7 +120,7 @@ def test_a_span_continues_the_callers_trace_and_carries_the_row(receiver: OtlpRe
         span = live.span("ext_proc Process", [("traceparent", parent), ("user-agent", "grpc")])
         assert span is not None
         span.finish_row(ROWS[0])
-        span.discard()  # already finished by the row: nothing more is exported
+        span.finish_row(ROWS[1])  # the first end wins: one span, with the first row
         assert live.span("ext_proc Process", [("user-agent", "grpc")]) is None  # not traced: no span
         unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
         assert live.span("ext_proc Process", [("traceparent", unsampled)]) is None
