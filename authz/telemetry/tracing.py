@@ -158,6 +158,7 @@ class Tracing:
                 sender.send("traces", payload)
 
         self._send = send
+        self._close_timeout = otlp.timeout
         self._batch = batch
         self._delay = delay
         self._max_queue = max_queue
@@ -191,16 +192,17 @@ class Tracing:
             self._wake.set()
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Export the spans ended so far (blocking; gives up after ``timeout`` seconds of waiting
-        for an export already under way)."""
-        self._export(timeout)
+        """Export the spans ended so far (blocking, for at most about ``timeout`` seconds; what
+        is left then is dropped and counted)."""
+        self._export(time.monotonic() + timeout)
 
     def close(self) -> None:
-        """Export what is left and stop (blocking)."""
+        """Export what is left and stop (blocking, for at most about twice ``otlp.timeout``: a
+        collector that does not answer must not hold up a worker's shutdown)."""
         self._stop.set()
         self._wake.set()
         self._thread.join()
-        self._export(None)
+        self._export(time.monotonic() + self._close_timeout)
         if self._sender is not None:
             self._sender.close()
 
@@ -212,12 +214,23 @@ class Tracing:
                 return
             self._export(None)
 
-    def _export(self, timeout: float | None) -> None:
-        if not self._exporting.acquire(timeout=-1 if timeout is None else timeout):
+    def _export(self, deadline: float | None) -> None:
+        """Send the queue in batches; with a ``deadline`` (``time.monotonic()``), drop what is
+        left once it passes. The thread's own passes (no deadline) give way to a close."""
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._exporting.acquire(timeout=wait):
             return
         try:
             queue = self._queue
             while queue:
+                if deadline is None and self._stop.is_set():
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    left = len(queue)
+                    for _ in range(left):
+                        queue.popleft()
+                    self._failed(left, "no time left to send them")
+                    return
                 records = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
                 try:
                     self._send(export_request(self._resource, SCOPE, records, _span_id))

@@ -7,6 +7,7 @@ are counted as dropped while later ones go through."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -140,3 +141,21 @@ def test_grpc_collectors_get_the_spans_and_the_configured_headers() -> None:
     spans = request.resource_spans[0].scope_spans[0].spans
     assert [s.name for s in spans] == ["ext_proc Process"] * 2
     assert tracing.exported == 2
+
+
+def test_a_collector_that_never_answers_does_not_hold_up_close() -> None:
+    """A collector that accepts connections and never answers: close gives up after about
+    ``otlp.timeout`` (one try, no backoff once stopping) and counts the spans as failed."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts; nobody reads or answers
+    try:
+        otlp = Otlp(endpoint=f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        tracing = Tracing(resource("gw", 0), otlp, delay=60.0)
+        _finish(tracing, 3)
+        started = time.monotonic()
+        tracing.close()
+        assert time.monotonic() - started < 3.0
+        assert (tracing.exported, tracing.dropped["export_failed"]) == (0, 3)
+    finally:
+        silent.close()
