@@ -212,6 +212,24 @@ SPEND_CAPS = Variant(
     max_added_p50_ms=0.3,
 )
 
+
+def _telemetry(key: str, label: str, sample_ratio: float) -> Variant:
+    """Metrics on both readers (the Prometheus endpoint, OTLP every 10 s to the bench's discarding
+    collector) and ``telemetry.traces.sample_ratio`` as given (0: no traces)."""
+    return Variant(
+        key,
+        label,
+        overlay={
+            "telemetry": {
+                "prometheus": {"enabled": True, "port": 0},
+                "otlp": {"interval": 10},
+                "traces": {"sample_ratio": sample_ratio},
+            }
+        },
+        otlp_sink=True,
+    )
+
+
 VARIANTS: dict[str, Variant] = {
     v.key: v
     for v in (
@@ -219,46 +237,12 @@ VARIANTS: dict[str, Variant] = {
         Variant("gateway_2w", "gateway, 2 workers", workers=2),
         SPEND_CAPS,
         # Metrics alone: the Prometheus endpoint and OTLP every 10 s, no traces.
-        Variant(
-            "telemetry_metrics",
-            "gateway, metrics on",
-            overlay={
-                "telemetry": {
-                    "prometheus": {"enabled": True, "port": 0},
-                    "otlp": {"interval": 10},
-                    "traces": {"sample_ratio": 0.0},
-                }
-            },
-            otlp_sink=True,
-        ),
-        # Metrics on both readers (Prometheus endpoint, OTLP every 10 s) and every request traced
-        # through Envoy, ext_authz and ext_proc, exported to a local collector that discards.
-        Variant(
-            "telemetry",
-            "gateway, telemetry on",
-            overlay={
-                "telemetry": {
-                    "prometheus": {"enabled": True, "port": 0},
-                    "otlp": {"interval": 10},
-                    "traces": {"sample_ratio": 1.0},
-                }
-            },
-            otlp_sink=True,
-        ),
-        # The same with one request in ten traced (telemetry.traces.sample_ratio 0.1): what a
-        # sampled trace costs against tracing every request.
-        Variant(
-            "telemetry_sampled",
-            "gateway, telemetry on, 10% traced",
-            overlay={
-                "telemetry": {
-                    "prometheus": {"enabled": True, "port": 0},
-                    "otlp": {"interval": 10},
-                    "traces": {"sample_ratio": 0.1},
-                }
-            },
-            otlp_sink=True,
-        ),
+        _telemetry("telemetry_metrics", "gateway, metrics on", 0.0),
+        # Metrics on both readers and every request traced through Envoy, ext_authz and ext_proc,
+        # exported to a local collector that discards.
+        _telemetry("telemetry", "gateway, telemetry on", 1.0),
+        # The same with one request in ten traced: what sampling saves against tracing every request.
+        _telemetry("telemetry_sampled", "gateway, telemetry on, 10% traced", 0.1),
         # Translated streams without keep-alives run in STREAMED mode instead of FULL_DUPLEX_STREAMED:
         # against "gateway", what the duplex mode costs.
         Variant("gateway_nopings", "gateway, no keep-alives", overlay={"translate": {"ping_interval": 0}}),

@@ -18,11 +18,21 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 MESSAGES: dict[str, type[Message]] = {
@@ -30,6 +40,46 @@ MESSAGES: dict[str, type[Message]] = {
     "/v1/logs": ExportLogsServiceRequest,
     "/v1/traces": ExportTraceServiceRequest,
 }
+
+
+# signal: the gRPC service that exports it, its request and its answer (OTLP/gRPC).
+GRPC_SERVICES: dict[str, tuple[str, type[Message], type[Message]]] = {
+    "metrics": (
+        "opentelemetry.proto.collector.metrics.v1.MetricsService",
+        ExportMetricsServiceRequest,
+        ExportMetricsServiceResponse,
+    ),
+    "logs": (
+        "opentelemetry.proto.collector.logs.v1.LogsService",
+        ExportLogsServiceRequest,
+        ExportLogsServiceResponse,
+    ),
+    "traces": (
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        ExportTraceServiceRequest,
+        ExportTraceServiceResponse,
+    ),
+}
+
+
+def grpc_collector(server: Any, signal: str, received: list[tuple[Message, dict[str, str]]]) -> int:
+    """Serve OTLP/gRPC ``Export`` of ``signal`` on ``server`` (a ``grpc.server`` or a
+    ``grpc.aio.server``, not yet started) at a free loopback port, returned; every request and its
+    metadata is appended to ``received``."""
+    service, request_type, response_type = GRPC_SERVICES[signal]
+
+    def export(request: Message, context: grpc.ServicerContext) -> Message:
+        received.append((request, dict(context.invocation_metadata())))
+        return response_type()
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        export,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_type.SerializeToString,
+    )
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"Export": handler})])
+    port: int = server.add_insecure_port("127.0.0.1:0")
+    return port
 
 
 def value_of(value: AnyValue) -> Any:

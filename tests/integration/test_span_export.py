@@ -15,15 +15,11 @@ from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 
 from authz.configtypes import Otlp
 from authz.telemetry.export import resource
 from authz.telemetry.tracing import Tracing
-from tests.otlp_receiver import OtlpReceiver
+from tests.otlp_receiver import OtlpReceiver, grpc_collector
 
 PARENT = [("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]
 
@@ -104,30 +100,9 @@ def test_retryable_answers_are_retried_and_refusals_counted(receiver: OtlpReceiv
 
 def test_grpc_collectors_get_the_spans_and_the_configured_headers() -> None:
     """protocol grpc: TraceService/Export with the encoded request, the headers as metadata."""
-    received: list[tuple[ExportTraceServiceRequest, dict[str, str]]] = []
-
-    def export(
-        request: ExportTraceServiceRequest, context: grpc.ServicerContext
-    ) -> ExportTraceServiceResponse:
-        received.append((request, dict(context.invocation_metadata())))
-        return ExportTraceServiceResponse()
-
+    received: list[tuple[Any, dict[str, str]]] = []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "opentelemetry.proto.collector.trace.v1.TraceService",
-                {
-                    "Export": grpc.unary_unary_rpc_method_handler(
-                        export,
-                        request_deserializer=ExportTraceServiceRequest.FromString,
-                        response_serializer=ExportTraceServiceResponse.SerializeToString,
-                    )
-                },
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = grpc_collector(server, "traces", received)
     server.start()
     try:
         otlp = Otlp(endpoint=f"http://127.0.0.1:{port}", protocol="grpc", headers=(("X-Tenant", "acme"),))

@@ -18,7 +18,6 @@ import pytest
 from aiohttp.test_utils import TestServer
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
-    ExportLogsServiceResponse,
 )
 
 from authz.config import loads
@@ -29,7 +28,7 @@ from authz.signin.tokens import KeySet, TokenVerifier, generate_signing_key, min
 from authz.store.db import connect_pool
 from authz.telemetry.relay import Relay
 from authz.telemetry.runtime import Telemetry
-from tests.otlp_receiver import OtlpReceiver, attributes, kv
+from tests.otlp_receiver import OtlpReceiver, attributes, grpc_collector, kv
 
 pytestmark = pytest.mark.integration
 
@@ -243,30 +242,9 @@ async def test_without_an_endpoint_everything_is_answered_and_dropped(pg_dsn: st
 async def test_grpc_collectors_receive_the_stamped_request(pg_dsn: str) -> None:
     """With protocol grpc the relay calls the collector's LogsService/Export with the stamped request
     and the configured headers as metadata."""
-    received: list[ExportLogsServiceRequest] = []
-    metadata: list[dict[str, str]] = []
-
-    async def export(request: ExportLogsServiceRequest, context: Any) -> ExportLogsServiceResponse:
-        received.append(request)
-        metadata.append(dict(context.invocation_metadata()))
-        return ExportLogsServiceResponse()
-
+    received: list[tuple[Any, dict[str, str]]] = []
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        [
-            grpc.method_handlers_generic_handler(
-                "opentelemetry.proto.collector.logs.v1.LogsService",
-                {
-                    "Export": grpc.unary_unary_rpc_method_handler(
-                        export,
-                        request_deserializer=ExportLogsServiceRequest.FromString,
-                        response_serializer=ExportLogsServiceResponse.SerializeToString,
-                    )
-                },
-            )
-        ]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = grpc_collector(server, "logs", received)
     await server.start()
     try:
         async with Gateway(_config(f"http://127.0.0.1:{port}", "grpc"), pg_dsn) as gateway:
@@ -276,6 +254,6 @@ async def test_grpc_collectors_receive_the_stamped_request(pg_dsn: str) -> None:
             assert gateway.telemetry.counts == {("logs", "forwarded"): 1}
     finally:
         await server.stop(None)
-    (request,) = received
+    ((request, metadata),) = received
     assert attributes(request.resource_logs[0].resource.attributes)["enduser.id"] == "alice@example.com"
-    assert metadata[0]["x-tenant"] == "acme"
+    assert metadata["x-tenant"] == "acme"
