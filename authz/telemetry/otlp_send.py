@@ -68,7 +68,8 @@ class OtlpSender:
                 self._once(signal, payload)
                 return
             except _Retry as exc:
-                # A stop cuts the backoff short: what is left is tried once more, by close's flush.
+                # Once the exporter is stopping there is no backoff: the batch fails at once, so
+                # a collector that is down does not hold up a worker's shutdown.
                 if attempt == ATTEMPTS or self._stop.wait(delay):
                     raise ExportError(str(exc)) from None
                 delay *= 2
