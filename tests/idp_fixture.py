@@ -96,7 +96,7 @@ class TestIdp:
     def __init__(self) -> None:
         self.issuer: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._root: Path | None = None
+        self._err: Path | None = None  # the running node's stderr
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -123,13 +123,30 @@ class TestIdp:
         if node is None:
             raise RuntimeError("node is needed for the test IdP")
         root.mkdir(parents=True, exist_ok=True)
-        self._root = root
         config = root / "idp.json"
         config.write_text(json.dumps({"clients": clients, "accounts": accounts, **(options or {})}))
-        out, err = root / "idp.out", root / "idp.err"
         argv = [node, str(SERVER), "--config", str(config), "--port", str(port)]
         if port:
             argv += ["--issuer", f"http://127.0.0.1:{port}"]
+        # A node process that exits before it is ready with no error of its own (nothing but
+        # warnings on stderr: a signal from outside) gets one more try. A config or code error,
+        # or no answer within the timeout, fails at once; the error shows every attempt.
+        failures: list[str] = []
+        for attempt in (1, 2):
+            issuer, failure, exited = self._launch(argv, root, attempt, timeout)
+            if issuer is not None:
+                return issuer
+            failures.append(failure)
+            if not exited or "Error" in failure:
+                break
+        raise RuntimeError("test IdP did not start:\n" + "\n".join(failures))
+
+    def _launch(
+        self, argv: list[str], root: Path, attempt: int, timeout: float
+    ) -> tuple[str | None, str, bool]:
+        """One start of node: ``(issuer, "", False)`` once ready, else ``(None, what happened,
+        whether the process exited)``."""
+        out, err = root / f"idp.{attempt}.out", root / f"idp.{attempt}.err"
         # Files rather than pipes: nobody has to keep draining them while the tests run.
         with out.open("wb") as stdout, err.open("wb") as stderr:
             self._proc = subprocess.Popen(
@@ -140,19 +157,23 @@ class TestIdp:
                 cwd=IDP_DIR,
                 env={**os.environ, "NODE_ENV": "test"},
             )
+        self._err = err
         deadline = time.monotonic() + timeout
+        status: int | None = None
         while time.monotonic() < deadline:
             for line in out.read_text(errors="replace").splitlines():
                 if line.startswith(READY):
                     self.issuer = line[len(READY) :].strip()
-                    return self.issuer
-            if self._proc.poll() is not None:
+                    return self.issuer, "", False
+            status = self._proc.poll()
+            if status is not None:
                 break
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(
-            f"test IdP did not start:\n{out.read_text(errors='replace')}\n{err.read_text(errors='replace')}"
-        )
+        how = "still not ready" if status is None else f"exited with status {status}"
+        output = f"{out.read_text(errors='replace')}\n{err.read_text(errors='replace')}"
+        failure = f"attempt {attempt}: {how}\n{output}"
+        return None, failure, status is not None
 
     def stop(self) -> None:
         """Stop the node process (the IdP forgets every session, grant and token)."""
@@ -170,10 +191,8 @@ class TestIdp:
     @property
     def log(self) -> str:
         """What the IdP wrote on stderr (warnings, server errors, back-channel failures)."""
-        if self._root is None:
-            return ""
-        path = self._root / "idp.err"
-        return path.read_text(errors="replace") if path.exists() else ""
+        path = self._err
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
 
     # --- the IdP admin, played by the tests ---------------------------------------------------
 
